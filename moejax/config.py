@@ -1,0 +1,158 @@
+"""Model configuration: a frozen, validated dataclass loaded from `configs/*.yaml`.
+
+Shape letters used across moejax (also in tensor names such as `x_BTD`, `w1_LEDF`):
+  B batch, T tokens, S cache length, N tokens on a device, D model, H heads, G kv heads,
+  K head dim, F expert ffn, E experts, C capacity, L layers, V vocab, M microbatches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import yaml
+
+from moejax.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Mixtral-style MoE decoder. Field names follow the shape letters above."""
+
+    name: str
+    num_layers: int  # L
+    num_experts: int  # E
+    experts_per_token: int  # top-k
+    d_model: int  # D
+    num_heads: int  # H
+    head_dim: int  # K
+    num_kv_heads: int  # G
+    expert_ffn: int  # F
+    vocab_size: int  # V
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    param_dtype: str = "float16"
+    max_seq_len: int = 10240
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    description: str = ""
+
+    def __post_init__(self):
+        for f in ("num_layers", "num_experts", "experts_per_token", "d_model", "num_heads",
+                  "head_dim", "num_kv_heads", "expert_ffn", "vocab_size", "max_seq_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise UserError(f"config {self.name}: {f}={v!r} must be a positive integer")
+        if self.experts_per_token > self.num_experts:
+            raise UserError(f"config {self.name}: experts_per_token={self.experts_per_token} must be "
+                            f"<= num_experts={self.num_experts}")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"config {self.name}: num_heads={self.num_heads} must be a multiple of "
+                            f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise UserError(f"config {self.name}: head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+        if self.param_dtype not in DTYPES:
+            raise UserError(f"config {self.name}: param_dtype={self.param_dtype!r}; valid: {', '.join(DTYPES)}")
+        if not (float(self.rope_theta) > 0 and float(self.rms_norm_eps) > 0):
+            raise UserError(f"config {self.name}: rope_theta and rms_norm_eps must be positive")
+        for f in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, f)
+            if not (isinstance(v, int) and 0 <= v < self.vocab_size):
+                raise UserError(f"config {self.name}: {f}={v!r} must be a token id in [0, {self.vocab_size})")
+
+    # ---- analytic sizes -------------------------------------------------------------------
+    def layer_params(self) -> dict[str, int]:
+        D, H, G, K, F, E = (self.d_model, self.num_heads, self.num_kv_heads, self.head_dim,
+                            self.expert_ffn, self.num_experts)
+        return {
+            "attn_norm": D,
+            "wq": D * H * K, "wk": D * G * K, "wv": D * G * K, "wo": H * K * D,
+            "moe_norm": D,
+            "router": D * E,
+            "w1": E * D * F, "w3": E * D * F, "w2": E * F * D,
+        }
+
+    def param_count(self) -> int:
+        """Total parameters: layers, embedding, untied head and final norm."""
+        per_layer = sum(self.layer_params().values())
+        return self.num_layers * per_layer + 2 * self.vocab_size * self.d_model + self.d_model
+
+    def active_matmul_params_per_token(self) -> int:
+        """Weights a token multiplies by: attention, router, its k experts, and the head."""
+        p = self.layer_params()
+        per_layer = (p["wq"] + p["wk"] + p["wv"] + p["wo"] + p["router"]
+                     + self.experts_per_token * (p["w1"] + p["w3"] + p["w2"]) // self.num_experts)
+        return self.num_layers * per_layer + self.vocab_size * self.d_model
+
+    def flops_per_token_prefill(self, prompt_len: int) -> float:
+        """Forward FLOPs per prompt token (2 per multiply-add), causal attention averaged over
+        positions, full-vocabulary head on every token."""
+        attn = 4 * self.num_heads * self.head_dim * (prompt_len + 1) / 2  # QK^T and PV
+        return 2 * self.active_matmul_params_per_token() + self.num_layers * attn
+
+    def flops_per_token_decode(self, context_len: int) -> float:
+        """FLOPs of one decode step per sequence attending to `context_len` cached positions."""
+        attn = 4 * self.num_heads * self.head_dim * context_len
+        return 2 * self.active_matmul_params_per_token() + self.num_layers * attn
+
+    def param_bytes(self, dtype: str | None = None) -> int:
+        return self.param_count() * dtype_bytes(dtype or self.param_dtype)
+
+
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return 4 if dtype == "float32" else 2
+
+
+def _fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+def config_from_dict(d: dict, name: str) -> ModelConfig:
+    unknown = sorted(set(d) - set(_fields()) - {"name"})
+    if unknown:
+        raise UserError(f"config {name}: unknown key {unknown[0]!r}; valid keys: {', '.join(_fields()[1:])}")
+    missing = [f.name for f in dataclasses.fields(ModelConfig)
+               if f.default is dataclasses.MISSING and f.name != "name" and f.name not in d]
+    if missing:
+        raise UserError(f"config {name}: missing key {missing[0]!r}")
+    d = dict(d)
+    d["name"] = str(d.get("name", name))
+    for f in ("rope_theta", "rms_norm_eps"):
+        if f in d:
+            try:
+                d[f] = float(d[f])
+            except (TypeError, ValueError):
+                raise UserError(f"config {name}: {f}={d[f]!r} must be a number") from None
+    return ModelConfig(**d)
+
+
+def resolve_config_path(path: str) -> str:
+    """`configs/seed.yaml`, a file path, or a bare name like `seed` (looked up in configs/)."""
+    candidates = [path, os.path.join(_CONFIG_DIR, path), os.path.join(_CONFIG_DIR, path + ".yaml")]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    shipped = sorted(f[:-5] for f in os.listdir(_CONFIG_DIR) if f.endswith(".yaml")) \
+        if os.path.isdir(_CONFIG_DIR) else []
+    raise UserError(f"unknown config {path!r}: no such file; shipped configs: {', '.join(shipped)}")
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values")
+    return d
+
+
+def load_config(path: str) -> ModelConfig:
+    p = resolve_config_path(path)
+    return config_from_dict(load_yaml(p), os.path.splitext(os.path.basename(p))[0])

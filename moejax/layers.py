@@ -1,0 +1,47 @@
+"""Per-device building blocks with Hugging Face Mixtral semantics: RMSNorm, RoPE, attention.
+
+These see local blocks only (a device's heads, its sequences) and issue no collectives.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def mm(eq: str, a, b):
+    """einsum with float32 accumulation whatever the input dtype."""
+    return jnp.einsum(eq, a, b, preferred_element_type=F32)
+
+
+def rmsnorm(x, w, eps: float):
+    """Normalise in float32, cast back to the input dtype, then scale (as transformers does)."""
+    xf = x.astype(F32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (w * y.astype(x.dtype)).astype(x.dtype)
+
+
+def rope_tables(pos_BT, head_dim: int, theta: float, dtype):
+    """cos, sin [B, T, K] for integer positions, rotate-half layout (freqs repeated twice)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))
+    freqs_BTk = pos_BT.astype(F32)[..., None] * inv_freq
+    emb_BTK = jnp.concatenate([freqs_BTk, freqs_BTk], axis=-1)
+    return jnp.cos(emb_BTK).astype(dtype), jnp.sin(emb_BTK).astype(dtype)
+
+
+def apply_rope(x_BTHK, cos_BTK, sin_BTK):
+    half = x_BTHK.shape[-1] // 2
+    rot = jnp.concatenate([-x_BTHK[..., half:], x_BTHK[..., :half]], axis=-1)
+    return x_BTHK * cos_BTK[:, :, None, :] + rot * sin_BTK[:, :, None, :]
+
+
+def attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, causal: bool = False):
+    """Grouped-query attention; scores and softmax in float32, probabilities in the input dtype.
+
+    Goes through `jax.nn.dot_product_attention` so that XLA may pick the fused cuDNN kernel on GPU;
+    on CPU it is the exact XLA path.
+    """
+    mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
+    return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, is_causal=causal)

@@ -1,0 +1,249 @@
+"""The sharded Mixtral forward: one `jax.shard_map` program over the whole (dp, pp, tp, ep) mesh.
+
+Per device, per layer (N = tokens of this device's batch shard, replicated over tp):
+  attention on local heads -> psum_scatter over tp (each tp rank now owns N/tp tokens)
+  -> MoE over the expert axes (moe.py) -> all_gather over tp.
+Stages run their layers in the staggered schedule of pipeline.py; embedding and head use vocab
+shards over tp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moejax import layers
+from moejax.config import ModelConfig
+from moejax.layers import F32, mm
+from moejax.mesh import AXES, MeshShape, mesh_shape_of
+from moejax.moe import POLICIES, MoeSpec, moe_block
+from moejax.pipeline import staggered
+from moejax.rules import Layout, param_shapes
+from moejax.errors import UserError
+
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "moe_norm", "router", "w1", "w3", "w2")
+MODES = ("forward", "prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything static about a compiled program."""
+
+    cfg: ModelConfig
+    layout: Layout
+    shape: MeshShape
+    dtype: str = "float32"  # parameter and compute dtype; matmuls accumulate in float32
+    policy: str = "dropless"
+    capacity_factor: float = 2.0
+    microbatches: int = 1
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise UserError(f"capacity policy {self.policy!r}; valid: {', '.join(POLICIES)}")
+        if not self.capacity_factor > 0:
+            raise UserError(f"capacity factor {self.capacity_factor} must be > 0")
+        if self.microbatches < 1:
+            raise UserError(f"microbatches={self.microbatches} must be >= 1")
+        self.layout.validate(self.cfg, self.shape)
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batch sizes must be a multiple of this (the caller pads)."""
+        return self.layout.shards("batch", self.shape) * self.microbatches
+
+    def moe_spec(self) -> MoeSpec:
+        ffn = self.layout.mesh_axes("expert_ffn")
+        return MoeSpec(
+            num_experts=self.cfg.num_experts, top_k=self.cfg.experts_per_token, policy=self.policy,
+            capacity_factor=self.capacity_factor, expert_axes=self.layout.mesh_axes("experts"),
+            expert_shards=self.layout.shards("experts", self.shape),
+            ffn_axis=ffn[0] if ffn and self.shape.tp > 1 else None,
+            ffn_shards=self.layout.shards("expert_ffn", self.shape), all_axes=AXES)
+
+
+# ---- parameters ------------------------------------------------------------------------------
+
+def _init_one(name: str, shape, key, dtype):
+    if name.endswith("norm"):
+        return jnp.ones(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, F32)).astype(dtype)
+
+
+def init_params(cfg: ModelConfig, seed: int, dtype: str, mesh=None, layout: Layout | None = None):
+    """Random parameters (normal, std 0.02; norms 1). The values do not depend on the mesh: each
+    tensor draws from its own key with partitionable threefry, and jit places the shards."""
+    shapes = param_shapes(cfg)
+    names = sorted(shapes)
+
+    def build():
+        key = jax.random.key(seed)
+        return {n: _init_one(n, shapes[n], jax.random.fold_in(key, i), dtype) for i, n in enumerate(names)}
+
+    shardings = None if mesh is None else param_shardings(mesh, layout)
+    with jax.threefry_partitionable(True):
+        return jax.jit(build, out_shardings=shardings)()
+
+
+def param_shardings(mesh, layout: Layout) -> dict:
+    return {n: NamedSharding(mesh, s) for n, s in layout.param_specs().items()}
+
+
+def cache_shape(cfg: ModelConfig, batch: int, max_len: int):
+    return (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+
+
+def init_cache(rs: RunSpec, mesh, batch: int, max_len: int):
+    """Preallocated KV cache (k, v): [L, B, S, G, K], sharded like attention."""
+    sharding = NamedSharding(mesh, rs.layout.act_spec("kv_cache"))
+    zeros = jax.jit(lambda: jnp.zeros(cache_shape(rs.cfg, batch, max_len), rs.dtype), out_shardings=sharding)
+    return zeros(), zeros()
+
+
+# ---- per-device code (inside shard_map) ---------------------------------------------------------
+
+def _embed(tokens_BT, embed_VD, vocab_axis):
+    if vocab_axis is None:
+        return embed_VD[tokens_BT]
+    v_loc = embed_VD.shape[0]
+    local_BT = tokens_BT - jax.lax.axis_index(vocab_axis) * v_loc
+    hit_BT = (local_BT >= 0) & (local_BT < v_loc)
+    x_BTD = jnp.where(hit_BT[..., None], embed_VD[jnp.clip(local_BT, 0, v_loc - 1)], 0)
+    return jax.lax.psum(x_BTD, vocab_axis)
+
+
+def _attention(x_BTD, w, side, mode, kv, row0, ok, rs: RunSpec):
+    """Attention on this device's heads. Returns the partial (over tp) output [B, T, D] f32 and kv."""
+    cfg, cdt = rs.cfg, x_BTD.dtype
+    h_BTD = layers.rmsnorm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
+    q_BTHK = mm("btd,dhk->bthk", h_BTD, w["wq"]).astype(cdt)
+    k_BTGK = mm("btd,dgk->btgk", h_BTD, w["wk"]).astype(cdt)
+    v_BTGK = mm("btd,dgk->btgk", h_BTD, w["wv"]).astype(cdt)
+    cos, sin = layers.rope_tables(side["pos"], cfg.head_dim, cfg.rope_theta, cdt)
+    q_BTHK, k_BTGK = layers.apply_rope(q_BTHK, cos, sin), layers.apply_rope(k_BTGK, cos, sin)
+    if mode == "decode":
+        mb = x_BTD.shape[0]
+        pos_B = side["pos"][:, 0]
+        rows_B = jnp.where(ok & side["valid"][:, 0], row0 + jnp.arange(mb), kv[0].shape[0])
+        kv = tuple(c.at[rows_B, pos_B].set(n[:, 0], mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
+        k_BSGK, v_BSGK = (jax.lax.dynamic_slice_in_dim(c, row0, mb, axis=0) for c in kv)
+        mask_BTS = (jnp.arange(k_BSGK.shape[1])[None, :] <= pos_B[:, None])[:, None, :]
+        out_BTHK = layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS)
+    else:
+        out_BTHK = layers.attention(q_BTHK, k_BTGK, v_BTGK, causal=True)
+        if mode == "prefill":
+            def write(c, n):
+                old = jax.lax.dynamic_slice(c, (row0, 0, 0, 0), n.shape)
+                return jax.lax.dynamic_update_slice(c, jnp.where(ok, n, old), (row0, 0, 0, 0))
+            kv = (write(kv[0], k_BTGK), write(kv[1], v_BTGK))
+    return mm("bthk,hkd->btd", out_BTHK, w["wo"]), kv
+
+
+def _layer(x_BTD, valid_BT, w, side, mode, kv, row0, ok, rs: RunSpec):
+    """One decoder layer on one device. x_BTD is identical on the tp ranks before and after."""
+    b, t, d = x_BTD.shape
+    tp = rs.shape.tp
+    o_BTD, kv = _attention(x_BTD, w, side, mode, kv, row0, ok, rs)
+    n = b * t
+    n_pad = -(-n // tp) * tp
+    x_ND = jnp.pad(x_BTD.reshape(n, d), ((0, n_pad - n), (0, 0)))
+    valid_N = jnp.pad(valid_BT.reshape(n) & ok, (0, n_pad - n))
+    o_ND = jnp.pad(o_BTD.reshape(n, d), ((0, n_pad - n), (0, 0)))
+    if tp > 1:  # each tp rank takes a distinct 1/tp share of the tokens, fully summed
+        o_ND = jax.lax.psum_scatter(o_ND, "tp", scatter_dimension=0, tiled=True)
+        share = n_pad // tp
+        start = jax.lax.axis_index("tp") * share
+        x_ND = jax.lax.dynamic_slice_in_dim(x_ND, start, share)
+        valid_N = jax.lax.dynamic_slice_in_dim(valid_N, start, share)
+    x_ND = x_ND + o_ND.astype(x_ND.dtype)
+    y_ND, stats = moe_block(x_ND, valid_N, w, rs.moe_spec(), rs.cfg.rms_norm_eps)
+    x_ND = x_ND + y_ND.astype(x_ND.dtype)
+    if tp > 1:
+        x_ND = jax.lax.all_gather(x_ND, "tp", axis=0, tiled=True)
+    return x_ND[:n].reshape(b, t, d), kv, stats
+
+
+def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: str):
+    """What one device runs. tokens_BT: [B/batch_shards, T]; lengths_B: prompt lengths (prefill,
+    forward) or the position of the new token (decode, -1 for padding rows)."""
+    cfg, m_count = rs.cfg, rs.microbatches
+    b_loc, t = tokens_BT.shape
+    mb = b_loc // m_count
+    vocab_axis = "tp" if rs.layout.mesh_axes("vocab") and rs.shape.tp > 1 else None
+    x_BTD = _embed(tokens_BT, params["embed"], vocab_axis).astype(rs.dtype)
+    if mode == "decode":
+        pos_BT = jnp.maximum(lengths_B, 0)[:, None]
+        valid_BT = (lengths_B >= 0)[:, None]
+    else:
+        pos_BT = jnp.broadcast_to(jnp.arange(t), (b_loc, t))
+        valid_BT = pos_BT < lengths_B[:, None]
+    split = lambda a: a.reshape((m_count, mb) + a.shape[1:])
+    side_M = {"pos": split(pos_BT), "valid": split(valid_BT), "len": split(lengths_B)}
+    layers_loc = params["wq"].shape[0]
+    stats0 = {"load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
+              "dropped": jnp.zeros((layers_loc,), jnp.int32), "rerouted": jnp.zeros((layers_loc,), jnp.int32)}
+
+    def stage_fn(x_BTD, side, mi, ok, state):
+        kv_all, stats = state
+        row0 = mi * mb
+        for l in range(layers_loc):
+            w = {name: params[name][l] for name in LAYER_PARAMS}
+            kv = None if kv_all is None else (kv_all[0][l], kv_all[1][l])
+            x_BTD, kv, st = _layer(x_BTD, side["valid"], w, side, mode, kv, row0, ok, rs)
+            if kv is not None:
+                kv_all = (kv_all[0].at[l].set(kv[0]), kv_all[1].at[l].set(kv[1]))
+            stats = {k: stats[k].at[l].add(jnp.where(ok, st[k], 0)) for k in stats}
+        return x_BTD, (kv_all, stats)
+
+    def emit(y_BTD, side):
+        if mode == "forward":
+            return y_BTD
+        last_B = jnp.maximum(side["len"], 1) - 1 if mode == "prefill" else jnp.zeros_like(side["len"])
+        return y_BTD[jnp.arange(y_BTD.shape[0]), last_B]
+
+    outs, (cache, stats) = staggered(stage_fn, emit, split(x_BTD), side_M, (cache, stats0),
+                                     stages=rs.shape.pp, axis="pp")
+    h = outs.reshape((b_loc,) + outs.shape[2:])
+    h = layers.rmsnorm(h, params["final_norm"], cfg.rms_norm_eps)
+    logits = mm("...d,dv->...v", h, params["lm_head"])
+    stats = jax.tree.map(lambda a: jax.lax.psum(a, rs.layout.token_axes()), stats)
+    return logits, cache, stats
+
+
+def build(rs: RunSpec, mesh, mode: str):
+    """A jitted function for `mode`:
+      forward(params, tokens_BT, lengths_B)              -> logits_BTV f32, stats
+      prefill(params, tokens_BT, lengths_B, cache)       -> logits_BV f32, cache, stats
+      decode(params, tokens_B1, positions_B, cache)      -> logits_BV f32, cache, stats
+    B must be a multiple of rs.batch_multiple."""
+    if mode not in MODES:
+        raise ValueError(mode)
+    if mesh_shape_of(mesh) != rs.shape:
+        raise ValueError(f"mesh {mesh_shape_of(mesh)} does not match the run's {rs.shape}")
+    lay = rs.layout
+    param_specs = lay.param_specs()
+    cache_spec = lay.act_spec("kv_cache")
+    stats_spec = {"load": lay.act_spec("moe_counts"), "dropped": P("pp"), "rerouted": P("pp")}
+    logits_spec = lay.act_spec("logits" if mode == "forward" else "last_logits")
+    fn = functools.partial(_device_program, rs=rs, mode=mode)
+    if mode == "forward":
+        body = lambda p, tok, ln: (lambda r: (r[0], r[2]))(fn(p, tok, ln, None))
+        in_specs = (param_specs, lay.act_spec("tokens"), lay.act_spec("lengths"))
+        out_specs = (logits_spec, stats_spec)
+        donate = ()
+    else:
+        body = fn
+        in_specs = (param_specs, lay.act_spec("tokens"), lay.act_spec("lengths"), (cache_spec, cache_spec))
+        out_specs = (logits_spec, (cache_spec, cache_spec), stats_spec)
+        donate = (3,)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return jax.jit(mapped, donate_argnums=donate)
+
+
+def put(mesh, layout: Layout, act: str, x):
+    """Place a host array with the sharding the rules give activation `act`."""
+    return jax.device_put(x, NamedSharding(mesh, layout.act_spec(act)))
