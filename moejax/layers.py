@@ -40,8 +40,21 @@ def apply_rope(x_BTHK, cos_BTK, sin_BTK):
 def attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, causal: bool = False):
     """Grouped-query attention; scores and softmax in float32, probabilities in the input dtype.
 
-    Goes through `jax.nn.dot_product_attention` so that XLA may pick the fused cuDNN kernel on GPU;
-    on CPU it is the exact XLA path.
+    On GPU this is `jax.nn.dot_product_attention`, so that XLA may pick the fused cuDNN kernel. On
+    CPU the same arithmetic is written out: jax's version asks for an F16_F16_F32 dot algorithm that
+    XLA:CPU rejects.
     """
-    mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
-    return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, is_causal=causal)
+    if jax.default_backend() == "gpu":
+        mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
+        return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, is_causal=causal)
+    b, t, h, k = q_BTHK.shape
+    g, s = k_BSGK.shape[2], k_BSGK.shape[1]
+    q_BTGRK = q_BTHK.reshape(b, t, g, h // g, k)
+    scores_BGRTS = mm("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK) * (k ** -0.5)
+    if causal:
+        mask_BTS = jnp.broadcast_to(jnp.tril(jnp.ones((t, s), bool)), (b, t, s))
+    if mask_BTS is not None:
+        scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, -jnp.inf)
+    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
+    out_BTGRK = mm("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK).astype(q_BTHK.dtype)
+    return out_BTGRK.reshape(b, t, h, k)

@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -63,7 +64,8 @@ class RunSpec:
             capacity_factor=self.capacity_factor, expert_axes=self.layout.mesh_axes("experts"),
             expert_shards=self.layout.shards("experts", self.shape),
             ffn_axis=ffn[0] if ffn and self.shape.tp > 1 else None,
-            ffn_shards=self.layout.shards("expert_ffn", self.shape), all_axes=AXES)
+            ffn_shards=self.layout.shards("expert_ffn", self.shape),
+            round_axes=tuple(a for a in AXES if a != "pp"))
 
 
 # ---- parameters ------------------------------------------------------------------------------
@@ -75,22 +77,47 @@ def _init_one(name: str, shape, key, dtype):
 
 
 def init_params(cfg: ModelConfig, seed: int, dtype: str, mesh=None, layout: Layout | None = None):
-    """Random parameters (normal, std 0.02; norms 1). The values do not depend on the mesh: each
-    tensor draws from its own key with partitionable threefry, and jit places the shards."""
+    """Random parameters (normal, std 0.02; norms 1), the same whatever the mesh.
+
+    Each tensor is drawn whole on one local device, then laid out: generating it under sharded jit
+    makes every simulated CPU device hold large RNG temporaries at once (25 GB for the seed config
+    on 128 devices). Every process draws the same values, so multi-process placement is a slice."""
     shapes = param_shapes(cfg)
-    names = sorted(shapes)
-
-    def build():
-        key = jax.random.key(seed)
-        return {n: _init_one(n, shapes[n], jax.random.fold_in(key, i), dtype) for i, n in enumerate(names)}
-
+    key = jax.random.key(seed)
     shardings = None if mesh is None else param_shardings(mesh, layout)
-    with jax.threefry_partitionable(True):
-        return jax.jit(build, out_shardings=shardings)()
+    params = {}
+    for i, name in enumerate(sorted(shapes)):
+        draw = jax.jit(functools.partial(_init_one, name, shapes[name], dtype=dtype))
+        value = draw(jax.random.fold_in(key, i))
+        if shardings is None:
+            params[name] = value
+        elif jax.process_count() == 1:
+            params[name] = jax.device_put(value, shardings[name])
+        else:
+            host = np.asarray(value)
+            params[name] = jax.make_array_from_callback(host.shape, shardings[name], lambda idx: host[idx])
+        del value
+    return params
 
 
 def param_shardings(mesh, layout: Layout) -> dict:
     return {n: NamedSharding(mesh, s) for n, s in layout.param_specs().items()}
+
+
+def serving_params(params: dict, rs: RunSpec, mesh) -> dict:
+    """Stacked layer tensors [L, ...] -> a list over local layer j of tensors [pp, ...] holding
+    layer s * L/pp + j on stage s. Same bytes on the same devices; inside shard_map each layer is
+    then a whole buffer, where a slice of the stacked tensor would be copied on every call.
+    Pops the stacked tensors from `params` as it goes, so that peak memory stays near one copy."""
+    pp = rs.shape.pp
+    lp = rs.cfg.num_layers // pp
+    out = {n: v for n, v in params.items() if n not in LAYER_PARAMS}
+    shardings = param_shardings(mesh, rs.layout)
+    for name in LAYER_PARAMS:
+        split = jax.jit(lambda w: tuple(w.reshape((pp, lp) + w.shape[1:])[:, j] for j in range(lp)),
+                        out_shardings=(shardings[name],) * lp)
+        out[name] = list(split(params.pop(name)))
+    return out
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int):
@@ -116,7 +143,7 @@ def _embed(tokens_BT, embed_VD, vocab_axis):
     return jax.lax.psum(x_BTD, vocab_axis)
 
 
-def _attention(x_BTD, w, side, mode, kv, row0, ok, rs: RunSpec):
+def _attention(x_BTD, w, side, mode, kv, row0, rs: RunSpec):
     """Attention on this device's heads. Returns the partial (over tp) output [B, T, D] f32 and kv."""
     cfg, cdt = rs.cfg, x_BTD.dtype
     h_BTD = layers.rmsnorm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
@@ -128,7 +155,7 @@ def _attention(x_BTD, w, side, mode, kv, row0, ok, rs: RunSpec):
     if mode == "decode":
         mb = x_BTD.shape[0]
         pos_B = side["pos"][:, 0]
-        rows_B = jnp.where(ok & side["valid"][:, 0], row0 + jnp.arange(mb), kv[0].shape[0])
+        rows_B = jnp.where(side["valid"][:, 0], row0 + jnp.arange(mb), kv[0].shape[0])
         kv = tuple(c.at[rows_B, pos_B].set(n[:, 0], mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
         k_BSGK, v_BSGK = (jax.lax.dynamic_slice_in_dim(c, row0, mb, axis=0) for c in kv)
         mask_BTS = (jnp.arange(k_BSGK.shape[1])[None, :] <= pos_B[:, None])[:, None, :]
@@ -136,22 +163,19 @@ def _attention(x_BTD, w, side, mode, kv, row0, ok, rs: RunSpec):
     else:
         out_BTHK = layers.attention(q_BTHK, k_BTGK, v_BTGK, causal=True)
         if mode == "prefill":
-            def write(c, n):
-                old = jax.lax.dynamic_slice(c, (row0, 0, 0, 0), n.shape)
-                return jax.lax.dynamic_update_slice(c, jnp.where(ok, n, old), (row0, 0, 0, 0))
-            kv = (write(kv[0], k_BTGK), write(kv[1], v_BTGK))
+            kv = tuple(jax.lax.dynamic_update_slice(c, n, (row0, 0, 0, 0)) for c, n in zip(kv, (k_BTGK, v_BTGK)))
     return mm("bthk,hkd->btd", out_BTHK, w["wo"]), kv
 
 
-def _layer(x_BTD, valid_BT, w, side, mode, kv, row0, ok, rs: RunSpec):
+def _layer(x_BTD, valid_BT, w, side, mode, kv, row0, rs: RunSpec):
     """One decoder layer on one device. x_BTD is identical on the tp ranks before and after."""
     b, t, d = x_BTD.shape
     tp = rs.shape.tp
-    o_BTD, kv = _attention(x_BTD, w, side, mode, kv, row0, ok, rs)
+    o_BTD, kv = _attention(x_BTD, w, side, mode, kv, row0, rs)
     n = b * t
     n_pad = -(-n // tp) * tp
     x_ND = jnp.pad(x_BTD.reshape(n, d), ((0, n_pad - n), (0, 0)))
-    valid_N = jnp.pad(valid_BT.reshape(n) & ok, (0, n_pad - n))
+    valid_N = jnp.pad(valid_BT.reshape(n), (0, n_pad - n))
     o_ND = jnp.pad(o_BTD.reshape(n, d), ((0, n_pad - n), (0, 0)))
     if tp > 1:  # each tp rank takes a distinct 1/tp share of the tokens, fully summed
         o_ND = jax.lax.psum_scatter(o_ND, "tp", scatter_dimension=0, tiled=True)
@@ -183,20 +207,20 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
         valid_BT = pos_BT < lengths_B[:, None]
     split = lambda a: a.reshape((m_count, mb) + a.shape[1:])
     side_M = {"pos": split(pos_BT), "valid": split(valid_BT), "len": split(lengths_B)}
-    layers_loc = params["wq"].shape[0]
+    layers_loc = len(params["wq"])
     stats0 = {"load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
               "dropped": jnp.zeros((layers_loc,), jnp.int32), "rerouted": jnp.zeros((layers_loc,), jnp.int32)}
 
-    def stage_fn(x_BTD, side, mi, ok, state):
+    def stage_fn(x_BTD, side, mi, state):
         kv_all, stats = state
         row0 = mi * mb
         for l in range(layers_loc):
-            w = {name: params[name][l] for name in LAYER_PARAMS}
+            w = {name: params[name][l].reshape(params[name][l].shape[1:]) for name in LAYER_PARAMS}
             kv = None if kv_all is None else (kv_all[0][l], kv_all[1][l])
-            x_BTD, kv, st = _layer(x_BTD, side["valid"], w, side, mode, kv, row0, ok, rs)
+            x_BTD, kv, st = _layer(x_BTD, side["valid"], w, side, mode, kv, row0, rs)
             if kv is not None:
                 kv_all = (kv_all[0].at[l].set(kv[0]), kv_all[1].at[l].set(kv[1]))
-            stats = {k: stats[k].at[l].add(jnp.where(ok, st[k], 0)) for k in stats}
+            stats = {k: stats[k].at[l].add(st[k]) for k in stats}
         return x_BTD, (kv_all, stats)
 
     def emit(y_BTD, side):
@@ -215,7 +239,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
 
 
 def build(rs: RunSpec, mesh, mode: str):
-    """A jitted function for `mode`:
+    """A jitted function for `mode`, taking `serving_params`:
       forward(params, tokens_BT, lengths_B)              -> logits_BTV f32, stats
       prefill(params, tokens_BT, lengths_B, cache)       -> logits_BV f32, cache, stats
       decode(params, tokens_B1, positions_B, cache)      -> logits_BV f32, cache, stats
@@ -225,7 +249,8 @@ def build(rs: RunSpec, mesh, mode: str):
     if mesh_shape_of(mesh) != rs.shape:
         raise ValueError(f"mesh {mesh_shape_of(mesh)} does not match the run's {rs.shape}")
     lay = rs.layout
-    param_specs = lay.param_specs()
+    lp = rs.cfg.num_layers // rs.shape.pp
+    param_specs = {n: [s] * lp if n in LAYER_PARAMS else s for n, s in lay.param_specs().items()}
     cache_spec = lay.act_spec("kv_cache")
     stats_spec = {"load": lay.act_spec("moe_counts"), "dropped": P("pp"), "rerouted": P("pp")}
     logits_spec = lay.act_spec("logits" if mode == "forward" else "last_logits")
@@ -243,7 +268,3 @@ def build(rs: RunSpec, mesh, mode: str):
     mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     return jax.jit(mapped, donate_argnums=donate)
 
-
-def put(mesh, layout: Layout, act: str, x):
-    """Place a host array with the sharding the rules give activation `act`."""
-    return jax.device_put(x, NamedSharding(mesh, layout.act_spec(act)))

@@ -34,10 +34,11 @@ class MoeSpec:
     expert_shards: int  # devices in that group
     ffn_axis: str | None  # 'tp' when each expert's F dimension is split (partial sums)
     ffn_shards: int
-    all_axes: tuple  # every mesh axis: dropless round counts agree everywhere
+    round_axes: tuple  # every axis but pp: a stage's devices agree on the dropless round count
 
     def capacity(self, n_tokens: int) -> int:
-        return max(1, math.ceil(self.capacity_factor * n_tokens * self.top_k / self.num_experts))
+        # at least 2 rows: XLA:CPU upcasts bf16 matrix-vector dots to float32 (copying the weights)
+        return max(2, math.ceil(self.capacity_factor * n_tokens * self.top_k / self.num_experts))
 
 
 def route(h_ND, router_DE, top_k: int):
@@ -165,7 +166,7 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
 
     y_ND = jnp.zeros((n_tok, d), F32)
     if spec.policy == "dropless":  # as many rounds as the fullest queue anywhere needs
-        most = jax.lax.pmax(jnp.max(jnp.where(valid_A, pos_A + 1, 0)), spec.all_axes)
+        most = jax.lax.pmax(jnp.max(jnp.where(valid_A, pos_A + 1, 0)), spec.round_axes)
         rounds = (most + capacity - 1) // capacity
         y_ND = jax.lax.fori_loop(0, rounds, one_round, y_ND)
     else:

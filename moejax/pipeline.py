@@ -4,8 +4,10 @@
     stage 0:  m0   m1   m2   m3   --        at step t, stage s runs microbatch t - s
     stage 1:  --   m0   m1   m2   m3        between steps: ppermute over pp, s -> s+1
 
-M + P - 1 steps. In bubble steps a stage computes on filler and `ok` is False: its outputs, cache
-writes and statistics are discarded, so the bubble costs (P - 1) / (M + P - 1) of the work.
+M + P - 1 steps. In bubble steps (t - s outside [0, M)) a stage skips its layers (`lax.cond`): the
+bubble costs (P - 1) / (M + P - 1) of each stage's time but no compute, which matters on simulated
+CPU devices that share the cores. Collectives inside the stage only span devices of one stage, and
+the devices of a stage always agree on whether a step is a bubble.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def staggered(stage_fn, emit_fn, xs_M, side_M, state, *, stages: int, axis: str)
     """Run `stage_fn` over M microbatches on every stage, staggered by stage index.
 
     xs_M: [M, ...] stage-0 inputs; side_M: pytree of [M, ...] per-microbatch inputs every stage
-    reads (positions, masks). stage_fn(x, side, m, ok, state) -> (y, state): one stage's layers on
+    reads (positions, masks). stage_fn(x, side, m, state) -> (y, state): one stage's layers on
     microbatch m; `state` carries caches and statistics across steps. emit_fn(y, side) -> what the
     last stage keeps for microbatch m. Returns (outputs [M, ...] gathered onto every stage, state).
     """
@@ -39,7 +41,10 @@ def staggered(stage_fn, emit_fn, xs_M, side_M, state, *, stages: int, axis: str)
         mi = jnp.clip(m, 0, m_count - 1)
         side = take(side_M, mi)
         x = jnp.where(stage == 0, xs_M[mi], x_in) if stages > 1 else xs_M[mi]
-        y, state = stage_fn(x, side, mi, ok, state)
+        if stages > 1:
+            y, state = jax.lax.cond(ok, lambda: stage_fn(x, side, mi, state), lambda: (x, state))
+        else:
+            y, state = stage_fn(x, side, mi, state)
         keep = ok & (stage == stages - 1)
         outs = outs.at[mi].set(jnp.where(keep, emit_fn(y, side), outs[mi]))
         if stages > 1:

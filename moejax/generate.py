@@ -1,0 +1,133 @@
+"""Generation: batch padding, a preallocated sharded KV cache, jitted prefill and decode, sampling,
+timings and MoE statistics."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+
+from moejax import model
+from moejax.errors import UserError
+from moejax.sampling import Sampling, sample
+
+
+def fetch(x) -> np.ndarray:
+    """A global array as NumPy on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def put(mesh, layout, act: str, x: np.ndarray):
+    """Place a host array (identical on every process) with the sharding the rules give `act`."""
+    sharding = NamedSharding(mesh, layout.act_spec(act))
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    if not prompts:
+        raise UserError("no prompt given: pass --prompt TEXT or --prompt-ids [[ids...]]")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise UserError(f"prompt {i} is empty: every prompt needs at least one token")
+        bad = [t for t in p if not (isinstance(t, (int, np.integer)) and 0 <= t < vocab_size)]
+        if bad:
+            raise UserError(f"prompt {i}: token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
+
+
+def moe_summary(load_LE: np.ndarray, dropped: int, rerouted: int) -> dict:
+    load_LE = np.asarray(load_LE, np.float64)
+    mean = load_LE.mean(axis=1)
+    ratio = np.where(mean > 0, load_LE.max(axis=1) / np.where(mean > 0, mean, 1), 0.0)
+    return {"dropped": int(dropped), "rerouted": int(rerouted),
+            "assignments": int(load_LE.sum()), "max_load_ratio": round(float(ratio.max()), 4),
+            "tokens_per_expert": load_LE.astype(np.int64).tolist()}
+
+
+class Generator:
+    """Compiled prefill + decode for one (RunSpec, mesh, batch, max length)."""
+
+    def __init__(self, rs: model.RunSpec, mesh, params, batch: int, prompt_len: int, max_len: int):
+        self.rs, self.mesh, self.params = rs, mesh, params
+        # at least 2 rows per microbatch on CPU: XLA:CPU upcasts bf16 matrix-vector dots to float32
+        rows = 2 if jax.default_backend() == "cpu" else 1
+        self.batch = round_up(max(batch, rows * rs.batch_multiple), rs.batch_multiple)
+        self.prompt_len = prompt_len
+        self.max_len = max_len
+        lay = rs.layout
+        b = self.batch
+        tokens = put(mesh, lay, "tokens", np.zeros((b, prompt_len), np.int32))
+        lengths = put(mesh, lay, "lengths", np.ones((b,), np.int32))
+        cache = model.init_cache(rs, mesh, b, max_len)
+        t0 = time.perf_counter()
+        self.prefill = model.build(rs, mesh, "prefill").lower(params, tokens, lengths, cache).compile()
+        one = put(mesh, lay, "tokens", np.zeros((b, 1), np.int32))
+        self.decode = model.build(rs, mesh, "decode").lower(params, one, lengths, cache).compile()
+        self.compile_s = time.perf_counter() - t0
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, eos_id: int | None,
+                 progress=None) -> dict:
+        rs, mesh, lay = self.rs, self.mesh, self.rs.layout
+        n = len(prompts)
+        lengths = np.zeros((self.batch,), np.int32)
+        tokens = np.zeros((self.batch, self.prompt_len), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+        cache = model.init_cache(rs, mesh, self.batch, self.max_len)
+        key = jax.random.key(sampling.seed)
+        opts = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+
+        t0 = time.perf_counter()
+        logits, cache, stats = self.prefill(self.params, put(mesh, lay, "tokens", tokens),
+                                            put(mesh, lay, "lengths", lengths), cache)
+        key, sub = jax.random.split(key)
+        nxt = fetch(sample(logits, sub, **opts))
+        ttft = time.perf_counter() - t0
+        load, dropped, rerouted = (fetch(stats["load"]).astype(np.int64), int(fetch(stats["dropped"]).sum()),
+                                   int(fetch(stats["rerouted"]).sum()))
+        out = [[int(nxt[i])] for i in range(n)]
+        done = np.array([max_new_tokens <= 1 or out[i][-1] == eos_id for i in range(n)]
+                        + [True] * (self.batch - n))
+        t1 = time.perf_counter()
+        steps = 0
+        while not done.all() and steps + 1 < max_new_tokens:
+            pos = np.where(done, -1, lengths + steps).astype(np.int32)
+            logits, cache, stats = self.decode(self.params, put(mesh, lay, "tokens", nxt[:, None].astype(np.int32)),
+                                               put(mesh, lay, "lengths", pos), cache)
+            key, sub = jax.random.split(key)
+            nxt = fetch(sample(logits, sub, **opts))
+            load += fetch(stats["load"])
+            dropped += int(fetch(stats["dropped"]).sum())
+            rerouted += int(fetch(stats["rerouted"]).sum())
+            steps += 1
+            for i in range(n):
+                if not done[i]:
+                    out[i].append(int(nxt[i]))
+                    done[i] = out[i][-1] == eos_id or len(out[i]) >= max_new_tokens
+            if progress:
+                progress(steps, max_new_tokens - 1, time.perf_counter() - t1)
+        decode_s = time.perf_counter() - t1
+        prompt_tokens = int(lengths.sum())
+        new_tokens = sum(len(o) for o in out)
+        decoded = new_tokens - n  # the first token of each sequence came from the prefill
+        devices = rs.shape.size
+        return {
+            "generated_ids": out,
+            "ttft_s": ttft,
+            "decode_s": decode_s,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "prefill_tokens_per_s": prompt_tokens / ttft,
+            "decode_tokens_per_s": decoded / decode_s if decoded else 0.0,
+            "tokens_per_ms_per_device": (prompt_tokens + decoded) / ((ttft + decode_s) * 1e3) / devices,
+            "moe": moe_summary(load, dropped, rerouted),
+        }

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Run the MoE model on a (dp, pp, tp, ep) mesh: placement, prefill, decode, metrics.
+
+    python scripts/infer.py --mesh 4x2x4x4                 # seed config, random weights, 128 CPU devices
+    python scripts/infer.py --mesh 4x2x4x4 --plan --json   # where everything lives; builds nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moejax.errors import UserError  # noqa: E402  (no JAX import yet: devices are provisioned first)
+from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
+
+DEFAULT_PROMPT = "The quick brown fox"
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mesh", default="1x1x1x1", help="DPxPPxTPxEP, e.g. 4x2x4x4")
+    ap.add_argument("--config", default="configs/seed.yaml", help="model config (file or name in configs/)")
+    ap.add_argument("--layout", default="meshes/seed.yaml", help="sharding rules (file or name in meshes/)")
+    ap.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
+    ap.add_argument("--prompt-ids", help="JSON list of lists of token ids, inline or @file")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-len", type=int, help="KV-cache length (default: longest prompt + max new tokens)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="parameter and compute dtype (default: the config's)")
+    ap.add_argument("--capacity-policy", default="dropless", choices=("dropless", "drop", "reroute"))
+    ap.add_argument("--capacity-factor", type=float, default=None,
+                    help="expert capacity per source device = ceil(cf * tokens * k / experts)")
+    ap.add_argument("--microbatches", type=int, help="pipeline microbatches M (default 2 x pp, bounded by batch)")
+    ap.add_argument("--batch", type=int, help="batch for --plan's KV-cache figure (default: number of prompts)")
+    ap.add_argument("--plan", action="store_true", help="print the placement report only (shapes, no weights)")
+    ap.add_argument("--json", action="store_true", help="also print one JSON object as the last stdout line")
+    ap.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs")
+    ap.add_argument("--num-processes", type=int)
+    ap.add_argument("--process-id", type=int)
+    return ap.parse_args(argv)
+
+
+def read_prompt_ids(text: str) -> list[list[int]]:
+    src = text
+    if text.startswith("@"):
+        try:
+            with open(text[1:]) as f:
+                src = f.read()
+        except OSError as e:
+            raise UserError(f"--prompt-ids {text}: cannot read file ({e.strerror})") from None
+    try:
+        ids = json.loads(src)
+    except json.JSONDecodeError:
+        raise UserError(f"--prompt-ids {text[:60]!r} is not JSON: expected a list of lists of ints, "
+                        f"e.g. [[1, 2, 3]]") from None
+    if not (isinstance(ids, list) and ids and all(isinstance(p, list) for p in ids)
+            and all(isinstance(t, int) and not isinstance(t, bool) for p in ids for t in p)):
+        raise UserError(f"--prompt-ids {text[:60]!r}: expected a non-empty list of lists of ints, e.g. [[1, 2, 3]]")
+    return ids
+
+
+def run(args) -> dict:
+    shape = parse_mesh(args.mesh)
+    from moejax.config import load_config
+    from moejax.rules import load_layout
+
+    cfg = load_config(args.config)
+    layout = load_layout(args.layout)
+    layout.validate(cfg, shape)
+    dtype = args.dtype or cfg.param_dtype
+    for name, v in (("--max-new-tokens", args.max_new_tokens), ("--microbatches", args.microbatches),
+                    ("--batch", args.batch), ("--max-len", args.max_len)):
+        if v is not None and v < 1:
+            raise UserError(f"{name} {v} must be >= 1")
+
+    if args.plan:
+        from moejax.plan import format_placement, placement
+
+        rep = placement(cfg, layout, shape, dtype, args.batch or max(1, len(args.prompt or [])),
+                        args.max_len or cfg.max_seq_len)
+        print(format_placement(rep))
+        return rep
+
+    multi = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    nproc = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    if shape.size % nproc:
+        raise UserError(f"mesh {shape} ({shape.size} devices) does not split over {nproc} processes")
+    provisioned = provision_host_devices(shape.size // nproc)
+    import jax
+
+    if multi:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    from moejax import model
+    from moejax.generate import Generator, check_prompts, round_up
+    from moejax.mesh import make_mesh
+    from moejax.plan import format_placement, placement
+    from moejax.sampling import Sampling
+    from moejax.tokenizer import decode, encode
+
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
+    backend = jax.default_backend()
+    if backend != "cpu" and jax.device_count() < shape.size:
+        raise UserError(f"mesh {shape} needs {shape.size} devices; this machine has {jax.device_count()} "
+                        f"{backend} device(s)")
+    if backend == "cpu" and provisioned and shape.size > 1:
+        say(f"running on {shape.size} simulated CPU devices (--xla_force_host_platform_device_count)")
+    mesh = make_mesh(shape)
+    if backend == "cpu" and dtype == "float16" and not args.dtype:
+        dtype = "bfloat16"
+        say("computing in bfloat16: XLA:CPU has no native float16 matmul (pass --dtype float16 to insist)")
+
+    if args.prompt_ids:
+        prompts, text_mode = read_prompt_ids(args.prompt_ids), False
+    else:
+        prompts, text_mode = [encode(p, cfg.vocab_size) for p in (args.prompt or [DEFAULT_PROMPT])], True
+    check_prompts(prompts, cfg.vocab_size)
+    longest = max(len(p) for p in prompts)
+    max_len = args.max_len or (longest + args.max_new_tokens)
+    if longest + args.max_new_tokens > max_len or max_len > cfg.max_seq_len:
+        raise UserError(f"prompt of {longest} tokens + {args.max_new_tokens} new tokens does not fit the maximum "
+                        f"length {min(max_len, cfg.max_seq_len)} (config max_seq_len {cfg.max_seq_len})")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+
+    batch_shards = layout.shards("batch", shape)
+    micro = args.microbatches or min(2 * shape.pp, -(-len(prompts) // batch_shards))
+    policy_cf = {"dropless": 2.0, "drop": 1.25, "reroute": 1.25}[args.capacity_policy]
+    rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor or policy_cf, micro)
+    rep = placement(cfg, layout, shape, dtype, len(prompts), max_len)
+    say(format_placement(rep))
+
+    params = model.serving_params(model.init_params(cfg, args.seed, dtype, mesh, layout), rs, mesh)
+    prompt_len = min(round_up(longest, 8), max_len)
+    gen = Generator(rs, mesh, params, len(prompts), prompt_len, max_len)
+    say(f"compiled prefill + decode in {gen.compile_s:.1f} s (batch {gen.batch} padded from {len(prompts)}, "
+        f"{micro} microbatch(es), capacity policy {args.capacity_policy})")
+
+    def progress(step, total, secs):
+        if lead:
+            print(f"\rdecoding {step}/{total} steps  {step * len(prompts) / max(secs, 1e-9):.1f} tok/s",
+                  end="", file=sys.stderr, flush=True)
+
+    res = gen.generate(prompts, args.max_new_tokens, sampling, cfg.eos_token_id, progress)
+    if lead and res["new_tokens"] > len(prompts):
+        print(file=sys.stderr)
+    for i, out in enumerate(res["generated_ids"]):
+        shown = repr(decode(prompts[i])) + " -> " + repr(decode(out)) if text_mode else str(out)
+        say(f"[{i}] {shown}")
+    moe = res["moe"]
+    say(f"TTFT {res['ttft_s'] * 1e3:.1f} ms | prefill {res['prefill_tokens_per_s']:.1f} tok/s | decode "
+        f"{res['decode_tokens_per_s']:.1f} tok/s | {res['tokens_per_ms_per_device']:.4f} tokens/ms/device")
+    say(f"MoE: {moe['assignments']} assignments, dropped {moe['dropped']}, rerouted {moe['rerouted']}, "
+        f"max/mean expert load {moe['max_load_ratio']:.2f}")
+    rep.update({k: v for k, v in res.items()})
+    rep.update({"compile_s": gen.compile_s, "capacity_policy": args.capacity_policy,
+                "capacity_factor": rs.capacity_factor, "microbatches": micro, "batch_padded": gen.batch})
+    return rep
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        rep = run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json and rep is not None:
+        import jax
+
+        if args.plan or jax.process_index() == 0:
+            print(json.dumps(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
