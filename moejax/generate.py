@@ -74,7 +74,9 @@ class Generator:
         self.compile_s = time.perf_counter() - t0
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, eos_id: int | None,
-                 progress=None) -> dict:
+                 progress=None, keep_logits: bool = False) -> dict:
+        """New tokens for each prompt (stopping at EOS, which is kept), timings and MoE statistics.
+        keep_logits: also return the logits each new token was sampled from ([steps][n, V])."""
         rs, mesh, lay = self.rs, self.mesh, self.rs.layout
         n = len(prompts)
         lengths = np.zeros((self.batch,), np.int32)
@@ -95,6 +97,7 @@ class Generator:
         load, dropped, rerouted = (fetch(stats["load"]).astype(np.int64), int(fetch(stats["dropped"]).sum()),
                                    int(fetch(stats["rerouted"]).sum()))
         out = [[int(nxt[i])] for i in range(n)]
+        step_logits = [fetch(logits)[:n]] if keep_logits else []
         done = np.array([max_new_tokens <= 1 or out[i][-1] == eos_id for i in range(n)]
                         + [True] * (self.batch - n))
         t1 = time.perf_counter()
@@ -105,6 +108,8 @@ class Generator:
                                                put(mesh, lay, "lengths", pos), cache)
             key, sub = jax.random.split(key)
             nxt = fetch(sample(logits, sub, **opts))
+            if keep_logits:
+                step_logits.append(fetch(logits)[:n])
             load += fetch(stats["load"])
             dropped += int(fetch(stats["dropped"]).sum())
             rerouted += int(fetch(stats["rerouted"]).sum())
@@ -122,6 +127,7 @@ class Generator:
         devices = rs.shape.size
         return {
             "generated_ids": out,
+            **({"step_logits": step_logits} if keep_logits else {}),
             "ttft_s": ttft,
             "decode_s": decode_s,
             "prompt_tokens": prompt_tokens,

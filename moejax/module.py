@@ -25,7 +25,7 @@ class Mixtral(nnx.Module):
 
     def params(self) -> dict:
         """The plain {name: array} pytree the sharded programs take."""
-        return {name: getattr(self, name).value for name in PARAM_AXES}
+        return {name: getattr(self, name)[...] for name in PARAM_AXES}
 
     def __call__(self, tokens_BT) -> np.ndarray:
         """Full-sequence logits [B, T, V] (float32) on one device, dropless."""
@@ -35,5 +35,6 @@ class Mixtral(nnx.Module):
         rs = model.RunSpec(self.cfg, layout, shape, self.dtype)
         tokens_BT = np.asarray(tokens_BT, np.int32)
         lengths_B = np.full((tokens_BT.shape[0],), tokens_BT.shape[1], np.int32)
-        logits, _ = model.build(rs, mesh, "forward")(self.params(), tokens_BT, lengths_B)
+        params = model.serving_params(self.params(), rs, mesh)
+        logits, _ = model.build(rs, mesh, "forward")(params, tokens_BT, lengths_B)
         return np.asarray(logits)
