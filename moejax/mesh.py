@@ -44,12 +44,14 @@ def parse_mesh(text: str) -> MeshShape:
     return MeshShape(*sizes)
 
 
-def provision_host_devices(n: int) -> bool:
+def provision_host_devices(n: int, exact: bool = False) -> bool:
     """Ask XLA for `n` simulated host (CPU) devices. Must run before JAX initialises its backends.
-    Returns True when the flag was added (the caller reports it once JAX says the backend is CPU)."""
+    `exact`: replace a larger count too (each process of a multi-process run brings exactly its
+    share). Returns True when the flag was changed (the caller reports it once JAX says the
+    backend is CPU)."""
     flags = os.environ.get("XLA_FLAGS", "")
     m = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
-    if m and int(m.group(1)) >= n:
+    if m and (int(m.group(1)) == n or (int(m.group(1)) > n and not exact)):
         return False
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()

@@ -93,7 +93,7 @@ def run(args) -> dict:
     nproc = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
     if shape.size % nproc:
         raise UserError(f"mesh {shape} ({shape.size} devices) does not split over {nproc} processes")
-    provisioned = provision_host_devices(shape.size // nproc)
+    provisioned = provision_host_devices(shape.size // nproc, exact=bool(multi))
     import jax
 
     if multi:

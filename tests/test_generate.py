@@ -1,0 +1,136 @@
+"""Generation: cached decode equals full recomputation, tokens agree on every mesh, mixed prompt
+lengths are independent, sampling options behave, and infer.py reports and refuses as documented."""
+
+import json
+import socket
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import RTOL, forward, rel_err, run_script, setup
+from moejax.errors import UserError
+from moejax.generate import Generator
+from moejax.mesh import make_mesh, parse_mesh
+from moejax.sampling import Sampling, sample
+
+PROMPTS = [[5, 17, 99, 3, 250, 7], [42, 42, 1, 200]]
+
+
+def generate(mesh, prompts, n_new, layout="seed", micro=1, keep_logits=False, config="tiny"):
+    rs, m, params = setup(config, mesh, layout, microbatches=micro)
+    longest = max(len(p) for p in prompts)
+    gen = Generator(rs, m, params, len(prompts), longest, longest + n_new)
+    return gen.generate(prompts, n_new, Sampling(), eos_id=None, keep_logits=keep_logits)
+
+
+@pytest.mark.parametrize("mesh, micro", [("1x1x1x1", 1), ("1x2x2x2", 2)])
+def test_cached_greedy_decode_equals_full_recomputation(mesh, micro):
+    res = generate(mesh, PROMPTS, 8, micro=micro, keep_logits=True)
+    for step, logits in enumerate(res["step_logits"]):
+        for i, prompt in enumerate(PROMPTS):
+            seq = np.array([prompt + res["generated_ids"][i][:step]], np.int32)
+            full, _ = forward("tiny", "1x1x1x1", seq)
+            want = full[0, -1].astype(np.float64)
+            assert rel_err(logits[i], want) <= RTOL
+            assert res["generated_ids"][i][step] == int(np.argmax(want))
+
+
+@pytest.fixture(scope="module")
+def one_device_tokens():
+    return generate("1x1x1x1", PROMPTS, 10)["generated_ids"]
+
+
+@pytest.mark.parametrize("mesh, micro, layout", [
+    ("1x2x2x2", 2, "seed"), ("2x2x1x2", 1, "seed"), ("4x2x4x4", 2, "seed"), ("1x2x2x2", 1, "ep-tp"),
+])
+def test_greedy_tokens_are_identical_on_every_mesh(mesh, micro, layout, one_device_tokens):
+    assert generate(mesh, PROMPTS, 10, layout, micro)["generated_ids"] == one_device_tokens
+
+
+def test_mixed_prompt_lengths_give_each_sequence_its_own_tokens():
+    prompts = [[9, 8, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [100, 101, 102, 103, 104]]
+    together = generate("1x2x2x2", prompts, 6)["generated_ids"]
+    for p, got in zip(prompts, together):
+        assert generate("1x2x2x2", [p], 6)["generated_ids"][0] == got
+
+
+def test_sampling_options():
+    logits = jax.numpy.asarray(np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32))
+    key = jax.random.key(0)
+    greedy = np.asarray(sample(logits, key, temperature=0.0, top_k=0, top_p=1.0))
+    assert greedy.tolist() == np.argmax(np.asarray(logits), -1).tolist()
+    assert np.asarray(sample(logits, key, temperature=1.0, top_k=1, top_p=1.0)).tolist() == greedy.tolist()
+    assert np.asarray(sample(logits, key, temperature=1.0, top_k=0, top_p=1e-6)).tolist() == greedy.tolist()
+    a = np.asarray(sample(logits, key, temperature=1.0, top_k=5, top_p=0.9))
+    b = np.asarray(sample(logits, key, temperature=1.0, top_k=5, top_p=0.9))
+    assert a.tolist() == b.tolist()  # same seed, same tokens
+    top5 = np.argsort(-np.asarray(logits), -1)[:, :5]
+    many = [np.asarray(sample(logits, jax.random.key(s), temperature=2.0, top_k=5, top_p=1.0)) for s in range(20)]
+    assert all(t in top5[i] for m in many for i, t in enumerate(m))
+    assert len({tuple(m) for m in many}) > 1
+
+
+def test_a_mesh_larger_than_the_devices_names_the_device_count():
+    with pytest.raises(UserError, match="mesh 2x1x1x1 needs 2 devices; this machine has 1 cpu device"):
+        make_mesh(parse_mesh("2x1x1x1"), jax.devices()[:1])
+
+
+def test_infer_json_report():
+    r = run_script("infer.py", "--mesh", "1x2x2x2", "--config", "tiny", "--prompt", "Hello", "--prompt", "MoE!",
+                   "--max-new-tokens", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("mesh", "devices", "params_total", "placement", "generated_ids", "ttft_s", "prefill_tokens_per_s",
+                "decode_tokens_per_s", "tokens_per_ms_per_device", "moe"):
+        assert key in rep
+    assert rep["devices"] == 8 and [len(g) for g in rep["generated_ids"]] == [5, 5]
+    assert set(rep["moe"]) >= {"dropped", "rerouted", "max_load_ratio"}
+    assert "TTFT" in r.stdout and "decoding 4/4" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-ids", "[[1, 2, 300]]"], "token id 300 is outside the vocabulary [0, 256)"),
+    (["--prompt-ids", "[[]]"], "prompt 0 is empty"),
+    (["--prompt-ids", "[1, 2]"], "expected a non-empty list of lists of ints"),
+    (["--prompt-ids", "{oops"], "is not JSON"),
+    (["--prompt-ids", "@/nonexistent.json"], "cannot read file"),
+    (["--prompt", "x" * 250, "--max-new-tokens", "10"], "does not fit the maximum length 256"),
+    (["--config", "nope"], "unknown config 'nope'"),
+    (["--mesh", "2x2"], "malformed"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+    (["--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
+])
+def test_infer_bad_input_is_one_line_and_exit_code_2(args, message):
+    base = {"--mesh": "1x1x1x1", "--config": "tiny"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base.pop(flag, None)
+    r = run_script("infer.py", *[x for kv in base.items() for x in kv], *args, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_get_the_same_tokens_as_one():
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    common = ["--mesh", "1x2x2x2", "--config", "tiny", "--prompt-ids", json.dumps(PROMPTS),
+              "--max-new-tokens", "6", "--json"]
+    single = run_script("infer.py", *common)
+    assert single.returncode == 0, single.stderr
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "scripts/infer.py", *common, "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    multi = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert multi["generated_ids"] == json.loads(single.stdout.strip().splitlines()[-1])["generated_ids"]
