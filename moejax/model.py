@@ -28,6 +28,8 @@ from moejax.rules import Layout, param_shapes
 from moejax.errors import UserError
 
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "moe_norm", "router", "w1", "w3", "w2")
+EXPERT_PARAMS = ("w1", "w3", "w2")
+MOE_COUNTERS = ("dropped", "rerouted", "exchanged_rows", "computed_rows")  # per layer
 MODES = ("forward", "prefill", "decode")
 
 
@@ -105,18 +107,28 @@ def param_shardings(mesh, layout: Layout) -> dict:
 
 
 def serving_params(params: dict, rs: RunSpec, mesh) -> dict:
-    """Stacked layer tensors [L, ...] -> a list over local layer j of tensors [pp, ...] holding
-    layer s * L/pp + j on stage s. Same bytes on the same devices; inside shard_map each layer is
-    then a whole buffer, where a slice of the stacked tensor would be copied on every call.
-    Pops the stacked tensors from `params` as it goes, so that peak memory stays near one copy."""
+    """Stacked layer tensors [L, ...] -> one buffer per local layer l: [pp, ...] holding layer
+    s * L/pp + l on stage s; expert tensors further split per local expert j: [pp, shards, D, F]
+    holding expert i * E_loc + j on expert shard i. Same bytes on the same devices, but inside
+    shard_map every layer and expert is a whole buffer: slicing a stacked tensor there copies the
+    weights on every call. Pops the stacked tensors from `params` as it goes (peak ~ one copy)."""
     pp = rs.shape.pp
     lp = rs.cfg.num_layers // pp
+    shards = rs.layout.shards("experts", rs.shape)
+    e_loc = rs.cfg.num_experts // shards
     out = {n: v for n, v in params.items() if n not in LAYER_PARAMS}
     shardings = param_shardings(mesh, rs.layout)
     for name in LAYER_PARAMS:
-        split = jax.jit(lambda w: tuple(w.reshape((pp, lp) + w.shape[1:])[:, j] for j in range(lp)),
-                        out_shardings=(shardings[name],) * lp)
-        out[name] = list(split(params.pop(name)))
+        if name in EXPERT_PARAMS:
+            def split(w):
+                w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
+                return tuple(tuple(w[:, l, :, j] for j in range(e_loc)) for l in range(lp))
+            out_sh = ((shardings[name],) * e_loc,) * lp
+        else:
+            def split(w):
+                return tuple(w.reshape((pp, lp) + w.shape[1:])[:, l] for l in range(lp))
+            out_sh = (shardings[name],) * lp
+        out[name] = jax.jit(split, out_shardings=out_sh)(params.pop(name))
     return out
 
 
@@ -191,6 +203,13 @@ def _layer(x_BTD, valid_BT, w, side, mode, kv, row0, rs: RunSpec):
     return x_ND[:n].reshape(b, t, d), kv, stats
 
 
+def _local(a):
+    """Drop the unit stage axis (and expert-shard axis) of a serving buffer: a bitcast, not a copy."""
+    if isinstance(a, tuple):  # per local expert: [1, 1, D, F] each
+        return [x.reshape(x.shape[2:]) for x in a]
+    return a.reshape(a.shape[1:])
+
+
 def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: str):
     """What one device runs. tokens_BT: [B/batch_shards, T]; lengths_B: prompt lengths (prefill,
     forward) or the position of the new token (decode, -1 for padding rows)."""
@@ -209,13 +228,13 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
     side_M = {"pos": split(pos_BT), "valid": split(valid_BT), "len": split(lengths_B)}
     layers_loc = len(params["wq"])
     stats0 = {"load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
-              "dropped": jnp.zeros((layers_loc,), jnp.int32), "rerouted": jnp.zeros((layers_loc,), jnp.int32)}
+              **{k: jnp.zeros((layers_loc,), jnp.int32) for k in MOE_COUNTERS}}
 
     def stage_fn(x_BTD, side, mi, state):
         kv_all, stats = state
         row0 = mi * mb
         for l in range(layers_loc):
-            w = {name: params[name][l].reshape(params[name][l].shape[1:]) for name in LAYER_PARAMS}
+            w = {name: _local(params[name][l]) for name in LAYER_PARAMS}
             kv = None if kv_all is None else (kv_all[0][l], kv_all[1][l])
             x_BTD, kv, st = _layer(x_BTD, side["valid"], w, side, mode, kv, row0, rs)
             if kv is not None:
@@ -250,9 +269,11 @@ def build(rs: RunSpec, mesh, mode: str):
         raise ValueError(f"mesh {mesh_shape_of(mesh)} does not match the run's {rs.shape}")
     lay = rs.layout
     lp = rs.cfg.num_layers // rs.shape.pp
-    param_specs = {n: [s] * lp if n in LAYER_PARAMS else s for n, s in lay.param_specs().items()}
+    e_loc = rs.cfg.num_experts // lay.shards("experts", rs.shape)
+    param_specs = {n: ((s,) * e_loc,) * lp if n in EXPERT_PARAMS else (s,) * lp if n in LAYER_PARAMS else s
+                   for n, s in lay.param_specs().items()}
     cache_spec = lay.act_spec("kv_cache")
-    stats_spec = {"load": lay.act_spec("moe_counts"), "dropped": P("pp"), "rerouted": P("pp")}
+    stats_spec = {"load": lay.act_spec("moe_counts"), **{k: P("pp") for k in MOE_COUNTERS}}
     logits_spec = lay.act_spec("logits" if mode == "forward" else "last_logits")
     fn = functools.partial(_device_program, rs=rs, mode=mode)
     if mode == "forward":

@@ -90,13 +90,38 @@ def reroute(probs_NE, experts_A, placed_A, valid_A, capacity: int, top_k: int):
     return e_NK.T.reshape(-1), (valid_A & ~unplaced_NK.T.reshape(-1)), rerouted_NK.T.reshape(-1)
 
 
-def expert_ffn(rows_ERD, w1_EDF, w3_EDF, w2_EFD, out_dtype):
-    """SwiGLU per local expert, batched over its received rows: down(silu(gate(x)) * up(x))."""
-    cdt = rows_ERD.dtype
-    g_ERF = mm("erd,edf->erf", rows_ERD, w1_EDF).astype(cdt)
-    u_ERF = mm("erd,edf->erf", rows_ERD, w3_EDF).astype(cdt)
-    a_ERF = jax.nn.silu(g_ERF) * u_ERF
-    return mm("erf,efd->erd", a_ERF, w2_EFD).astype(out_dtype)
+def swiglu(x_RD, w1_DF, w3_DF, w2_FD, out_dtype):
+    """One expert on a block of rows: down(silu(gate(x)) * up(x)), float32 accumulation."""
+    cdt = x_RD.dtype
+    g_RF = mm("rd,df->rf", x_RD, w1_DF).astype(cdt)
+    u_RF = mm("rd,df->rf", x_RD, w3_DF).astype(cdt)
+    return mm("rf,fd->rd", jax.nn.silu(g_RF) * u_RF, w2_FD).astype(out_dtype)
+
+
+def expert_on_rows(rows_RD, n_rows, w1_DF, w3_DF, w2_FD, out_dtype):
+    """The expert on the first `n_rows` rows (the filled ones), skipping the padding: tiles of up to
+    128 rows, then tiles of up to 16 for the remainder. Rows past n_rows come back as zeros, and an
+    expert that received nothing never reads its weights."""
+    r, d = rows_RD.shape
+    small = min(16, r)
+    big = max(small, min(128, r) // small * small)
+    r_pad = -(-r // big) * big
+    rows_RD = jnp.pad(rows_RD, ((0, r_pad - r), (0, 0)))
+
+    def tile(size):
+        def body(i, carry):
+            out_RD, start = carry
+            x_RD = jax.lax.dynamic_slice_in_dim(rows_RD, start + i * size, size)
+            y_RD = swiglu(x_RD, w1_DF, w3_DF, w2_FD, out_dtype)
+            return jax.lax.dynamic_update_slice_in_dim(out_RD, y_RD, start + i * size, 0), start
+        return body
+
+    out_RD = jnp.zeros((r_pad, d), out_dtype)
+    full = n_rows // big
+    out_RD, _ = jax.lax.fori_loop(0, full, tile(big), (out_RD, 0))
+    rest = (n_rows - full * big + small - 1) // small
+    out_RD, _ = jax.lax.fori_loop(0, rest, tile(small), (out_RD, full * big))
+    return out_RD[:r], full * big + rest * small
 
 
 def exchange(buf_ECD, spec: MoeSpec):
@@ -107,30 +132,46 @@ def exchange(buf_ECD, spec: MoeSpec):
 
 
 def serve_round(x_pad_ND, experts_A, slot_A, in_round_A, weights_A, w, capacity: int, spec: MoeSpec):
-    """One exchange: pack, all_to_all, local experts, all_to_all back, weighted gather [A, D]."""
+    """One exchange: pack, all_to_all, local experts, all_to_all back. Returns the weighted expert
+    outputs per assignment [A, D] and the rows this device's experts computed."""
     n_rows = x_pad_ND.shape[0] - 1  # last row is the zero row empty slots point at
     E, C, D = spec.num_experts, capacity, x_pad_ND.shape[1]
     flat_A = jnp.where(in_round_A, experts_A * C + slot_A, E * C)
     tokens_A = jnp.tile(jnp.arange(n_rows, dtype=I32), spec.top_k)
     slot_token_EC = jnp.full((E * C,), n_rows, I32).at[flat_A].set(tokens_A, mode="drop").reshape(E, C)
     send_ECD = x_pad_ND[slot_token_EC]
+    sent_E = jnp.zeros((E,), I32).at[experts_A].add(in_round_A.astype(I32))
     recv_ECD = exchange(send_ECD, spec)  # [shards * E_loc, C, D]: block s came from source s
-    e_loc = E // spec.expert_shards
-    rows_ERD = recv_ECD.reshape(spec.expert_shards, e_loc, C, D).transpose(1, 0, 2, 3)
-    rows_ERD = rows_ERD.reshape(e_loc, spec.expert_shards * C, D)
+    got_E = exchange(sent_E, spec)  # rows filled in each received block
+    n_src, e_loc = spec.expert_shards, E // spec.expert_shards
+    rows_SLCD = recv_ECD.reshape(n_src, e_loc, C, D)
+    got_SL = got_E.reshape(n_src, e_loc)
     out_dtype = F32 if spec.ffn_axis else x_pad_ND.dtype  # partial sums stay float32
-    out_ERD = expert_ffn(rows_ERD, w["w1"], w["w3"], w["w2"], out_dtype)
-    out_ECD = out_ERD.reshape(e_loc, spec.expert_shards, C, D).transpose(1, 0, 2, 3).reshape(E, C, D)
+    outs, computed = [], 0
+    for j in range(e_loc):
+        rows_RD = rows_SLCD[:, j].reshape(n_src * C, D)
+        filled_R = (jnp.arange(C)[None, :] < got_SL[:, j, None]).reshape(-1)
+        if n_src > 1:  # move the filled rows of every source to the front
+            order_R = jnp.argsort(~filled_R, stable=True)
+            rows_RD = rows_RD[order_R]
+        y_RD, n = expert_on_rows(rows_RD, jnp.sum(filled_R, dtype=I32), w["w1"][j], w["w3"][j], w["w2"][j],
+                                 out_dtype)
+        computed = computed + n
+        if n_src > 1:
+            y_RD = jnp.zeros_like(y_RD).at[order_R].set(y_RD)
+        outs.append(y_RD.reshape(n_src, C, D))
+    out_ECD = jnp.stack(outs, axis=1).reshape(E, C, D)
     back_ECD = exchange(out_ECD, spec)
     got_AD = back_ECD.reshape(E * C, D)[jnp.where(in_round_A, flat_A, 0)]
-    return got_AD.astype(F32) * jnp.where(in_round_A, weights_A, 0.0)[:, None]
+    return got_AD.astype(F32) * jnp.where(in_round_A, weights_A, 0.0)[:, None], computed
 
 
 def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
     """The MoE sub-layer for this device's tokens: returns y_ND (float32) and statistics.
 
     x_ND: [N, D] tokens this device dispatches (its 1/tp share when tokens are split over tp).
-    w: this device's layer parameters: moe_norm_D, router_DE, w1_EDF, w3_EDF, w2_EFD (local experts).
+    w: this device's layer parameters: moe_norm_D, router_DE, and lists over its local experts of
+    w1_DF, w3_DF, w2_FD.
     """
     if spec.ffn_axis:  # every tp rank serves the same tokens with its slice of F
         x_ND = jax.lax.all_gather(x_ND, spec.ffn_axis, axis=0, tiled=True)
@@ -158,26 +199,29 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
 
     h_pad_ND = jnp.concatenate([h_ND, jnp.zeros((1, d), h_ND.dtype)], axis=0)
 
-    def one_round(r, y_ND):
+    def one_round(r, carry):
+        y_ND, computed = carry
         lo = r * capacity
         in_round_A = served_A & (pos_A >= lo) & (pos_A < lo + capacity)
-        got_AD = serve_round(h_pad_ND, experts_A, pos_A - lo, in_round_A, weights_A, w, capacity, spec)
-        return y_ND + got_AD.reshape(k, n_tok, d).sum(axis=0)
+        got_AD, n = serve_round(h_pad_ND, experts_A, pos_A - lo, in_round_A, weights_A, w, capacity, spec)
+        return y_ND + got_AD.reshape(k, n_tok, d).sum(axis=0), computed + n
 
-    y_ND = jnp.zeros((n_tok, d), F32)
+    carry = (jnp.zeros((n_tok, d), F32), jnp.zeros((), I32))
     if spec.policy == "dropless":  # as many rounds as the fullest queue anywhere needs
         most = jax.lax.pmax(jnp.max(jnp.where(valid_A, pos_A + 1, 0)), spec.round_axes)
         rounds = (most + capacity - 1) // capacity
-        y_ND = jax.lax.fori_loop(0, rounds, one_round, y_ND)
+        y_ND, computed = jax.lax.fori_loop(0, rounds, one_round, carry)
     else:
-        y_ND = one_round(0, y_ND)
+        rounds = 1
+        y_ND, computed = one_round(0, carry)
     if spec.ffn_axis:
         y_ND = jax.lax.psum_scatter(y_ND, spec.ffn_axis, scatter_dimension=0, tiled=True)
     stats = {
         "load": load_E,
         "dropped": jnp.sum(valid_A & ~served_A, dtype=I32),
         "rerouted": jnp.sum(rerouted_A, dtype=I32),
+        # rows exchanged, padding included (compare with load, the top-k work)
+        "exchanged_rows": jnp.asarray(rounds * spec.num_experts * capacity, I32),
+        "computed_rows": computed // spec.ffn_shards,  # expert rows this device ran (F-slices: a share)
     }
-    if spec.ffn_axis:  # tp ranks routed the same tokens: only rank 0 counts them
-        stats = {kk: jnp.where(jax.lax.axis_index(spec.ffn_axis) == 0, v, 0) for kk, v in stats.items()}
     return y_ND, stats

@@ -82,6 +82,7 @@ def _run_moe(x, w, policy, cf, k=1):
     mesh = make_mesh(parse_mesh("1x1x1x1"))
     f = jax.jit(jax.shard_map(lambda x, v, w: moe_block(x, v, w, spec, 1e-5), mesh=mesh,
                               in_specs=P(), out_specs=P(), check_vma=False))
+    w = {k: list(v) if k in ("w1", "w3", "w2") else v for k, v in w.items()}  # one buffer per expert
     y, stats = f(x, np.ones(len(x), bool), w)
     return np.asarray(y), {k: np.asarray(v) for k, v in stats.items()}
 

@@ -40,9 +40,8 @@ def test_bubble_fraction():
 def _layer_bytes_on_device0(params):
     dev = jax.devices()[0]
     total = 0
-    for name in model.LAYER_PARAMS:
-        for a in params[name]:
-            total += sum(s.data.nbytes for s in a.addressable_shards if s.device == dev)
+    for a in jax.tree.leaves({n: params[n] for n in model.LAYER_PARAMS}):
+        total += sum(s.data.nbytes for s in a.addressable_shards if s.device == dev)
     return total
 
 
