@@ -98,30 +98,30 @@ def swiglu(x_RD, w1_DF, w3_DF, w2_FD, out_dtype):
     return mm("rf,fd->rd", jax.nn.silu(g_RF) * u_RF, w2_FD).astype(out_dtype)
 
 
+SIZE_STEPS = 4  # an expert computes the smallest of R/4, R/2, 3R/4, R rows that holds its filled rows
+
+
 def expert_on_rows(rows_RD, n_rows, w1_DF, w3_DF, w2_FD, out_dtype):
-    """The expert on the first `n_rows` rows (the filled ones), skipping the padding: tiles of up to
-    128 rows, then tiles of up to 16 for the remainder. Rows past n_rows come back as zeros, and an
-    expert that received nothing never reads its weights."""
+    """The expert on the first `n_rows` rows (the filled ones, compacted to the front).
+
+    One `lax.switch` picks the smallest of SIZE_STEPS static row counts that covers n_rows, so
+    padding costs at most R/4 rows, and an expert that received nothing computes nothing and never
+    reads its weights (what makes decode fast). Loops over row tiles were measured 1.5-2x slower
+    on XLA:CPU: a while loop per expert per layer costs more than the rows it saves.
+    Returns the outputs [R, D] (zeros past the computed rows) and the rows computed."""
     r, d = rows_RD.shape
-    small = min(16, r)
-    big = max(small, min(128, r) // small * small)
-    r_pad = -(-r // big) * big
-    rows_RD = jnp.pad(rows_RD, ((0, r_pad - r), (0, 0)))
+    sizes = sorted({-(-r * (i + 1) // SIZE_STEPS) for i in range(SIZE_STEPS)})
 
-    def tile(size):
-        def body(i, carry):
-            out_RD, start = carry
-            x_RD = jax.lax.dynamic_slice_in_dim(rows_RD, start + i * size, size)
-            y_RD = swiglu(x_RD, w1_DF, w3_DF, w2_FD, out_dtype)
-            return jax.lax.dynamic_update_slice_in_dim(out_RD, y_RD, start + i * size, 0), start
-        return body
+    def run(size):
+        def f(rows_RD):
+            y_RD = swiglu(rows_RD[:size], w1_DF, w3_DF, w2_FD, out_dtype)
+            return jnp.pad(y_RD, ((0, r - size), (0, 0)))
+        return f
 
-    out_RD = jnp.zeros((r_pad, d), out_dtype)
-    full = n_rows // big
-    out_RD, _ = jax.lax.fori_loop(0, full, tile(big), (out_RD, 0))
-    rest = (n_rows - full * big + small - 1) // small
-    out_RD, _ = jax.lax.fori_loop(0, rest, tile(small), (out_RD, full * big))
-    return out_RD[:r], full * big + rest * small
+    branches = [lambda rows_RD: jnp.zeros((r, d), out_dtype)] + [run(size) for size in sizes]
+    which = jnp.where(n_rows == 0, 0, jnp.searchsorted(jnp.array(sizes), n_rows) + 1)
+    computed = jnp.array([0] + sizes, I32)[which]
+    return jax.lax.switch(which, branches, rows_RD), computed
 
 
 def exchange(buf_ECD, spec: MoeSpec):

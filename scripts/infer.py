@@ -38,7 +38,7 @@ def parse_args(argv):
     ap.add_argument("--capacity-policy", default="dropless", choices=("dropless", "drop", "reroute"))
     ap.add_argument("--capacity-factor", type=float, default=None,
                     help="expert capacity per source device = ceil(cf * tokens * k / experts)")
-    ap.add_argument("--microbatches", type=int, help="pipeline microbatches M (default 2 x pp, bounded by batch)")
+    ap.add_argument("--microbatches", type=int, help="pipeline microbatches M (default 2 x pp, bounded by the batch; 1 when pp = 1)")
     ap.add_argument("--batch", type=int, help="batch for --plan's KV-cache figure (default: number of prompts)")
     ap.add_argument("--plan", action="store_true", help="print the placement report only (shapes, no weights)")
     ap.add_argument("--json", action="store_true", help="also print one JSON object as the last stdout line")
@@ -132,7 +132,7 @@ def run(args) -> dict:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
 
     batch_shards = layout.shards("batch", shape)
-    micro = args.microbatches or min(2 * shape.pp, -(-len(prompts) // batch_shards))
+    micro = args.microbatches or (1 if shape.pp == 1 else min(2 * shape.pp, -(-len(prompts) // batch_shards)))
     policy_cf = {"dropless": 2.0, "drop": 1.25, "reroute": 1.25}[args.capacity_policy]
     rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor or policy_cf, micro)
     rep = placement(cfg, layout, shape, dtype, len(prompts), max_len)

@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""The jit benchmark: prefill, TTFT and decode per mesh, with rooflines measured in the same run.
+
+    python scripts/bench.py --config seed --mesh 1x1x1x1 --mesh 1x2x2x2 --batch 8 --prompt-len 128 \\
+        --decode-steps 64 --dtype bfloat16 [--layout L] [--microbatches M] [--repeats 5] [--json FILE]
+
+Meshes run alternately (repeat r of every mesh, then repeat r + 1), so the machine's drift hits all
+of them; every figure is the median of --repeats timed runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moejax.errors import UserError  # noqa: E402
+from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
+
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="seed")
+    ap.add_argument("--mesh", action="append", help="DPxPPxTPxEP; repeat to compare (default 1x1x1x1)")
+    ap.add_argument("--layout", default="seed")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the config's")
+    ap.add_argument("--microbatches", type=int,
+                    help="pipeline microbatches (default 2 x pp bounded by the batch; 1 when pp = 1)")
+    ap.add_argument("--capacity-policy", default="dropless", choices=("dropless", "drop", "reroute"))
+    ap.add_argument("--capacity-factor", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="write the figures to this file")
+    return ap.parse_args(argv)
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def measure_rooflines(mesh, dtype: str, repeats: int) -> dict:
+    """Matmul FLOP/s and memory bandwidth of the mesh's devices together, measured now."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = mesh.devices.size
+    all_axes = tuple(mesh.axis_names)
+    size = 1024 if jax.default_backend() == "cpu" else 8192
+    a = jax.device_put(jnp.ones((n * size, size), dtype), NamedSharding(mesh, P(all_axes)))
+    b = jax.device_put(jnp.ones((n * size, size), dtype), NamedSharding(mesh, P(all_axes)))
+    mat = jax.jit(jax.shard_map(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype),
+                                mesh=mesh, in_specs=(P(all_axes), P(all_axes)), out_specs=P(all_axes)))
+    words = (256 if jax.default_backend() == "cpu" else 2048) * 2**20 // n  # elements read per device
+    big = jax.device_put(jnp.ones((n * words,), dtype), NamedSharding(mesh, P(all_axes)))
+    read = jax.jit(jax.shard_map(lambda x: jnp.sum(x, dtype=jnp.float32)[None], mesh=mesh,
+                                 in_specs=P(all_axes), out_specs=P(all_axes)))
+
+    def med(f, *args):
+        jax.block_until_ready(f(*args))
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    flops = 2 * n * size**3 / med(mat, a, b)
+    bw = big.size * big.dtype.itemsize / med(read, big)
+    return {"matmul_flops_per_s": flops, "bandwidth_bytes_per_s": bw}
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        meshes = args.mesh or ["1x1x1x1"]
+        shapes = [parse_mesh(m) for m in meshes]
+        for name, v in (("--batch", args.batch), ("--prompt-len", args.prompt_len),
+                        ("--decode-steps", args.decode_steps), ("--repeats", args.repeats)):
+            if v < 1:
+                raise UserError(f"{name} {v} must be >= 1")
+        provision_host_devices(max(s.size for s in shapes))
+        results = run(args, meshes, shapes)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def run(args, meshes, shapes) -> dict:
+    import jax
+    import numpy as np
+
+    from moejax import model
+    from moejax.config import load_config
+    from moejax.generate import fetch, put, round_up
+    from moejax.mesh import make_mesh
+    from moejax.pipeline import bubble_fraction
+    from moejax.plan import placement
+    from moejax.rules import load_layout
+
+    cfg = load_config(args.config)
+    layout = load_layout(args.layout)
+    backend = jax.default_backend()
+    dtype = args.dtype or cfg.param_dtype
+    if backend == "cpu" and dtype == "float16" and not args.dtype:
+        dtype = "bfloat16"  # XLA:CPU has no native float16 matmul
+    if backend != "cpu" and jax.device_count() < max(s.size for s in shapes):
+        raise UserError(f"mesh needs {max(s.size for s in shapes)} devices; this machine has "
+                        f"{jax.device_count()} {backend} device(s)")
+    B, T, N = args.batch, args.prompt_len, args.decode_steps
+    max_len = T + N
+    if max_len > cfg.max_seq_len:
+        raise UserError(f"--prompt-len {T} + --decode-steps {N} exceeds the config's max_seq_len {cfg.max_seq_len}")
+    tokens_host = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
+    runs = []
+    for text, shape in zip(meshes, shapes):
+        layout.validate(cfg, shape)
+        mesh = make_mesh(shape)
+        shards = layout.shards("batch", shape)
+        micro = args.microbatches or (1 if shape.pp == 1 else max(1, min(2 * shape.pp, B // shards)))
+        rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor, micro)
+        b_pad = round_up(B, rs.batch_multiple)
+        tok = np.zeros((b_pad, T), np.int32)
+        tok[:B] = tokens_host
+        lengths = np.where(np.arange(b_pad) < B, T, 0).astype(np.int32)
+        params = model.serving_params(model.init_params(cfg, 0, dtype, mesh, layout), rs, mesh)
+        a_tok, a_len = put(mesh, layout, "tokens", tok), put(mesh, layout, "lengths", lengths)
+        cache = model.init_cache(rs, mesh, b_pad, max_len)
+        t0 = time.perf_counter()
+        prefill = model.build(rs, mesh, "prefill").lower(params, a_tok, a_len, cache).compile()
+        one = put(mesh, layout, "tokens", np.zeros((b_pad, 1), np.int32))
+        decode = model.build(rs, mesh, "decode").lower(params, one, a_len, cache).compile()
+        compile_s = time.perf_counter() - t0
+        hlo = prefill.as_text() + decode.as_text()
+        rep = placement(cfg, layout, shape, dtype, b_pad, max_len)
+        runs.append(dict(text=text, shape=shape, mesh=mesh, rs=rs, params=params, a_tok=a_tok, a_len=a_len,
+                         b_pad=b_pad, prefill=prefill, decode=decode, compile_s=compile_s, one=one, rep=rep,
+                         micro=micro, lengths=lengths, prefill_s=[], decode_s=[], stats=None,
+                         hlo={op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES},
+                         roof=measure_rooflines(mesh, dtype, 3)))
+        print(f"compiled {text} in {compile_s:.1f} s", file=sys.stderr)
+
+    def one_pass(r):
+        cache = model.init_cache(r["rs"], r["mesh"], r["b_pad"], max_len)
+        t0 = time.perf_counter()
+        logits, cache, stats = r["prefill"](r["params"], r["a_tok"], r["a_len"], cache)
+        jax.block_until_ready(logits)
+        t1 = time.perf_counter()
+        nxt = r["one"]
+        for i in range(N):
+            pos = put(r["mesh"], layout, "lengths", np.where(r["lengths"] > 0, T + i, -1).astype(np.int32))
+            logits, cache, _ = r["decode"](r["params"], nxt, pos, cache)
+        jax.block_until_ready(logits)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, stats
+
+    for r in runs:  # warm-up
+        one_pass(r)
+    for i in range(args.repeats):
+        for r in runs:
+            p, d, stats = one_pass(r)
+            r["prefill_s"].append(p)
+            r["decode_s"].append(d)
+            r["stats"] = stats
+        print(f"\rtimed repeat {i + 1}/{args.repeats}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+
+    out = {"config": cfg.name, "layout": layout.name, "dtype": dtype, "backend": backend,
+           "device_kind": jax.devices()[0].device_kind, "batch": B, "prompt_len": T, "decode_steps": N,
+           "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"), "meshes": []}
+    base = None
+    for r in runs:
+        shape, pl = r["shape"], r["rep"]["placement"]
+        pre, dec = statistics.median(r["prefill_s"]), statistics.median(r["decode_s"])
+        flops_pre = B * T * cfg.flops_per_token_prefill(T) / pre
+        flops_dec = B * N * cfg.flops_per_token_decode(T + N // 2) / dec
+        bytes_step = pl["param_bytes_per_device"] * shape.size + pl["kv_bytes_per_device"] * shape.size / 2
+        roof = r["roof"]
+        stats = {k: fetch(v) for k, v in r["stats"].items()}
+        m = {
+            "mesh": r["text"], "devices": shape.size, "microbatches": r["micro"],
+            "bubble_fraction": bubble_fraction(r["micro"], shape.pp), "compile_s": r["compile_s"],
+            "ttft_s": pre, "prefill_tokens_per_s": B * T / pre,
+            "decode_tokens_per_s": B * N / dec, "decode_step_ms": dec / N * 1e3,
+            "tokens_per_ms_per_device": B * (T + N) / ((pre + dec) * 1e3) / shape.size,
+            "prefill_flops_per_s": flops_pre, "decode_flops_per_s": flops_dec,
+            "matmul_roofline_flops_per_s": roof["matmul_flops_per_s"],
+            "prefill_mfu": flops_pre / roof["matmul_flops_per_s"],
+            "weight_bytes_per_device": pl["param_bytes_per_device"], "kv_bytes_per_device": pl["kv_bytes_per_device"],
+            "bandwidth_bytes_per_s": roof["bandwidth_bytes_per_s"],
+            "decode_roofline_tokens_per_s": B * roof["bandwidth_bytes_per_s"] / bytes_step,
+            "peak_rss_gb_so_far": rss_gb(), "device_peak_bytes": device_peak(r["mesh"]),
+            "hlo_collectives": r["hlo"],
+            "moe": {"dropped": int(stats["dropped"].sum()),
+                    "computed_over_topk": float(stats["computed_rows"].sum() / max(1, stats["load"].sum())),
+                    "exchanged_over_topk": float(stats["exchanged_rows"].sum() / max(1, stats["load"].sum()))},
+            "prefill_times_s": r["prefill_s"], "decode_times_s": r["decode_s"],
+        }
+        m["decode_fraction_of_roofline"] = m["decode_tokens_per_s"] / m["decode_roofline_tokens_per_s"]
+        if base is None:
+            base = m
+        m["prefill_time_vs_first_mesh"] = pre / base["ttft_s"]
+        if shape.pp > 1 and base["devices"] == shape.size and r["rs"].shape.pp != runs[0]["shape"].pp:
+            ideal = base["ttft_s"] * (r["micro"] + shape.pp - 1) / r["micro"]
+            m["pipeline_ideal_s"] = ideal
+            m["prefill_vs_pipeline_ideal"] = pre / ideal
+        out["meshes"].append(m)
+    return out
+
+
+def device_peak(mesh):
+    stats = mesh.devices.flat[0].memory_stats() if hasattr(mesh.devices.flat[0], "memory_stats") else None
+    return int(stats.get("peak_bytes_in_use", 0)) if stats else None
+
+
+def print_table(res: dict) -> None:
+    print(f"config {res['config']} ({res['dtype']}), batch {res['batch']} x {res['prompt_len']} prompt, "
+          f"{res['decode_steps']} decode steps, {res['backend']} ({res['device_kind']}), medians of {res['repeats']}")
+    cols = [("mesh", "mesh", "{}"), ("M", "microbatches", "{}"), ("compile s", "compile_s", "{:.1f}"),
+            ("TTFT ms", "ttft_s", "{:.1f}", 1e3), ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
+            ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
+            ("tok/ms/dev", "tokens_per_ms_per_device", "{:.3f}"),
+            ("prefill GFLOP/s", "prefill_flops_per_s", "{:.0f}", 1e-9),
+            ("matmul roof GFLOP/s", "matmul_roofline_flops_per_s", "{:.0f}", 1e-9),
+            ("MFU", "prefill_mfu", "{:.2f}"), ("decode/BW roof", "decode_fraction_of_roofline", "{:.2f}"),
+            ("weights MB/dev", "weight_bytes_per_device", "{:.1f}", 1e-6),
+            ("KV MB/dev", "kv_bytes_per_device", "{:.2f}", 1e-6), ("peak RSS GB", "peak_rss_gb_so_far", "{:.1f}"),
+            ("prefill vs first", "prefill_time_vs_first_mesh", "{:.2f}")]
+    print("| " + " | ".join(c[0] for c in cols) + " | collectives (a2a/ag/ar/rs/cp) |")
+    print("|" + "---|" * (len(cols) + 1))
+    for m in res["meshes"]:
+        cells = [c[2].format(m[c[1]] * (c[3] if len(c) > 3 else 1)) for c in cols]
+        h = m["hlo_collectives"]
+        cells.append("/".join(str(h[k]) for k in COLLECTIVES))
+        print("| " + " | ".join(cells) + " |")
+    for m in res["meshes"]:
+        if "pipeline_ideal_s" in m:
+            print(f"{m['mesh']}: pipelined prefill {m['ttft_s'] * 1e3:.1f} ms vs ideal T(pp=1) x (M+P-1)/M = "
+                  f"{m['pipeline_ideal_s'] * 1e3:.1f} ms: {m['prefill_vs_pipeline_ideal']:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
