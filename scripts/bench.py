@@ -86,10 +86,11 @@ def main(argv=None) -> int:
     try:
         meshes = args.mesh or ["1x1x1x1"]
         shapes = [parse_mesh(m) for m in meshes]
-        for name, v in (("--batch", args.batch), ("--prompt-len", args.prompt_len),
-                        ("--decode-steps", args.decode_steps), ("--repeats", args.repeats)):
+        for name, v in (("--batch", args.batch), ("--prompt-len", args.prompt_len), ("--repeats", args.repeats)):
             if v < 1:
                 raise UserError(f"{name} {v} must be >= 1")
+        if args.decode_steps < 0:
+            raise UserError(f"--decode-steps {args.decode_steps} must be >= 0")
         provision_host_devices(max(s.size for s in shapes))
         results = run(args, meshes, shapes)
     except UserError as e:
@@ -124,7 +125,7 @@ def run(args, meshes, shapes) -> dict:
         raise UserError(f"mesh needs {max(s.size for s in shapes)} devices; this machine has "
                         f"{jax.device_count()} {backend} device(s)")
     B, T, N = args.batch, args.prompt_len, args.decode_steps
-    max_len = T + N
+    max_len = T + N  # decode step i writes position T + i
     if max_len > cfg.max_seq_len:
         raise UserError(f"--prompt-len {T} + --decode-steps {N} exceeds the config's max_seq_len {cfg.max_seq_len}")
     tokens_host = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
@@ -189,7 +190,7 @@ def run(args, meshes, shapes) -> dict:
         shape, pl = r["shape"], r["rep"]["placement"]
         pre, dec = statistics.median(r["prefill_s"]), statistics.median(r["decode_s"])
         flops_pre = B * T * cfg.flops_per_token_prefill(T) / pre
-        flops_dec = B * N * cfg.flops_per_token_decode(T + N // 2) / dec
+        flops_dec = B * N * cfg.flops_per_token_decode(T + N // 2) / dec if N else None
         bytes_step = pl["param_bytes_per_device"] * shape.size + pl["kv_bytes_per_device"] * shape.size / 2
         roof = r["roof"]
         stats = {k: fetch(v) for k, v in r["stats"].items()}
@@ -197,7 +198,7 @@ def run(args, meshes, shapes) -> dict:
             "mesh": r["text"], "devices": shape.size, "microbatches": r["micro"],
             "bubble_fraction": bubble_fraction(r["micro"], shape.pp), "compile_s": r["compile_s"],
             "ttft_s": pre, "prefill_tokens_per_s": B * T / pre,
-            "decode_tokens_per_s": B * N / dec, "decode_step_ms": dec / N * 1e3,
+            "decode_tokens_per_s": B * N / dec if N else None, "decode_step_ms": dec / N * 1e3 if N else None,
             "tokens_per_ms_per_device": B * (T + N) / ((pre + dec) * 1e3) / shape.size,
             "prefill_flops_per_s": flops_pre, "decode_flops_per_s": flops_dec,
             "matmul_roofline_flops_per_s": roof["matmul_flops_per_s"],
@@ -212,7 +213,8 @@ def run(args, meshes, shapes) -> dict:
                     "exchanged_over_topk": float(stats["exchanged_rows"].sum() / max(1, stats["load"].sum()))},
             "prefill_times_s": r["prefill_s"], "decode_times_s": r["decode_s"],
         }
-        m["decode_fraction_of_roofline"] = m["decode_tokens_per_s"] / m["decode_roofline_tokens_per_s"]
+        m["decode_fraction_of_roofline"] = (m["decode_tokens_per_s"] / m["decode_roofline_tokens_per_s"]
+                                            if N else None)
         if base is None:
             base = m
         m["prefill_time_vs_first_mesh"] = pre / base["ttft_s"]
@@ -245,7 +247,7 @@ def print_table(res: dict) -> None:
     print("| " + " | ".join(c[0] for c in cols) + " | collectives (a2a/ag/ar/rs/cp) |")
     print("|" + "---|" * (len(cols) + 1))
     for m in res["meshes"]:
-        cells = [c[2].format(m[c[1]] * (c[3] if len(c) > 3 else 1)) for c in cols]
+        cells = ["-" if m[c[1]] is None else c[2].format(m[c[1]] * (c[3] if len(c) > 3 else 1)) for c in cols]
         h = m["hlo_collectives"]
         cells.append("/".join(str(h[k]) for k in COLLECTIVES))
         print("| " + " | ".join(cells) + " |")

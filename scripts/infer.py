@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.errors import UserError  # noqa: E402  (no JAX import yet: devices are provisioned first)
+from moejax.cli import guarded  # noqa: E402  (no JAX import yet: devices are provisioned first)
+from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
 DEFAULT_PROMPT = "The quick brown fox"
@@ -23,7 +24,9 @@ DEFAULT_PROMPT = "The quick brown fox"
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mesh", default="1x1x1x1", help="DPxPPxTPxEP, e.g. 4x2x4x4")
-    ap.add_argument("--config", default="configs/seed.yaml", help="model config (file or name in configs/)")
+    ap.add_argument("--config", help="model config (file or name in configs/; default configs/seed.yaml, or the "
+                    "checkpoint's with --ckpt)")
+    ap.add_argument("--ckpt", help="moejax checkpoint directory (its latest complete step)")
     ap.add_argument("--layout", default="meshes/seed.yaml", help="sharding rules (file or name in meshes/)")
     ap.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
     ap.add_argument("--prompt-ids", help="JSON list of lists of token ids, inline or @file")
@@ -69,11 +72,26 @@ def read_prompt_ids(text: str) -> list[list[int]]:
 
 def run(args) -> dict:
     shape = parse_mesh(args.mesh)
+    multi = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    nproc = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    provisioned = False
+    if not args.plan:  # before anything starts JAX (reading a checkpoint does)
+        if shape.size % nproc:
+            raise UserError(f"mesh {shape} ({shape.size} devices) does not split over {nproc} processes")
+        provisioned = provision_host_devices(shape.size // nproc, exact=bool(multi))
     from moejax.config import load_config
     from moejax.rules import load_layout
 
-    cfg = load_config(args.config)
     layout = load_layout(args.layout)
+    if args.ckpt:
+        from moejax import checkpoint
+
+        meta, _ = checkpoint.read_meta(args.ckpt)
+        cfg = checkpoint.config_of(meta)
+        if args.config:
+            checkpoint.check_config(load_config(args.config), cfg)
+    else:
+        cfg = load_config(args.config or "configs/seed.yaml")
     layout.validate(cfg, shape)
     dtype = args.dtype or cfg.param_dtype
     for name, v in (("--max-new-tokens", args.max_new_tokens), ("--microbatches", args.microbatches),
@@ -89,11 +107,6 @@ def run(args) -> dict:
         print(format_placement(rep))
         return rep
 
-    multi = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    nproc = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-    if shape.size % nproc:
-        raise UserError(f"mesh {shape} ({shape.size} devices) does not split over {nproc} processes")
-    provisioned = provision_host_devices(shape.size // nproc, exact=bool(multi))
     import jax
 
     if multi:
@@ -138,7 +151,13 @@ def run(args) -> dict:
     rep = placement(cfg, layout, shape, dtype, len(prompts), max_len)
     say(format_placement(rep))
 
-    params = model.serving_params(model.init_params(cfg, args.seed, dtype, mesh, layout), rs, mesh)
+    if args.ckpt:
+        from moejax import checkpoint
+
+        _, stacked, _ = checkpoint.restore(args.ckpt, mesh, layout, dtype)
+    else:
+        stacked = model.init_params(cfg, args.seed, dtype, mesh, layout)
+    params = model.serving_params(stacked, rs, mesh)
     prompt_len = min(round_up(longest, 8), max_len)
     gen = Generator(rs, mesh, params, len(prompts), prompt_len, max_len)
     say(f"compiled prefill + decode in {gen.compile_s:.1f} s (batch {gen.batch} padded from {len(prompts)}, "
@@ -168,17 +187,16 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        rep = run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json and rep is not None:
-        import jax
 
-        if args.plan or jax.process_index() == 0:
-            print(json.dumps(rep))
-    return 0
+    def run_and_report(args):
+        rep = run(args)
+        if args.json:
+            import jax
+
+            if args.plan or jax.process_index() == 0:
+                print(json.dumps(rep))
+
+    return guarded(run_and_report, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""Shared command-line plumbing: user errors as one line with exit code 2, peak memory."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+from moejax.errors import UserError
+
+
+def guarded(run, args) -> int:
+    """Run `run(args)`; a UserError becomes one line on stderr and exit code 2."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's routine warnings
+    try:
+        run(args)
+    except UserError as e:
+        # One line, then exit without interpreter teardown: after a failed read, orbax's background
+        # threads print tracebacks late; fd 2 is silenced first so that only our line shows.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        err = os.dup(2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        os.write(err, f"error: {e}\n".encode())
+        os._exit(2)
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def progress(label: str):
+    def show(done: int, total: int):
+        print(f"\r{label} {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    return show

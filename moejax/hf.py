@@ -1,0 +1,216 @@
+"""Hugging Face Mixtral checkpoints: config mapping, streaming import and sharded export.
+
+HF stores torch `Linear` weights as [out, in]; moejax stores [in, ...] with heads split:
+  q_proj [H*K, D] -> wq[l] [D, H, K]    o_proj [D, H*K] -> wo[l] [H, K, D]
+  gate [E, D] -> router[l] [D, E]       experts.{e}.w1/w3 [F, D] -> w1/w3[l, e] [D, F]
+  experts.{e}.w2 [D, F] -> w2[l, e] [F, D]    lm_head [V, D] -> lm_head [D, V]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from moejax.config import ModelConfig, config_from_dict
+from moejax.errors import UserError
+from moejax.rules import param_shapes
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def config_from_hf(hf_dir: str) -> ModelConfig:
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except OSError:
+        raise UserError(f"{hf_dir!r} is not a Hugging Face checkpoint: no readable config.json") from None
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not valid JSON") from None
+    if c.get("model_type") != "mixtral":
+        raise UserError(f"{path}: model_type={c.get('model_type')!r}; moejax imports 'mixtral'")
+    refuse = [("sliding_window", None), ("tie_word_embeddings", False), ("hidden_act", "silu"),
+              ("attention_bias", False), ("mlp_bias", False)]
+    for field, ok in refuse:
+        if c.get(field, ok) != ok:
+            raise UserError(f"{path}: {field}={c[field]!r} is not supported by moejax (needs {ok!r})")
+    rope = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling")
+    if rope.get("rope_type", "default") != "default" or (scaling and scaling.get("rope_type", "default") != "default"):
+        raise UserError(f"{path}: rope_type={rope.get('rope_type') or scaling.get('rope_type')!r} is not supported "
+                        f"(moejax implements default RoPE)")
+    heads = c["num_attention_heads"]
+    dtype = c.get("dtype") or c.get("torch_dtype") or "float32"
+    if dtype not in _DTYPES:
+        raise UserError(f"{path}: dtype={dtype!r} is not supported; valid: {', '.join(_DTYPES)}")
+    try:
+        return config_from_dict({
+            "num_layers": c["num_hidden_layers"], "num_experts": c["num_local_experts"],
+            "experts_per_token": c["num_experts_per_tok"], "d_model": c["hidden_size"], "num_heads": heads,
+            "head_dim": c.get("head_dim") or c["hidden_size"] // heads,
+            "num_kv_heads": c.get("num_key_value_heads") or heads, "expert_ffn": c["intermediate_size"],
+            "vocab_size": c["vocab_size"], "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 1e6))),
+            "rms_norm_eps": float(c.get("rms_norm_eps", 1e-5)), "param_dtype": _DTYPES[dtype],
+            "max_seq_len": int(c.get("max_position_embeddings", 4096)),
+            "bos_token_id": c.get("bos_token_id") if c.get("bos_token_id") is not None else 1,
+            "eos_token_id": c.get("eos_token_id") if isinstance(c.get("eos_token_id"), int) else 2,
+            "description": f"imported from Hugging Face {os.path.basename(os.path.abspath(hf_dir))}",
+        }, os.path.basename(os.path.abspath(hf_dir)))
+    except KeyError as e:
+        raise UserError(f"{path}: missing field {e.args[0]!r}") from None
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "attention_dropout": 0.0,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "dtype": cfg.param_dtype,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "hidden_size": cfg.d_model, "initializer_range": 0.02,
+        "intermediate_size": cfg.expert_ffn, "max_position_embeddings": cfg.max_seq_len,
+        "num_attention_heads": cfg.num_heads, "num_experts_per_tok": cfg.experts_per_token,
+        "num_hidden_layers": cfg.num_layers, "num_key_value_heads": cfg.num_kv_heads,
+        "num_local_experts": cfg.num_experts, "output_router_logits": False, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}, "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.0, "sliding_window": None, "tie_word_embeddings": False, "use_cache": True,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def hf_tensors(cfg: ModelConfig):
+    """(HF name, moejax param, index into the stacked tensor, HF -> moejax transform) for every tensor."""
+    D, H, G, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    yield "model.embed_tokens.weight", "embed", (), lambda t: t
+    yield "model.norm.weight", "final_norm", (), lambda t: t
+    yield "lm_head.weight", "lm_head", (), lambda t: t.T
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", "attn_norm", (i,), lambda t: t
+        yield p + "post_attention_layernorm.weight", "moe_norm", (i,), lambda t: t
+        yield p + "self_attn.q_proj.weight", "wq", (i,), lambda t: t.T.reshape(D, H, K)
+        yield p + "self_attn.k_proj.weight", "wk", (i,), lambda t: t.T.reshape(D, G, K)
+        yield p + "self_attn.v_proj.weight", "wv", (i,), lambda t: t.T.reshape(D, G, K)
+        yield p + "self_attn.o_proj.weight", "wo", (i,), lambda t: t.T.reshape(H, K, D)
+        yield p + "block_sparse_moe.gate.weight", "router", (i,), lambda t: t.T
+        for e in range(cfg.num_experts):
+            q = p + f"block_sparse_moe.experts.{e}."
+            yield q + "w1.weight", "w1", (i, e), lambda t: t.T
+            yield q + "w3.weight", "w3", (i, e), lambda t: t.T
+            yield q + "w2.weight", "w2", (i, e), lambda t: t.T
+
+
+def to_hf(name: str, x: np.ndarray) -> np.ndarray:
+    """The inverse transform, moejax slice -> HF tensor."""
+    if name in ("wq", "wk", "wv"):
+        return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
+    if name == "wo":
+        return np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
+    if name in ("lm_head", "router", "w1", "w3", "w2"):
+        return np.ascontiguousarray(x.T)
+    return np.ascontiguousarray(x)
+
+
+def _weight_files(hf_dir: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file, from the index or the single file."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise UserError(f"{index}: not a safetensors index (needs 'weight_map')") from None
+        return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+    single = os.path.join(hf_dir, "model.safetensors")
+    if not os.path.isfile(single):
+        raise UserError(f"{hf_dir!r}: no model.safetensors or model.safetensors.index.json")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(single, framework="flax") as f:
+            return {k: single for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"{single}: not a readable safetensors file ({type(e).__name__})") from None
+
+
+def read_hf(hf_dir: str, progress=None) -> tuple[ModelConfig, dict]:
+    """Config and stacked host parameters, read tensor by tensor (peak ~ one copy of the model)."""
+    from safetensors import safe_open
+
+    cfg = config_from_hf(hf_dir)
+    files = _weight_files(hf_dir)
+    shapes = param_shapes(cfg)
+    params = {n: np.empty(s, _np_dtype(cfg.param_dtype)) for n, s in shapes.items()}
+    entries = list(hf_tensors(cfg))
+    handles = {}
+    try:
+        for i, (hf_name, name, idx, fn) in enumerate(entries):
+            if hf_name not in files:
+                raise UserError(f"{hf_dir!r}: tensor {hf_name!r} is missing")
+            path = files[hf_name]
+            if path not in handles:
+                handles[path] = safe_open(path, framework="flax").__enter__()
+            try:
+                t = np.asarray(handles[path].get_tensor(hf_name))
+            except Exception as e:
+                raise UserError(f"{path}: tensor {hf_name!r} unreadable, truncated or corrupt "
+                                f"({type(e).__name__})") from None
+            want = shapes[name][len(idx):]
+            got = fn(t)
+            if got.shape != want:
+                raise UserError(f"{path}: tensor {hf_name!r} has shape {tuple(t.shape)}, which does not fit "
+                                f"the config (moejax {name} slice {want})")
+            params[name][idx] = got
+            if progress:
+                progress(i + 1, len(entries))
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return cfg, params
+
+
+def write_hf(out_dir: str, cfg: ModelConfig, params: dict, max_shard_bytes: int = 5 * 2**30, progress=None):
+    """config.json plus safetensors: one file, or shards and an index past `max_shard_bytes`."""
+    import jax.numpy as jnp
+    from safetensors.flax import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg), f, indent=2)
+    entries = list(hf_tensors(cfg))
+    groups, cur, size = [], [], 0
+    for e in entries:
+        n = int(np.prod(param_shapes(cfg)[e[1]][len(e[2]):])) * np.dtype(_np_dtype(cfg.param_dtype)).itemsize
+        if cur and size + n > max_shard_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += n
+    groups.append(cur)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map, done = {}, 0
+    for fname, group in zip(names, groups):
+        tensors = {}
+        for hf_name, name, idx, _ in group:
+            tensors[hf_name] = jnp.asarray(to_hf(name, np.asarray(params[name][idx])))
+            weight_map[hf_name] = fname
+        save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        done += len(group)
+        if progress:
+            progress(done, len(entries))
+        del tensors
+    if len(groups) > 1:
+        total = sum(int(np.asarray(params[n]).nbytes) for n in params)
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def _bf16():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
+
+
+def _np_dtype(dtype: str):
+    return _bf16() if dtype == "bfloat16" else np.dtype(dtype)

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Import a Hugging Face Mixtral checkpoint (config.json + safetensors) as a moejax checkpoint.
+
+    python scripts/import_hf.py HF_DIR OUT [--dtype bfloat16] [--force]
+
+Reads tensor by tensor (peak memory ~ one copy of the model) and refuses, naming the field, what
+moejax does not implement (sliding window, tied embeddings, biases, RoPE scaling, ...).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moejax.cli import guarded, peak_rss_bytes, progress  # noqa: E402
+from moejax.errors import UserError  # noqa: E402
+
+
+def run(args):
+    if os.path.exists(args.out) and os.listdir(args.out) and not args.force:
+        raise UserError(f"{args.out!r} exists and is not empty: pass --force to add a new step to it")
+    from moejax import checkpoint, hf
+    from moejax.rules import load_layout
+
+    t0 = time.perf_counter()
+    cfg, params = hf.read_hf(args.hf_dir, progress("reading tensors"))
+    dtype = args.dtype or cfg.param_dtype
+    if dtype != cfg.param_dtype:
+        params = {n: a.astype(hf._np_dtype(dtype)) for n, a in params.items()}
+        cfg = hf.config_from_dict({**{k: v for k, v in cfg.__dict__.items() if k != "name"}, "param_dtype": dtype},
+                                  cfg.name)
+    step = checkpoint.save(args.out, params, cfg, load_layout("seed"), dtype, "1x1x1x1")
+    rep = {"out": args.out, "step": step, "config": cfg.name, "params_total": cfg.param_count(), "dtype": dtype,
+           "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
+    print(f"imported {cfg.param_count():,} parameters ({dtype}) into {args.out} step {step} in "
+          f"{rep['seconds']:.1f} s, peak RSS {rep['peak_rss_bytes'] / 1e9:.2f} GB")
+    if args.json:
+        print(json.dumps(rep))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("hf_dir")
+    ap.add_argument("out")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    sys.exit(guarded(run, ap.parse_args()))
