@@ -28,9 +28,10 @@ COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "coll
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="seed")
+    ap.add_argument("--config", default="seed", help="ignored with --ckpt (the checkpoint's config is used)")
     ap.add_argument("--mesh", action="append", help="DPxPPxTPxEP; repeat to compare (default 1x1x1x1)")
     ap.add_argument("--layout", default="seed")
+    ap.add_argument("--ckpt", help="moejax checkpoint to benchmark (default: random weights of --config)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=64)
@@ -115,8 +116,13 @@ def run(args, meshes, shapes) -> dict:
     from moejax.plan import placement
     from moejax.rules import load_layout
 
-    cfg = load_config(args.config)
     layout = load_layout(args.layout)
+    if args.ckpt:
+        from moejax import checkpoint
+
+        cfg = checkpoint.config_of(checkpoint.read_meta(args.ckpt)[0])
+    else:
+        cfg = load_config(args.config)
     backend = jax.default_backend()
     dtype = args.dtype or cfg.param_dtype
     if backend == "cpu" and dtype == "float16" and not args.dtype:
@@ -140,7 +146,11 @@ def run(args, meshes, shapes) -> dict:
         tok = np.zeros((b_pad, T), np.int32)
         tok[:B] = tokens_host
         lengths = np.where(np.arange(b_pad) < B, T, 0).astype(np.int32)
-        params = model.serving_params(model.init_params(cfg, 0, dtype, mesh, layout), rs, mesh)
+        if args.ckpt:
+            stacked = checkpoint.restore(args.ckpt, mesh, layout, dtype)[1]
+        else:
+            stacked = model.init_params(cfg, 0, dtype, mesh, layout)
+        params = model.serving_params(stacked, rs, mesh)
         a_tok, a_len = put(mesh, layout, "tokens", tok), put(mesh, layout, "lengths", lengths)
         cache = model.init_cache(rs, mesh, b_pad, max_len)
         t0 = time.perf_counter()
