@@ -87,16 +87,33 @@ def check_config(requested: ModelConfig, stored: ModelConfig) -> None:
 
 
 def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step: int | None = None):
-    """(config, stacked params on `mesh` under `layout`, meta). Each device reads its own shards.
-    `dtype` casts after reading (default: the stored dtype)."""
+    """(config, stacked params on `mesh` under `layout`, meta). `dtype` casts after reading.
+
+    Every device reads the shards the checkpoint was written in: onto the target mesh directly when
+    its (pp, tp, ep) shape and layout match the saved ones, else onto a mesh of the saved shape (or
+    one device), then tensor by tensor onto the target. Reading a coarsely chunked tensor straight
+    into fine shards makes every device read the whole chunk: 27x the model's bytes in memory for a
+    1x1x1x1 checkpoint restored onto 4x2x4x4."""
+    from moejax.mesh import MeshShape, make_mesh, mesh_shape_of, parse_mesh
+    from moejax.rules import layout_from_dict
+
     meta, step = read_meta(directory, step)
     cfg = config_of(meta)
-    from moejax.mesh import mesh_shape_of
-
-    layout.validate(cfg, mesh_shape_of(mesh))
+    shape = mesh_shape_of(mesh)
+    layout.validate(cfg, shape)
+    saved = parse_mesh(meta["mesh"])
+    saved_layout = layout_from_dict({"rules": meta["rules"]}, meta["layout"])
+    same = (saved.pp, saved.tp, saved.ep) == (shape.pp, shape.tp, shape.ep) and saved_layout.rules == layout.rules
+    if same:
+        read_mesh, read_layout = mesh, layout
+    else:
+        replica = MeshShape(1, saved.pp, saved.tp, saved.ep)
+        fits = replica.size <= len(mesh.devices.flat)
+        read_mesh = make_mesh(replica if fits else MeshShape(1, 1, 1, 1), list(mesh.devices.flat))
+        read_layout = saved_layout
     stored = meta["dtype"]
-    specs = layout.param_specs()
-    target = {n: jax.ShapeDtypeStruct(s, stored, sharding=NamedSharding(mesh, specs[n]))
+    specs = read_layout.param_specs()
+    target = {n: jax.ShapeDtypeStruct(s, stored, sharding=NamedSharding(read_mesh, specs[n]))
               for n, s in param_shapes(cfg).items()}
     mgr = _manager(directory, create=False)
     try:
@@ -108,6 +125,10 @@ def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step
     except Exception as e:
         raise UserError(f"checkpoint {directory!r} step {step}: parameters unreadable, truncated or corrupt "
                         f"({type(e).__name__})") from None
+    if not same:
+        final = layout.param_specs()
+        for n in list(params):
+            params[n] = jax.device_put(params.pop(n), NamedSharding(mesh, final[n]))
     if dtype and dtype != stored:
         params = {n: cast(a, dtype) for n, a in params.items()}
     return cfg, params, meta

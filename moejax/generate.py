@@ -52,14 +52,19 @@ def moe_summary(load_LE: np.ndarray, dropped: int, rerouted: int) -> dict:
             "tokens_per_expert": load_LE.astype(np.int64).tolist()}
 
 
+def padded_batch(rs: model.RunSpec, batch: int) -> int:
+    """The batch a run computes: a multiple of (batch shards x microbatches), with at least 2 rows
+    per microbatch on CPU (XLA:CPU upcasts bfloat16 matrix-vector dots to float32 weight copies)."""
+    rows = 2 if jax.default_backend() == "cpu" else 1
+    return round_up(max(batch, rows * rs.batch_multiple), rs.batch_multiple)
+
+
 class Generator:
     """Compiled prefill + decode for one (RunSpec, mesh, batch, max length)."""
 
     def __init__(self, rs: model.RunSpec, mesh, params, batch: int, prompt_len: int, max_len: int):
         self.rs, self.mesh, self.params = rs, mesh, params
-        # at least 2 rows per microbatch on CPU: XLA:CPU upcasts bf16 matrix-vector dots to float32
-        rows = 2 if jax.default_backend() == "cpu" else 1
-        self.batch = round_up(max(batch, rows * rs.batch_multiple), rs.batch_multiple)
+        self.batch = padded_batch(rs, batch)
         self.prompt_len = prompt_len
         self.max_len = max_len
         lay = rs.layout

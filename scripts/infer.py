@@ -113,7 +113,7 @@ def run(args) -> dict:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
     from moejax import model
-    from moejax.generate import Generator, check_prompts, round_up
+    from moejax.generate import Generator, check_prompts, padded_batch, round_up
     from moejax.mesh import make_mesh
     from moejax.plan import format_placement, placement
     from moejax.sampling import Sampling
@@ -148,7 +148,7 @@ def run(args) -> dict:
     micro = args.microbatches or (1 if shape.pp == 1 else min(2 * shape.pp, -(-len(prompts) // batch_shards)))
     policy_cf = {"dropless": 2.0, "drop": 1.25, "reroute": 1.25}[args.capacity_policy]
     rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor or policy_cf, micro)
-    rep = placement(cfg, layout, shape, dtype, len(prompts), max_len)
+    rep = placement(cfg, layout, shape, dtype, padded_batch(rs, len(prompts)), max_len)
     say(format_placement(rep))
 
     if args.ckpt:
@@ -172,11 +172,11 @@ def run(args) -> dict:
     if lead and res["new_tokens"] > len(prompts):
         print(file=sys.stderr)
     for i, out in enumerate(res["generated_ids"]):
-        shown = repr(decode(prompts[i])) + " -> " + repr(decode(out)) if text_mode else str(out)
+        shown = f"{decode(prompts[i])!r} -> {decode(out)!r} (ids {out})" if text_mode else str(out)
         say(f"[{i}] {shown}")
     moe = res["moe"]
     say(f"TTFT {res['ttft_s'] * 1e3:.1f} ms | prefill {res['prefill_tokens_per_s']:.1f} tok/s | decode "
-        f"{res['decode_tokens_per_s']:.1f} tok/s | {res['tokens_per_ms_per_device']:.4f} tokens/ms/device")
+        f"{res['decode_tokens_per_s']:.1f} tok/s | {res['tokens_per_ms_per_device']:.3g} tokens/ms/device")
     say(f"MoE: {moe['assignments']} assignments, dropped {moe['dropped']}, rerouted {moe['rerouted']}, "
         f"max/mean expert load {moe['max_load_ratio']:.2f}")
     rep.update({k: v for k, v in res.items()})

@@ -24,14 +24,19 @@ from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
 
 def fingerprint(a):
-    """Two uint32 sums over the bit patterns of `a` (one position-weighted): any change shows."""
+    """Two uint32 sums over the bit patterns of `a` (one position-weighted): any change shows.
+    Elementwise in `a`'s own shape, so that every device reduces its own shard (a reshape to 1-D
+    would gather the whole tensor onto every device)."""
     import jax
     import jax.numpy as jnp
 
     def f(x):
-        bits = jax.lax.bitcast_convert_type(x, jnp.uint16 if x.dtype.itemsize == 2 else jnp.uint32)
-        bits = bits.reshape(-1).astype(jnp.uint32)
-        pos = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16 if x.dtype.itemsize == 2 else jnp.uint32).astype(jnp.uint32)
+        pos, stride = jnp.zeros(x.shape, jnp.uint32), 1
+        for ax in reversed(range(x.ndim)):
+            pos = pos + jax.lax.broadcasted_iota(jnp.uint32, x.shape, ax) * jnp.uint32(stride % 2**32)
+            stride *= x.shape[ax]
+        pos = pos * jnp.uint32(2654435761) + jnp.uint32(1)
         return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * pos, dtype=jnp.uint32)])
 
     return tuple(int(v) for v in jax.jit(f)(a))
