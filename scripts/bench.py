@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moejax.cli import limit_malloc_arenas  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
@@ -84,6 +85,8 @@ def measure_rooflines(mesh, dtype: str, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # run as a script: re-exec with fewer malloc arenas
+        limit_malloc_arenas()
     try:
         meshes = args.mesh or ["1x1x1x1"]
         shapes = [parse_mesh(m) for m in meshes]

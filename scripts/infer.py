@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import guarded  # noqa: E402  (no JAX import yet: devices are provisioned first)
+from moejax.cli import guarded, limit_malloc_arenas  # noqa: E402  (no JAX yet: devices come first)
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
@@ -187,6 +187,8 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # run as a script: re-exec with fewer malloc arenas
+        limit_malloc_arenas()
 
     def run_and_report(args):
         rep = run(args)

@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import guarded, peak_rss_bytes  # noqa: E402
+from moejax.cli import guarded, limit_malloc_arenas, peak_rss_bytes  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
@@ -111,4 +111,6 @@ if __name__ == "__main__":
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: SRC's dtype")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--json", action="store_true")
-    sys.exit(guarded(run, ap.parse_args()))
+    args = ap.parse_args()
+    limit_malloc_arenas()
+    sys.exit(guarded(run, args))
