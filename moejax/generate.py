@@ -99,8 +99,7 @@ class Generator:
         key, sub = jax.random.split(key)
         nxt = fetch(sample(logits, sub, **opts))
         ttft = time.perf_counter() - t0
-        load, dropped, rerouted = (fetch(stats["load"]).astype(np.int64), int(fetch(stats["dropped"]).sum()),
-                                   int(fetch(stats["rerouted"]).sum()))
+        totals = stats  # summed on the devices; read once, after decoding
         out = [[int(nxt[i])] for i in range(n)]
         step_logits = [fetch(logits)[:n]] if keep_logits else []
         done = np.array([max_new_tokens <= 1 or out[i][-1] == eos_id for i in range(n)]
@@ -115,9 +114,7 @@ class Generator:
             nxt = fetch(sample(logits, sub, **opts))
             if keep_logits:
                 step_logits.append(fetch(logits)[:n])
-            load += fetch(stats["load"])
-            dropped += int(fetch(stats["dropped"]).sum())
-            rerouted += int(fetch(stats["rerouted"]).sum())
+            totals = jax.tree.map(lambda a, b: a + b, totals, stats)
             steps += 1
             for i in range(n):
                 if not done[i]:
@@ -140,5 +137,6 @@ class Generator:
             "prefill_tokens_per_s": prompt_tokens / ttft,
             "decode_tokens_per_s": decoded / decode_s if decoded else 0.0,
             "tokens_per_ms_per_device": (prompt_tokens + decoded) / ((ttft + decode_s) * 1e3) / devices,
-            "moe": moe_summary(load, dropped, rerouted),
+            "moe": moe_summary(fetch(totals["load"]), int(fetch(totals["dropped"]).sum()),
+                               int(fetch(totals["rerouted"]).sum())),
         }

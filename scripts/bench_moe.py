@@ -58,7 +58,6 @@ def main(argv=None) -> int:
 
 def run(args, meshes, shapes):
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -93,7 +92,7 @@ def run(args, meshes, shapes):
             sp = ex_spec_w2 if n == "w2" else ex_spec
             w[n] = [jax.device_put(full[:, j], NamedSharding(mesh, sp)) for j in range(e_loc)]
             w_specs[n] = [sp] * e_loc
-        tok_axes = lay.token_axes() + (() if lay.tokens_split_over_tp else ())
+        tok_axes = lay.token_axes()
         tok_spec = P(tok_axes if tok_axes else None)
         x = jax.device_put(x_host.astype(args.dtype), NamedSharding(mesh, tok_spec))
         valid = jax.device_put(np.ones(args.tokens, bool), NamedSharding(mesh, tok_spec))

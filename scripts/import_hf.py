@@ -8,6 +8,7 @@ moejax does not implement (sliding window, tied embeddings, biases, RoPE scaling
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,8 +31,7 @@ def run(args):
     dtype = args.dtype or cfg.param_dtype
     if dtype != cfg.param_dtype:
         params = {n: a.astype(hf._np_dtype(dtype)) for n, a in params.items()}
-        cfg = hf.config_from_dict({**{k: v for k, v in cfg.__dict__.items() if k != "name"}, "param_dtype": dtype},
-                                  cfg.name)
+        cfg = dataclasses.replace(cfg, param_dtype=dtype)
     step = checkpoint.save(args.out, params, cfg, load_layout("seed"), dtype, "1x1x1x1")
     rep = {"out": args.out, "step": step, "config": cfg.name, "params_total": cfg.param_count(), "dtype": dtype,
            "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}

@@ -30,7 +30,7 @@ def forward(params, cfg, tokens):
     """Logits [B, T, V] in float64 for int tokens [B, T] (every position attends causally)."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     B, T = tokens.shape
-    H, G, K, E, k_top = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts, cfg.experts_per_token
+    H, G, K, k_top = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.experts_per_token
     out = np.zeros((B, T, cfg.vocab_size))
     for b in range(B):
         x = p["embed"][tokens[b]]  # [T, D]
