@@ -137,9 +137,13 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int):
 
 
 def init_cache(rs: RunSpec, mesh, batch: int, max_len: int):
-    """Preallocated KV cache (k, v): [L, B, S, G, K], sharded like attention."""
+    """Preallocated KV cache (k, v), each a tuple over local layers l of [pp, B, S, G, K] buffers
+    (layer s * L/pp + l on stage s), sharded like attention. One buffer per layer, as for the
+    parameters: updating one layer of a stacked [L, ...] cache copied the whole cache per layer."""
+    lp = rs.cfg.num_layers // rs.shape.pp
+    shape = (rs.shape.pp,) + cache_shape(rs.cfg, batch, max_len)[1:]
     sharding = NamedSharding(mesh, rs.layout.act_spec("kv_cache"))
-    zeros = jax.jit(lambda: jnp.zeros(cache_shape(rs.cfg, batch, max_len), rs.dtype), out_shardings=sharding)
+    zeros = jax.jit(lambda: tuple(jnp.zeros(shape, rs.dtype) for _ in range(lp)), out_shardings=(sharding,) * lp)
     return zeros(), zeros()
 
 
@@ -235,10 +239,10 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
         row0 = mi * mb
         for l in range(layers_loc):
             w = {name: _local(params[name][l]) for name in LAYER_PARAMS}
-            kv = None if kv_all is None else (kv_all[0][l], kv_all[1][l])
+            kv = None if kv_all is None else (_local(kv_all[0][l]), _local(kv_all[1][l]))
             x_BTD, kv, st = _layer(x_BTD, side["valid"], w, side, mode, kv, row0, rs)
             if kv is not None:
-                kv_all = (kv_all[0].at[l].set(kv[0]), kv_all[1].at[l].set(kv[1]))
+                kv_all = tuple(c[:l] + (n[None],) + c[l + 1:] for c, n in zip(kv_all, kv))
             stats = {k: stats[k].at[l].add(st[k]) for k in stats}
         return x_BTD, (kv_all, stats)
 
@@ -272,7 +276,7 @@ def build(rs: RunSpec, mesh, mode: str):
     e_loc = rs.cfg.num_experts // lay.shards("experts", rs.shape)
     param_specs = {n: ((s,) * e_loc,) * lp if n in EXPERT_PARAMS else (s,) * lp if n in LAYER_PARAMS else s
                    for n, s in lay.param_specs().items()}
-    cache_spec = lay.act_spec("kv_cache")
+    cache_spec = (lay.act_spec("kv_cache"),) * lp
     stats_spec = {"load": lay.act_spec("moe_counts"), **{k: P("pp") for k in MOE_COUNTERS}}
     logits_spec = lay.act_spec("logits" if mode == "forward" else "last_logits")
     fn = functools.partial(_device_program, rs=rs, mode=mode)

@@ -2,10 +2,14 @@
 """The jit benchmark: prefill, TTFT and decode per mesh, with rooflines measured in the same run.
 
     python scripts/bench.py --config seed --mesh 1x1x1x1 --mesh 1x2x2x2 --batch 8 --prompt-len 128 \\
-        --decode-steps 64 --dtype bfloat16 [--layout L] [--microbatches M] [--repeats 5] [--json FILE]
+        --decode-steps 64 --dtype bfloat16 [--layout L] [--microbatches M] [--repeats 5] [--json FILE] \
+        [--compare-hf]
 
 Meshes run alternately (repeat r of every mesh, then repeat r + 1), so the machine's drift hits all
-of them; every figure is the median of --repeats timed runs after a warm-up.
+of them; every figure is the median of --repeats timed runs after a warm-up. Decode is greedy: each
+step feeds the argmax of the previous logits. --compare-hf adds transformers' MixtralForCausalLM
+with the same weights, dtype, batch and prompt to the rotation (prefill keeping last-position
+logits, as moejax's; greedy decode with its KV cache).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ def parse_args(argv):
     ap.add_argument("--capacity-factor", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument("--compare-hf", action="store_true",
+                    help="also time transformers' MixtralForCausalLM (pip install -e '.[hf]')")
     return ap.parse_args(argv)
 
 
@@ -109,6 +115,7 @@ def main(argv=None) -> int:
 
 def run(args, meshes, shapes) -> dict:
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from moejax import model
@@ -138,7 +145,11 @@ def run(args, meshes, shapes) -> dict:
     if max_len > cfg.max_seq_len:
         raise UserError(f"--prompt-len {T} + --decode-steps {N} exceeds the config's max_seq_len {cfg.max_seq_len}")
     tokens_host = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
-    runs = []
+    if args.compare_hf:
+        from moejax.peer import load_torch
+
+        load_torch()  # fail before compiling anything
+    runs, peer = [], None
     for text, shape in zip(meshes, shapes):
         layout.validate(cfg, shape)
         mesh = make_mesh(shape)
@@ -153,6 +164,11 @@ def run(args, meshes, shapes) -> dict:
             stacked = checkpoint.restore(args.ckpt, mesh, layout, dtype)[1]
         else:
             stacked = model.init_params(cfg, 0, dtype, mesh, layout)
+        if args.compare_hf and peer is None:
+            from moejax.peer import HfPeer
+
+            peer = {"model": HfPeer(cfg, {k: fetch(v) for k, v in stacked.items()}, dtype),
+                    "prefill_s": [], "decode_s": []}
         params = model.serving_params(stacked, rs, mesh)
         a_tok, a_len = put(mesh, layout, "tokens", tok), put(mesh, layout, "lengths", lengths)
         cache = model.init_cache(rs, mesh, b_pad, max_len)
@@ -160,11 +176,14 @@ def run(args, meshes, shapes) -> dict:
         prefill = model.build(rs, mesh, "prefill").lower(params, a_tok, a_len, cache).compile()
         one = put(mesh, layout, "tokens", np.zeros((b_pad, 1), np.int32))
         decode = model.build(rs, mesh, "decode").lower(params, one, a_len, cache).compile()
+        greedy = jax.jit(lambda lg: jnp.argmax(lg, axis=-1).astype(jnp.int32)[:, None],
+                         out_shardings=one.sharding).lower(jax.ShapeDtypeStruct((b_pad, cfg.vocab_size),
+                                                                                jnp.float32)).compile()
         compile_s = time.perf_counter() - t0
         hlo = prefill.as_text() + decode.as_text()
         rep = placement(cfg, layout, shape, dtype, b_pad, max_len)
         runs.append(dict(text=text, shape=shape, mesh=mesh, rs=rs, params=params, a_tok=a_tok, a_len=a_len,
-                         b_pad=b_pad, prefill=prefill, decode=decode, compile_s=compile_s, one=one, rep=rep,
+                         b_pad=b_pad, prefill=prefill, decode=decode, greedy=greedy, compile_s=compile_s, one=one, rep=rep,
                          micro=micro, lengths=lengths, prefill_s=[], decode_s=[], stats=None,
                          hlo={op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES},
                          roof=measure_rooflines(mesh, dtype, 3)))
@@ -176,22 +195,34 @@ def run(args, meshes, shapes) -> dict:
         logits, cache, stats = r["prefill"](r["params"], r["a_tok"], r["a_len"], cache)
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
-        nxt = r["one"]
         for i in range(N):
             pos = put(r["mesh"], layout, "lengths", np.where(r["lengths"] > 0, T + i, -1).astype(np.int32))
-            logits, cache, _ = r["decode"](r["params"], nxt, pos, cache)
+            logits, cache, _ = r["decode"](r["params"], r["greedy"](logits), pos, cache)
         jax.block_until_ready(logits)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, stats
 
+    def peer_pass():
+        t0 = time.perf_counter()
+        logits, cache = peer["model"].prefill(tokens_host)
+        t1 = time.perf_counter()
+        peer["model"].decode(logits, cache, N)
+        return t1 - t0, time.perf_counter() - t1
+
     for r in runs:  # warm-up
         one_pass(r)
+    if peer:
+        peer_pass()
     for i in range(args.repeats):
         for r in runs:
             p, d, stats = one_pass(r)
             r["prefill_s"].append(p)
             r["decode_s"].append(d)
             r["stats"] = stats
+        if peer:
+            p, d = peer_pass()
+            peer["prefill_s"].append(p)
+            peer["decode_s"].append(d)
         print(f"\rtimed repeat {i + 1}/{args.repeats}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
 
@@ -236,6 +267,19 @@ def run(args, meshes, shapes) -> dict:
             m["pipeline_ideal_s"] = ideal
             m["prefill_vs_pipeline_ideal"] = pre / ideal
         out["meshes"].append(m)
+    if peer:
+        import torch
+        import transformers
+
+        pre, dec = statistics.median(peer["prefill_s"]), statistics.median(peer["decode_s"])
+        out["hf"] = {"peer": f"transformers {transformers.__version__} MixtralForCausalLM, torch {torch.__version__}, "
+                             f"{torch.get_num_threads()} threads",
+                     "ttft_s": pre, "prefill_tokens_per_s": B * T / pre,
+                     "decode_tokens_per_s": B * N / dec if N else None,
+                     "prefill_times_s": peer["prefill_s"], "decode_times_s": peer["decode_s"]}
+        for m in out["meshes"]:
+            m["prefill_vs_hf"] = m["prefill_tokens_per_s"] / out["hf"]["prefill_tokens_per_s"]
+            m["decode_vs_hf"] = m["decode_tokens_per_s"] / out["hf"]["decode_tokens_per_s"] if N else None
     return out
 
 
@@ -264,6 +308,14 @@ def print_table(res: dict) -> None:
         h = m["hlo_collectives"]
         cells.append("/".join(str(h[k]) for k in COLLECTIVES))
         print("| " + " | ".join(cells) + " |")
+    if "hf" in res:
+        hf = res["hf"]
+        dec = "-" if hf["decode_tokens_per_s"] is None else f"{hf['decode_tokens_per_s']:.1f}"
+        print(f"{hf['peer']}: TTFT {hf['ttft_s'] * 1e3:.1f} ms, prefill {hf['prefill_tokens_per_s']:.0f} tok/s, "
+              f"decode {dec} tok/s")
+        for m in res["meshes"]:
+            ratio = "" if m["decode_vs_hf"] is None else f", decode {m['decode_vs_hf']:.2f}x"
+            print(f"{m['mesh']} vs transformers: prefill {m['prefill_vs_hf']:.2f}x{ratio}")
     for m in res["meshes"]:
         if "pipeline_ideal_s" in m:
             print(f"{m['mesh']}: pipelined prefill {m['ttft_s'] * 1e3:.1f} ms vs ideal T(pp=1) x (M+P-1)/M = "
