@@ -138,12 +138,13 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int):
 
 def init_cache(rs: RunSpec, mesh, batch: int, max_len: int):
     """Preallocated KV cache (k, v), each a tuple over local layers l of [pp, B, S, G, K] buffers
-    (layer s * L/pp + l on stage s), sharded like attention. One buffer per layer, as for the
+    (layer s * L/pp + l on stage s) in `cache_dtype`, sharded like attention. One buffer per layer, as for the
     parameters: updating one layer of a stacked [L, ...] cache copied the whole cache per layer."""
     lp = rs.cfg.num_layers // rs.shape.pp
     shape = (rs.shape.pp,) + cache_shape(rs.cfg, batch, max_len)[1:]
     sharding = NamedSharding(mesh, rs.layout.act_spec("kv_cache"))
-    zeros = jax.jit(lambda: tuple(jnp.zeros(shape, rs.dtype) for _ in range(lp)), out_shardings=(sharding,) * lp)
+    dtype = cache_dtype(rs.dtype)
+    zeros = jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for _ in range(lp)), out_shardings=(sharding,) * lp)
     return zeros(), zeros()
 
 
@@ -159,28 +160,42 @@ def _embed(tokens_BT, embed_VD, vocab_axis):
     return jax.lax.psum(x_BTD, vocab_axis)
 
 
+def cache_dtype(dtype):
+    """The KV cache holds 16-bit floats as their uint16 bit patterns: XLA:CPU scatters bfloat16 by
+    converting the whole cache to float32 and back (5x slower, 2x the cache in temporaries), and a
+    bitcast to uint16 around the scatter became two copies of the cache."""
+    return jnp.uint16 if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(dtype)
+
+
+def _bits(x, dtype):
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
 def _attention(x_BTD, w, side, mode, kv, row0, rs: RunSpec):
     """Attention on this device's heads. Returns the partial (over tp) output [B, T, D] f32 and kv."""
     cfg, cdt = rs.cfg, x_BTD.dtype
     h_BTD = layers.rmsnorm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
-    q_BTHK = mm("btd,dhk->bthk", h_BTD, w["wq"]).astype(cdt)
-    k_BTGK = mm("btd,dgk->btgk", h_BTD, w["wk"]).astype(cdt)
-    v_BTGK = mm("btd,dgk->btgk", h_BTD, w["wv"]).astype(cdt)
+    b, t, d = x_BTD.shape
+    heads = lambda w_: w_.reshape(d, -1)  # 2-D dots: XLA:CPU runs [.., H, K] contractions 2-3x slower
+    q_BTHK = mm("btd,dj->btj", h_BTD, heads(w["wq"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
+    k_BTGK = mm("btd,dj->btj", h_BTD, heads(w["wk"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
+    v_BTGK = mm("btd,dj->btj", h_BTD, heads(w["wv"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
     cos, sin = layers.rope_tables(side["pos"], cfg.head_dim, cfg.rope_theta, cdt)
     q_BTHK, k_BTGK = layers.apply_rope(q_BTHK, cos, sin), layers.apply_rope(k_BTGK, cos, sin)
     if mode == "decode":
         mb = x_BTD.shape[0]
         pos_B = side["pos"][:, 0]
         rows_B = jnp.where(side["valid"][:, 0], row0 + jnp.arange(mb), kv[0].shape[0])
-        kv = tuple(c.at[rows_B, pos_B].set(n[:, 0], mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
-        k_BSGK, v_BSGK = (jax.lax.dynamic_slice_in_dim(c, row0, mb, axis=0) for c in kv)
+        kv = tuple(c.at[rows_B, pos_B].set(_bits(n[:, 0], c.dtype), mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
+        k_BSGK, v_BSGK = (_bits(jax.lax.dynamic_slice_in_dim(c, row0, mb, axis=0), cdt) for c in kv)
         mask_BTS = (jnp.arange(k_BSGK.shape[1])[None, :] <= pos_B[:, None])[:, None, :]
         out_BTHK = layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS)
     else:
         out_BTHK = layers.attention(q_BTHK, k_BTGK, v_BTGK, causal=True)
         if mode == "prefill":
-            kv = tuple(jax.lax.dynamic_update_slice(c, n, (row0, 0, 0, 0)) for c, n in zip(kv, (k_BTGK, v_BTGK)))
-    return mm("bthk,hkd->btd", out_BTHK, w["wo"]), kv
+            kv = tuple(jax.lax.dynamic_update_slice(c, _bits(n, c.dtype), (row0, 0, 0, 0))
+                       for c, n in zip(kv, (k_BTGK, v_BTGK)))
+    return mm("btj,jd->btd", out_BTHK.reshape(b, t, -1), w["wo"].reshape(-1, d)), kv
 
 
 def _layer(x_BTD, valid_BT, w, side, mode, kv, row0, rs: RunSpec):

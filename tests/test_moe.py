@@ -122,10 +122,12 @@ def test_reroute_drops_only_when_no_expert_has_room():
 
 
 def test_dropless_serves_an_overloaded_expert_in_extra_rounds():
-    x, w = _crafted(PREFS)
-    y, stats = _run_moe(x, w, "dropless", cf=0.25)  # capacity 2, expert 0 needs 3 rounds
+    prefs = PREFS + [[0, 1, 2, 3]] * 12  # 20 tokens, 17 of them want expert 0
+    x, w = _crafted(prefs)
+    y, stats = _run_moe(x, w, "dropless", cf=0.25)  # rounds of max(ceil(0.25 * 20 / 4), MIN_ROWS) = 8 rows
     assert int(stats["dropped"]) == 0
-    for t, order in enumerate(PREFS):
+    assert int(stats["exchanged_rows"]) == 3 * 4 * 8  # expert 0's 17 assignments take 3 rounds
+    for t, order in enumerate(prefs):
         np.testing.assert_allclose(y[t], _expert_out(x, w, t, order[0]), rtol=1e-5, atol=1e-6)
 
 
