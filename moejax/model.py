@@ -22,7 +22,7 @@ from moejax import layers
 from moejax.config import ModelConfig
 from moejax.layers import F32, mm
 from moejax.mesh import AXES, MeshShape, mesh_shape_of
-from moejax.moe import POLICIES, MoeSpec, moe_block
+from moejax.moe import KERNELS, POLICIES, MoeSpec, moe_block, resolve_kernel
 from moejax.pipeline import staggered
 from moejax.rules import Layout, param_shapes
 from moejax.errors import UserError
@@ -44,10 +44,13 @@ class RunSpec:
     policy: str = "dropless"
     capacity_factor: float = 2.0
     microbatches: int = 1
+    moe_kernel: str = "auto"  # auto (ragged where the backend runs ragged all-to-all), buffers, ragged
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise UserError(f"capacity policy {self.policy!r}; valid: {', '.join(POLICIES)}")
+        if self.moe_kernel not in KERNELS:
+            raise UserError(f"MoE kernel {self.moe_kernel!r}; valid: {', '.join(KERNELS)}")
         if not self.capacity_factor > 0:
             raise UserError(f"capacity factor {self.capacity_factor} must be > 0")
         if self.microbatches < 1:
@@ -67,7 +70,11 @@ class RunSpec:
             expert_shards=self.layout.shards("experts", self.shape),
             ffn_axis=ffn[0] if ffn and self.shape.tp > 1 else None,
             ffn_shards=self.layout.shards("expert_ffn", self.shape),
-            round_axes=tuple(a for a in AXES if a != "pp"))
+            round_axes=tuple(a for a in AXES if a != "pp"), kernel=self.kernel)
+
+    @property
+    def kernel(self) -> str:
+        return resolve_kernel(self.moe_kernel, jax.default_backend())
 
 
 # ---- parameters ------------------------------------------------------------------------------
@@ -119,7 +126,12 @@ def serving_params(params: dict, rs: RunSpec, mesh) -> dict:
     out = {n: v for n, v in params.items() if n not in LAYER_PARAMS}
     shardings = param_shardings(mesh, rs.layout)
     for name in LAYER_PARAMS:
-        if name in EXPERT_PARAMS:
+        if name in EXPERT_PARAMS and rs.kernel == "ragged":  # local experts stacked: [pp, shards, E_loc, D, F]
+            def split(w):
+                w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
+                return tuple(w[:, l] for l in range(lp))
+            out_sh = (NamedSharding(mesh, _ragged_spec(rs.layout.param_specs()[name])),) * lp
+        elif name in EXPERT_PARAMS:
             def split(w):
                 w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
                 return tuple(tuple(w[:, l, :, j] for j in range(e_loc)) for l in range(lp))
@@ -130,6 +142,11 @@ def serving_params(params: dict, rs: RunSpec, mesh) -> dict:
             out_sh = (shardings[name],) * lp
         out[name] = jax.jit(split, out_shardings=out_sh)(params.pop(name))
     return out
+
+
+def _ragged_spec(spec: P) -> P:
+    """The spec of a [pp, shards, E_loc, D, F] expert buffer from the stacked [L, E, D, F] one."""
+    return P(spec[0], spec[1], None, *spec[2:])
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int):
@@ -222,10 +239,12 @@ def _layer(x_BTD, valid_BT, w, side, mode, kv, row0, rs: RunSpec):
     return x_ND[:n].reshape(b, t, d), kv, stats
 
 
-def _local(a):
+def _local(a, name: str = ""):
     """Drop the unit stage axis (and expert-shard axis) of a serving buffer: a bitcast, not a copy."""
     if isinstance(a, tuple):  # per local expert: [1, 1, D, F] each
         return [x.reshape(x.shape[2:]) for x in a]
+    if name in EXPERT_PARAMS:  # ragged kernel: [1, 1, E_loc, D, F]
+        return a.reshape(a.shape[2:])
     return a.reshape(a.shape[1:])
 
 
@@ -253,7 +272,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
         kv_all, stats = state
         row0 = mi * mb
         for l in range(layers_loc):
-            w = {name: _local(params[name][l]) for name in LAYER_PARAMS}
+            w = {name: _local(params[name][l], name) for name in LAYER_PARAMS}
             kv = None if kv_all is None else (_local(kv_all[0][l]), _local(kv_all[1][l]))
             x_BTD, kv, st = _layer(x_BTD, side["valid"], w, side, mode, kv, row0, rs)
             if kv is not None:
@@ -289,8 +308,11 @@ def build(rs: RunSpec, mesh, mode: str):
     lay = rs.layout
     lp = rs.cfg.num_layers // rs.shape.pp
     e_loc = rs.cfg.num_experts // lay.shards("experts", rs.shape)
-    param_specs = {n: ((s,) * e_loc,) * lp if n in EXPERT_PARAMS else (s,) * lp if n in LAYER_PARAMS else s
-                   for n, s in lay.param_specs().items()}
+    def serving_spec(n, s):
+        if n in EXPERT_PARAMS:
+            return (_ragged_spec(s),) * lp if rs.kernel == "ragged" else ((s,) * e_loc,) * lp
+        return (s,) * lp if n in LAYER_PARAMS else s
+    param_specs = {n: serving_spec(n, s) for n, s in lay.param_specs().items()}
     cache_spec = (lay.act_spec("kv_cache"),) * lp
     stats_spec = {"load": lay.act_spec("moe_counts"), **{k: P("pp") for k in MOE_COUNTERS}}
     logits_spec = lay.act_spec("logits" if mode == "forward" else "last_logits")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from moejax.layers import F32, mm, rmsnorm
 
 POLICIES = ("dropless", "drop", "reroute")
+KERNELS = ("auto", "buffers", "ragged")
 I32 = jnp.int32
 MIN_ROWS = 8  # buffer rows an expert gets from a source at least (<= N)
 MIN_DOT_ROWS = 2  # XLA:CPU upcasts bf16 matrix-vector (1-row) dots to float32 copies of the weights
@@ -37,6 +38,7 @@ class MoeSpec:
     ffn_axis: str | None  # 'tp' when each expert's F dimension is split (partial sums)
     ffn_shards: int
     round_axes: tuple  # every axis but pp: a stage's devices agree on the dropless round count
+    kernel: str = "buffers"  # or "ragged": ragged all-to-all + grouped matmul (ragged_dot), see serve_ragged
 
     def capacity(self, n_tokens: int) -> int:
         """Assignments an expert accepts from one source under `drop` / `reroute`."""
@@ -177,6 +179,92 @@ def serve_round(x_pad_ND, experts_A, slot_A, in_round_A, weights_A, w, capacity:
     return got_AD.astype(F32) * jnp.where(in_round_A, weights_A, 0.0)[:, None], computed
 
 
+def resolve_kernel(kernel: str, backend: str) -> str:
+    """`auto` takes the ragged path where XLA runs ragged all-to-all (not on CPU: jax-ml/jax#34755)."""
+    if kernel == "auto":
+        return "buffers" if backend == "cpu" else "ragged"
+    return kernel
+
+
+def _exclusive_cumsum(x):
+    return jnp.cumsum(x) - x
+
+
+def ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axes):
+    """`jax.lax.ragged_all_to_all` over `axes`, emulated on CPU with a fixed-size all_to_all.
+
+    The emulation has the documented semantics (slice i of `operand` goes to device i //
+    (len / devices) and lands at that device's `output_offsets` as sent) and is what the CPU tests
+    run; it moves padded [devices, rows, D] buffers, so it saves no bandwidth there."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                         axis_name=axes)
+    n_dev, rows = send_sizes.shape[0], operand.shape[0]
+    idx_SR = input_offsets[:, None] + jnp.arange(rows)[None, :]
+    sent_SR = jnp.arange(rows)[None, :] < send_sizes[:, None]
+    buf_SRD = jnp.where(sent_SR[..., None], operand[jnp.clip(idx_SR, 0, rows - 1)], 0)
+    got_SRD = jax.lax.all_to_all(buf_SRD, axes, 0, 0, tiled=True)
+    at_S = jax.lax.all_to_all(output_offsets, axes, 0, 0, tiled=True)
+    dest_SR = jnp.where(jnp.arange(rows)[None, :] < recv_sizes[:, None],
+                        at_S[:, None] + jnp.arange(rows)[None, :], output.shape[0])
+    return output.at[dest_SR.reshape(-1)].set(got_SRD.reshape(n_dev * rows, -1), mode="drop")
+
+
+def serve_ragged(x_ND, experts_A, served_A, weights_A, w, spec: MoeSpec):
+    """Every served assignment in one exchange with no capacity padding: sort by expert, ragged
+    all-to-all to the expert's device, one grouped matmul (`ragged_dot`) per expert matrix over
+    the local experts, ragged all-to-all back, unsort. Returns [A, D] weighted outputs and rows run.
+
+    Received rows are laid out by source, then local expert; offsets for the way back are the
+    forward offsets swapped (what was sent from input_offsets returns to input_offsets)."""
+    n_tok, d = x_ND.shape
+    E, S, k = spec.num_experts, spec.expert_shards, spec.top_k
+    e_loc = E // S
+    a = n_tok * k
+    key_A = jnp.where(served_A, experts_A, E)  # unserved assignments sort last and are not sent
+    order_A = jnp.argsort(key_A, stable=True)
+    tokens_A = jnp.tile(jnp.arange(n_tok, dtype=I32), k)
+    send_AD = x_ND[tokens_A[order_A]]
+    count_E = jnp.zeros((E,), I32).at[experts_A].add(served_A.astype(I32))
+    count_SL = count_E.reshape(S, e_loc)
+    send_S = count_SL.sum(axis=1)
+    in_off_S = _exclusive_cumsum(send_S)
+    if S == 1:
+        recv_SL, recv_AD, recv_off_S = count_SL, send_AD, in_off_S
+        rows = a
+    else:
+        axes = spec.expert_axes
+        recv_SL = jax.lax.all_to_all(count_SL, axes, 0, 0, tiled=True)  # [source, local expert]
+        recv_S = recv_SL.sum(axis=1)
+        recv_off_S = _exclusive_cumsum(recv_S)
+        out_off_S = jax.lax.all_to_all(recv_off_S, axes, 0, 0, tiled=True)  # where my slices land
+        rows = S * n_tok * min(k, e_loc)  # the most one device can receive
+        recv_AD = ragged_exchange(send_AD, jnp.zeros((rows, d), send_AD.dtype), in_off_S, send_S, out_off_S,
+                                  recv_S, axes)
+    # group the received rows by local expert (they arrive by source, then expert)
+    end_B = (recv_off_S[:, None] + jnp.cumsum(recv_SL, axis=1)).reshape(-1)  # end of each (source, expert) block
+    block_R = jnp.searchsorted(end_B, jnp.arange(rows, dtype=I32), side="right")  # S * e_loc past the end
+    expert_R = jnp.where(block_R < S * e_loc, block_R % e_loc, e_loc)
+    group_order = jnp.argsort(expert_R, stable=True)
+    group_L = recv_SL.sum(axis=0)
+    rows_RD = recv_AD[group_order]
+    out_dtype = F32 if spec.ffn_axis else x_ND.dtype
+    cdt = x_ND.dtype
+    g_RF = jax.lax.ragged_dot(rows_RD, w["w1"], group_L, preferred_element_type=F32).astype(cdt)
+    u_RF = jax.lax.ragged_dot(rows_RD, w["w3"], group_L, preferred_element_type=F32).astype(cdt)
+    y_RD = jax.lax.ragged_dot(jax.nn.silu(g_RF) * u_RF, w["w2"], group_L, preferred_element_type=F32)
+    y_RD = jnp.where((jnp.arange(rows) < jnp.sum(group_L))[:, None], y_RD, 0.0)  # rows past the groups
+    y_RD = jnp.zeros_like(y_RD).at[group_order].set(y_RD).astype(out_dtype)  # back to arrival order
+    if S == 1:
+        back_AD = y_RD
+    else:
+        back_AD = ragged_exchange(y_RD, jnp.zeros((a, d), out_dtype), recv_off_S, recv_S,
+                                  jax.lax.all_to_all(in_off_S, spec.expert_axes, 0, 0, tiled=True), send_S,
+                                  spec.expert_axes)
+    got_AD = jnp.zeros((a, d), out_dtype).at[order_A].set(back_AD)
+    return got_AD.astype(F32) * jnp.where(served_A, weights_A, 0.0)[:, None], jnp.sum(group_L)
+
+
 def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
     """The MoE sub-layer for this device's tokens: returns y_ND (float32) and statistics.
 
@@ -221,7 +309,11 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
         return y_ND, computed + n
 
     carry = (jnp.zeros((n_tok, d), F32), jnp.zeros((), I32))
-    if spec.policy == "dropless":  # as many rounds as the fullest queue anywhere needs
+    if spec.kernel == "ragged":  # one exchange, no capacity padding, whatever the policy
+        got_AD, computed = serve_ragged(h_ND, experts_A, served_A, weights_A, w, spec)
+        y_ND = sum(got_AD[j * n_tok:(j + 1) * n_tok] for j in range(k))
+        rounds = 0
+    elif spec.policy == "dropless":  # as many rounds as the fullest queue anywhere needs
         most = jax.lax.pmax(jnp.max(jnp.where(valid_A, pos_A + 1, 0)), spec.round_axes)
         rounds = (most + rows - 1) // rows
         y_ND, computed = jax.lax.fori_loop(0, rounds, one_round, carry)
@@ -235,7 +327,8 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
         "dropped": jnp.sum(valid_A & ~served_A, dtype=I32),
         "rerouted": jnp.sum(rerouted_A, dtype=I32),
         # rows exchanged, padding included (compare with load, the top-k work)
-        "exchanged_rows": jnp.asarray(rounds * spec.num_experts * rows, I32),
+        "exchanged_rows": (jnp.sum(served_A, dtype=I32) if spec.kernel == "ragged"
+                           else jnp.asarray(rounds * spec.num_experts * rows, I32)),
         "computed_rows": computed // spec.ffn_shards,  # expert rows this device ran (F-slices: a share)
     }
     return y_ND, stats

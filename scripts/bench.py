@@ -45,6 +45,8 @@ def parse_args(argv):
                     help="pipeline microbatches (default 2 x pp bounded by the batch; 1 when pp = 1)")
     ap.add_argument("--capacity-policy", default="dropless", choices=("dropless", "drop", "reroute"))
     ap.add_argument("--capacity-factor", type=float, default=2.0)
+    ap.add_argument("--moe-kernel", default="auto", choices=("auto", "buffers", "ragged"),
+                    help="auto = ragged all-to-all + ragged_dot on GPU, capacity buffers on CPU")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the figures to this file")
     ap.add_argument("--compare-hf", action="store_true",
@@ -155,7 +157,8 @@ def run(args, meshes, shapes) -> dict:
         mesh = make_mesh(shape)
         shards = layout.shards("batch", shape)
         micro = args.microbatches or (1 if shape.pp == 1 else max(1, min(2 * shape.pp, B // shards)))
-        rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor, micro)
+        rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor, micro,
+                           args.moe_kernel)
         b_pad = round_up(B, rs.batch_multiple)
         tok = np.zeros((b_pad, T), np.int32)
         tok[:B] = tokens_host
@@ -239,7 +242,7 @@ def run(args, meshes, shapes) -> dict:
         roof = r["roof"]
         stats = {k: fetch(v) for k, v in r["stats"].items()}
         m = {
-            "mesh": r["text"], "devices": shape.size, "microbatches": r["micro"],
+            "mesh": r["text"], "devices": shape.size, "microbatches": r["micro"], "moe_kernel": r["rs"].kernel,
             "bubble_fraction": bubble_fraction(r["micro"], shape.pp), "compile_s": r["compile_s"],
             "ttft_s": pre, "prefill_tokens_per_s": B * T / pre,
             "decode_tokens_per_s": B * N / dec if N else None, "decode_step_ms": dec / N * 1e3 if N else None,

@@ -14,9 +14,11 @@ python -c "import jax, flax, orbax.checkpoint; print('jax', jax.__version__, jax
 JAX_PLATFORMS=cuda timeout 240 python -m pytest -q -x -p no:cacheprovider \
   "tests/test_model.py::test_one_device_float32_matches_float64_reference" \
   "tests/test_checkpoint.py::test_hf_fixture_reproduces_transformers_logits_and_greedy_tokens[1x1x1x1-1]" \
-  "tests/test_generate.py::test_cached_greedy_decode_equals_full_recomputation[1x1x1x1-1]" 2>&1 | tail -5 | tee "$OUT/tests.txt"
+  "tests/test_generate.py::test_cached_greedy_decode_equals_full_recomputation[1x1x1x1-1]" \
+  "tests/test_moe.py::test_ragged_kernel_equals_reference[1x1x1x1-seed]" 2>&1 | tail -5 | tee "$OUT/tests.txt"
 
-# 2. benchmark points: seed-10b first (the plan's claimed size), then seed
+# 2. benchmark points: seed-10b first (the plan's claimed size), then seed. The MoE kernel is `auto`
+#    (ragged all-to-all + ragged_dot on GPU); one point repeats with the capacity-buffer kernel.
 point() {  # name, then bench.py arguments
   local name=$1; shift
   echo "== $name: $*"
@@ -24,6 +26,7 @@ point() {  # name, then bench.py arguments
     2>&1 | grep -v '^timed repeat' | tail -6
 }
 point 10b-prefill-8x1024 --config seed-10b --batch 8 --prompt-len 1024 --decode-steps 8
+point 10b-prefill-8x1024-buffers --config seed-10b --batch 8 --prompt-len 1024 --decode-steps 8 --moe-kernel buffers
 point 10b-ttft-10240 --config seed-10b --batch 1 --prompt-len 10240 --decode-steps 0
 point 10b-decode-b64 --config seed-10b --batch 64 --prompt-len 128 --decode-steps 32
 point seed-prefill-8x1024 --config seed --batch 8 --prompt-len 1024 --decode-steps 8

@@ -41,6 +41,9 @@ def parse_args(argv):
     ap.add_argument("--capacity-policy", default="dropless", choices=("dropless", "drop", "reroute"))
     ap.add_argument("--capacity-factor", type=float, default=None,
                     help="expert capacity per source device = ceil(cf * tokens * k / experts)")
+    ap.add_argument("--moe-kernel", default="auto", choices=("auto", "buffers", "ragged"),
+                    help="expert exchange and compute: capacity buffers + all_to_all, or ragged all-to-all + "
+                         "grouped matmul (ragged_dot); auto = ragged on GPU, buffers on CPU")
     ap.add_argument("--microbatches", type=int, help="pipeline microbatches M (default 2 x pp, bounded by the batch; 1 when pp = 1)")
     ap.add_argument("--batch", type=int, help="batch for --plan's KV-cache figure (default: number of prompts)")
     ap.add_argument("--plan", action="store_true", help="print the placement report only (shapes, no weights)")
@@ -147,7 +150,8 @@ def run(args) -> dict:
     batch_shards = layout.shards("batch", shape)
     micro = args.microbatches or (1 if shape.pp == 1 else min(2 * shape.pp, -(-len(prompts) // batch_shards)))
     policy_cf = {"dropless": 2.0, "drop": 1.25, "reroute": 1.25}[args.capacity_policy]
-    rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor or policy_cf, micro)
+    rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor or policy_cf, micro,
+                       args.moe_kernel)
     rep = placement(cfg, layout, shape, dtype, padded_batch(rs, len(prompts)), max_len)
     say(format_placement(rep))
 
@@ -161,7 +165,7 @@ def run(args) -> dict:
     prompt_len = min(round_up(longest, 8), max_len)
     gen = Generator(rs, mesh, params, len(prompts), prompt_len, max_len)
     say(f"compiled prefill + decode in {gen.compile_s:.1f} s (batch {gen.batch} padded from {len(prompts)}, "
-        f"{micro} microbatch(es), capacity policy {args.capacity_policy})")
+        f"{micro} microbatch(es), capacity policy {args.capacity_policy}, MoE kernel {rs.kernel})")
 
     def progress(step, total, secs):
         if lead:
@@ -181,7 +185,8 @@ def run(args) -> dict:
         f"max/mean expert load {moe['max_load_ratio']:.2f}")
     rep.update({k: v for k, v in res.items()})
     rep.update({"compile_s": gen.compile_s, "capacity_policy": args.capacity_policy,
-                "capacity_factor": rs.capacity_factor, "microbatches": micro, "batch_padded": gen.batch})
+                "capacity_factor": rs.capacity_factor, "moe_kernel": rs.kernel, "microbatches": micro,
+                "batch_padded": gen.batch})
     return rep
 
 

@@ -19,8 +19,8 @@ from moejax.sampling import Sampling, sample
 PROMPTS = [[5, 17, 99, 3, 250, 7], [42, 42, 1, 200]]
 
 
-def generate(mesh, prompts, n_new, layout="seed", micro=1, keep_logits=False, config="tiny"):
-    rs, m, params = setup(config, mesh, layout, microbatches=micro)
+def generate(mesh, prompts, n_new, layout="seed", micro=1, keep_logits=False, config="tiny", kernel="auto"):
+    rs, m, params = setup(config, mesh, layout, microbatches=micro, moe_kernel=kernel)
     longest = max(len(p) for p in prompts)
     gen = Generator(rs, m, params, len(prompts), longest, longest + n_new)
     return gen.generate(prompts, n_new, Sampling(), eos_id=None, keep_logits=keep_logits)
@@ -56,6 +56,10 @@ def one_device_tokens():
 ])
 def test_greedy_tokens_are_identical_on_every_mesh(mesh, micro, layout, one_device_tokens):
     assert generate(mesh, PROMPTS, 10, layout, micro)["generated_ids"] == one_device_tokens
+
+
+def test_ragged_kernel_generates_the_same_tokens(one_device_tokens):
+    assert generate("1x2x2x2", PROMPTS, 10, micro=2, kernel="ragged")["generated_ids"] == one_device_tokens
 
 
 def test_mixed_prompt_lengths_give_each_sequence_its_own_tokens():

@@ -4,6 +4,7 @@ reroute do exactly what they promise on routing built to overflow; the HLO has r
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -14,7 +15,7 @@ from moejax import model
 from moejax.config import load_config
 from moejax.generate import put
 from moejax.mesh import make_mesh, parse_mesh
-from moejax.moe import MoeSpec, moe_block
+from moejax.moe import MoeSpec, moe_block, ragged_exchange
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,32 @@ def test_dropless_sharded_moe_equals_reference_ep_tp_layout(mesh, case):
     got, stats = forward("tiny", mesh, tokens, layout="ep-tp")
     assert rel_err(got, want) <= RTOL
     assert stats["load"].sum() == 4 * tokens.size * 2  # tp ranks share tokens: counted once
+
+
+@pytest.mark.parametrize("mesh,layout", [("1x1x1x1", "seed"), ("1x1x2x4", "seed"), ("2x1x2x2", "seed"),
+                                         ("4x2x4x4", "seed"), ("1x1x2x4", "ep-tp")])
+def test_ragged_kernel_equals_reference(mesh, layout, case):
+    # on CPU the ragged all-to-all is emulated with the documented semantics (moe.ragged_exchange);
+    # the grouped matmul is jax.lax.ragged_dot itself
+    tokens, want = case
+    got, stats = forward("tiny", mesh, tokens, layout=layout, moe_kernel="ragged")
+    assert rel_err(got, want) <= RTOL
+    assert stats["load"].sum() == 4 * tokens.size * 2
+    if layout == "seed":  # exactly the top-k rows run: no capacity padding
+        assert stats["computed_rows"].sum() == stats["load"].sum()
+
+
+def test_ragged_exchange_emulation_matches_the_documented_example():
+    # the example of jax.lax.ragged_all_to_all's docstring, on an axis of 2 devices
+    mesh = make_mesh(parse_mesh("1x1x1x2"))
+    operand = np.array([[1, 2, 2], [3, 4, 0]], np.float32)
+    args = dict(in_off=[[0, 1], [0, 1]], send=[[1, 2], [1, 1]], out_off=[[0, 0], [1, 2]], recv=[[1, 1], [2, 1]])
+    f = jax.jit(jax.shard_map(
+        lambda x, a, b, c, d: ragged_exchange(x[0, :, None], jnp.zeros((4, 1), x.dtype), a[0], b[0], c[0], d[0],
+                                              ("ep",))[None, :, 0],
+        mesh=mesh, in_specs=P("ep"), out_specs=P("ep"), check_vma=False))
+    got = f(operand, *(np.array(v, np.int32) for v in args.values()))
+    np.testing.assert_array_equal(np.asarray(got), [[1, 3, 0, 0], [2, 2, 4, 0]])
 
 
 def test_seed_layout_hlo_has_all_to_all_and_never_gathers_expert_weights():
