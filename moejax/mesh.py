@@ -44,6 +44,9 @@ def parse_mesh(text: str) -> MeshShape:
     return MeshShape(*sizes)
 
 
+COLLECTIVE_TIMEOUT_S = 1800
+
+
 def provision_host_devices(n: int, exact: bool = False) -> bool:
     """Ask XLA for `n` simulated host (CPU) devices. Must run before JAX initialises its backends.
     `exact`: replace a larger count too (each process of a multi-process run brings exactly its
@@ -54,7 +57,12 @@ def provision_host_devices(n: int, exact: bool = False) -> bool:
     if m and (int(m.group(1)) == n or (int(m.group(1)) > n and not exact)):
         return False
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    flags = f"{flags} --xla_force_host_platform_device_count={n}"
+    if n > 1 and "collective_call_terminate_timeout" not in flags:
+        # simulated devices share the cores: a device can reach a collective minutes after the
+        # first one on a busy 128-device run (XLA:CPU aborts the process after 40 s by default)
+        flags += f" --xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_S}"
+    os.environ["XLA_FLAGS"] = flags.strip()
     return True
 
 

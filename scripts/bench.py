@@ -119,6 +119,7 @@ def run(args, meshes, shapes) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from jax.sharding import NamedSharding
 
     from moejax import model
     from moejax.config import load_config
@@ -180,8 +181,9 @@ def run(args, meshes, shapes) -> dict:
         one = put(mesh, layout, "tokens", np.zeros((b_pad, 1), np.int32))
         decode = model.build(rs, mesh, "decode").lower(params, one, a_len, cache).compile()
         greedy = jax.jit(lambda lg: jnp.argmax(lg, axis=-1).astype(jnp.int32)[:, None],
-                         out_shardings=one.sharding).lower(jax.ShapeDtypeStruct((b_pad, cfg.vocab_size),
-                                                                                jnp.float32)).compile()
+                         out_shardings=one.sharding).lower(jax.ShapeDtypeStruct(
+                             (b_pad, cfg.vocab_size), jnp.float32,
+                             sharding=NamedSharding(mesh, layout.act_spec("last_logits")))).compile()
         compile_s = time.perf_counter() - t0
         hlo = prefill.as_text() + decode.as_text()
         rep = placement(cfg, layout, shape, dtype, b_pad, max_len)
@@ -200,7 +202,10 @@ def run(args, meshes, shapes) -> dict:
         t1 = time.perf_counter()
         for i in range(N):
             pos = put(r["mesh"], layout, "lengths", np.where(r["lengths"] > 0, T + i, -1).astype(np.int32))
-            logits, cache, _ = r["decode"](r["params"], r["greedy"](logits), pos, cache)
+            # wait for the argmax before the next step: two multi-device programs in flight at once
+            # can deadlock XLA:CPU's collectives on simulated devices (seen on 1x2x2x2)
+            nxt = jax.block_until_ready(r["greedy"](logits))
+            logits, cache, _ = r["decode"](r["params"], nxt, pos, cache)
         jax.block_until_ready(logits)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, stats
