@@ -155,8 +155,8 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int):
 
 def init_cache(rs: RunSpec, mesh, batch: int, max_len: int):
     """Preallocated KV cache (k, v), each a tuple over local layers l of [pp, B, S, G, K] buffers
-    (layer s * L/pp + l on stage s) in `cache_dtype`, sharded like attention. One buffer per layer, as for the
-    parameters: updating one layer of a stacked [L, ...] cache copied the whole cache per layer."""
+    (layer s * L/pp + l on stage s) in `cache_dtype`, sharded like attention. One buffer per layer,
+    as for the parameters: updating one layer of a stacked [L, ...] cache copied the whole cache."""
     lp = rs.cfg.num_layers // rs.shape.pp
     shape = (rs.shape.pp,) + cache_shape(rs.cfg, batch, max_len)[1:]
     sharding = NamedSharding(mesh, rs.layout.act_spec("kv_cache"))
@@ -203,7 +203,8 @@ def _attention(x_BTD, w, side, mode, kv, row0, rs: RunSpec):
         mb = x_BTD.shape[0]
         pos_B = side["pos"][:, 0]
         rows_B = jnp.where(side["valid"][:, 0], row0 + jnp.arange(mb), kv[0].shape[0])
-        kv = tuple(c.at[rows_B, pos_B].set(_bits(n[:, 0], c.dtype), mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
+        kv = tuple(c.at[rows_B, pos_B].set(_bits(n[:, 0], c.dtype), mode="drop")
+                   for c, n in zip(kv, (k_BTGK, v_BTGK)))
         k_BSGK, v_BSGK = (_bits(jax.lax.dynamic_slice_in_dim(c, row0, mb, axis=0), cdt) for c in kv)
         mask_BTS = (jnp.arange(k_BSGK.shape[1])[None, :] <= pos_B[:, None])[:, None, :]
         out_BTHK = layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS)

@@ -188,7 +188,8 @@ def run(args, meshes, shapes) -> dict:
         hlo = prefill.as_text() + decode.as_text()
         rep = placement(cfg, layout, shape, dtype, b_pad, max_len)
         runs.append(dict(text=text, shape=shape, mesh=mesh, rs=rs, params=params, a_tok=a_tok, a_len=a_len,
-                         b_pad=b_pad, prefill=prefill, decode=decode, greedy=greedy, compile_s=compile_s, one=one, rep=rep,
+                         b_pad=b_pad, prefill=prefill, decode=decode, greedy=greedy, compile_s=compile_s,
+                         one=one, rep=rep,
                          micro=micro, lengths=lengths, prefill_s=[], decode_s=[], stats=None,
                          hlo={op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES},
                          roof=measure_rooflines(mesh, dtype, 3)))
