@@ -124,29 +124,38 @@ def serving_params(params: dict, rs: RunSpec, mesh) -> dict:
     shards = rs.layout.shards("experts", rs.shape)
     e_loc = rs.cfg.num_experts // shards
     out = {n: v for n, v in params.items() if n not in LAYER_PARAMS}
-    shardings = param_shardings(mesh, rs.layout)
+    specs = serving_specs(rs)
     for name in LAYER_PARAMS:
         if name in EXPERT_PARAMS and rs.kernel == "ragged":  # local experts stacked: [pp, shards, E_loc, D, F]
             def split(w):
                 w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
                 return tuple(w[:, l] for l in range(lp))
-            out_sh = (NamedSharding(mesh, _ragged_spec(rs.layout.param_specs()[name])),) * lp
         elif name in EXPERT_PARAMS:
             def split(w):
                 w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
                 return tuple(tuple(w[:, l, :, j] for j in range(e_loc)) for l in range(lp))
-            out_sh = ((shardings[name],) * e_loc,) * lp
         else:
             def split(w):
                 return tuple(w.reshape((pp, lp) + w.shape[1:])[:, l] for l in range(lp))
-            out_sh = (shardings[name],) * lp
+        out_sh = jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs[name], is_leaf=lambda x: isinstance(x, P))
         out[name] = jax.jit(split, out_shardings=out_sh)(params.pop(name))
     return out
 
 
-def _ragged_spec(spec: P) -> P:
-    """The spec of a [pp, shards, E_loc, D, F] expert buffer from the stacked [L, E, D, F] one."""
-    return P(spec[0], spec[1], None, *spec[2:])
+def serving_specs(rs: RunSpec) -> dict:
+    """PartitionSpecs of the `serving_params` pytree: per local layer, and for expert tensors per
+    local expert ([pp, shards, D, F] each) or, under the ragged kernel, all local experts in one
+    [pp, shards, E_loc, D, F] buffer."""
+    lp = rs.cfg.num_layers // rs.shape.pp
+    e_loc = rs.cfg.num_experts // rs.layout.shards("experts", rs.shape)
+
+    def serving(name, spec):
+        if name in EXPERT_PARAMS and rs.kernel == "ragged":
+            return (P(spec[0], spec[1], None, *spec[2:]),) * lp
+        if name in EXPERT_PARAMS:
+            return ((spec,) * e_loc,) * lp
+        return (spec,) * lp if name in LAYER_PARAMS else spec
+    return {name: serving(name, spec) for name, spec in rs.layout.param_specs().items()}
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int):
@@ -308,12 +317,7 @@ def build(rs: RunSpec, mesh, mode: str):
         raise ValueError(f"mesh {mesh_shape_of(mesh)} does not match the run's {rs.shape}")
     lay = rs.layout
     lp = rs.cfg.num_layers // rs.shape.pp
-    e_loc = rs.cfg.num_experts // lay.shards("experts", rs.shape)
-    def serving_spec(n, s):
-        if n in EXPERT_PARAMS:
-            return (_ragged_spec(s),) * lp if rs.kernel == "ragged" else ((s,) * e_loc,) * lp
-        return (s,) * lp if n in LAYER_PARAMS else s
-    param_specs = {n: serving_spec(n, s) for n, s in lay.param_specs().items()}
+    param_specs = serving_specs(rs)
     cache_spec = (lay.act_spec("kv_cache"),) * lp
     stats_spec = {"load": lay.act_spec("moe_counts"), **{k: P("pp") for k in MOE_COUNTERS}}
     logits_spec = lay.act_spec("logits" if mode == "forward" else "last_logits")

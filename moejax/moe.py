@@ -265,6 +265,16 @@ def serve_ragged(x_ND, experts_A, served_A, weights_A, w, spec: MoeSpec):
     return got_AD.astype(F32) * jnp.where(served_A, weights_A, 0.0)[:, None], jnp.sum(group_L)
 
 
+def _per_token(got_AD, k: int):
+    """Sum each token's k weighted expert outputs (assignment a = slot * N + token). Explicit adds:
+    XLA:CPU's fused reduce over k took 5 ms for 1024 tokens."""
+    n_tok = got_AD.shape[0] // k
+    y_ND = got_AD[:n_tok]
+    for j in range(1, k):
+        y_ND = y_ND + got_AD[j * n_tok:(j + 1) * n_tok]
+    return y_ND
+
+
 def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
     """The MoE sub-layer for this device's tokens: returns y_ND (float32) and statistics.
 
@@ -304,14 +314,12 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
         lo = r * rows
         in_round_A = served_A & (pos_A >= lo) & (pos_A < lo + rows)
         got_AD, n = serve_round(h_pad_ND, experts_A, pos_A - lo, in_round_A, weights_A, w, rows, spec)
-        for j in range(k):  # explicit adds: XLA:CPU's fused reduce over k was 5 ms for 1024 tokens
-            y_ND = y_ND + got_AD[j * n_tok:(j + 1) * n_tok]
-        return y_ND, computed + n
+        return y_ND + _per_token(got_AD, k), computed + n
 
     carry = (jnp.zeros((n_tok, d), F32), jnp.zeros((), I32))
     if spec.kernel == "ragged":  # one exchange, no capacity padding, whatever the policy
         got_AD, computed = serve_ragged(h_ND, experts_A, served_A, weights_A, w, spec)
-        y_ND = sum(got_AD[j * n_tok:(j + 1) * n_tok] for j in range(k))
+        y_ND = _per_token(got_AD, k)
         rounds = 0
     elif spec.policy == "dropless":  # as many rounds as the fullest queue anywhere needs
         most = jax.lax.pmax(jnp.max(jnp.where(valid_A, pos_A + 1, 0)), spec.round_axes)
