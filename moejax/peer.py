@@ -45,7 +45,7 @@ class HfPeer:
         torch = self.torch
         with torch.inference_mode():
             out = self.model(torch.from_numpy(tokens_BT.astype(np.int64)), use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), out.cache
 
     def decode(self, logits_BV, cache, steps: int):
         """`steps` greedy steps from the prefill's logits, with the KV cache."""
@@ -53,6 +53,6 @@ class HfPeer:
         with torch.inference_mode():
             for _ in range(steps):
                 nxt = logits_BV.argmax(-1, keepdim=True)
-                out = self.model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                logits_BV, cache = out.logits[:, -1].float(), out.past_key_values
+                out = self.model(nxt, cache=cache, use_cache=True, logits_to_keep=1)
+                logits_BV, cache = out.logits[:, -1].float(), out.cache
         return logits_BV

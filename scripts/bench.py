@@ -222,6 +222,14 @@ def run(args, meshes, shapes) -> dict:
         one_pass(r)
     if peer:
         peer_pass()
+        # like with like: the peer's last-position logits against each mesh's, same prompt
+        hf_BV = peer["model"].prefill(tokens_host)[0].numpy()
+        for r in runs:
+            cache = model.init_cache(r["rs"], r["mesh"], r["b_pad"], max_len)
+            ours_BV = fetch(r["prefill"](r["params"], r["a_tok"], r["a_len"], cache)[0])[:B]
+            r["vs_hf"] = {"logits_max_abs_diff": float(np.max(np.abs(ours_BV - hf_BV))),
+                          "logits_max_abs": float(np.max(np.abs(hf_BV))),
+                          "next_token_agreement": float(np.mean(ours_BV.argmax(-1) == hf_BV.argmax(-1)))}
     for i in range(args.repeats):
         for r in runs:
             p, d, stats = one_pass(r)
@@ -289,6 +297,8 @@ def run(args, meshes, shapes) -> dict:
         for m in out["meshes"]:
             m["prefill_vs_hf"] = m["prefill_tokens_per_s"] / out["hf"]["prefill_tokens_per_s"]
             m["decode_vs_hf"] = m["decode_tokens_per_s"] / out["hf"]["decode_tokens_per_s"] if N else None
+        for m, r in zip(out["meshes"], runs):
+            m["prefill_logits_vs_hf"] = r["vs_hf"]
     return out
 
 
@@ -324,7 +334,10 @@ def print_table(res: dict) -> None:
               f"decode {dec} tok/s")
         for m in res["meshes"]:
             ratio = "" if m["decode_vs_hf"] is None else f", decode {m['decode_vs_hf']:.2f}x"
-            print(f"{m['mesh']} vs transformers: prefill {m['prefill_vs_hf']:.2f}x{ratio}")
+            agree = m["prefill_logits_vs_hf"]
+            print(f"{m['mesh']} vs transformers: prefill {m['prefill_vs_hf']:.2f}x{ratio}; last-position logits "
+                  f"max |diff| {agree['logits_max_abs_diff']:.3g} (of max |logit| {agree['logits_max_abs']:.3g}), "
+                  f"same next token for {agree['next_token_agreement']:.0%} of the batch")
     for m in res["meshes"]:
         if "pipeline_ideal_s" in m:
             print(f"{m['mesh']}: pipelined prefill {m['ttft_s'] * 1e3:.1f} ms vs ideal T(pp=1) x (M+P-1)/M = "
