@@ -321,11 +321,12 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
         got_AD, computed = serve_ragged(h_ND, experts_A, served_A, weights_A, w, spec)
         y_ND = _per_token(got_AD, k)
         rounds = 0
-    elif spec.policy == "dropless":  # as many rounds as the fullest queue anywhere needs
+    elif spec.policy == "dropless" and rows < n_tok:  # as many rounds as the fullest queue anywhere needs
         most = jax.lax.pmax(jnp.max(jnp.where(valid_A, pos_A + 1, 0)), spec.round_axes)
         rounds = (most + rows - 1) // rows
         y_ND, computed = jax.lax.fori_loop(0, rounds, one_round, carry)
-    else:
+    else:  # capacity-limited, or buffers as long as the N tokens (decode): one round, no pmax, since
+        # an expert gets at most N rows from a source (a token's k experts are distinct)
         rounds = 1
         y_ND, computed = one_round(0, carry)
     if spec.ffn_axis:

@@ -58,37 +58,50 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def measure_rooflines(mesh, dtype: str, repeats: int) -> dict:
-    """Matmul FLOP/s and memory bandwidth of the mesh's devices together, measured now."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+class Rooflines:
+    """Matmul FLOP/s and memory bandwidth of the mesh's devices together, sampled once per timed
+    repeat beside the model's runs (this machine's speed drifts), reported as medians."""
 
-    n = mesh.devices.size
-    all_axes = tuple(mesh.axis_names)
-    size = 1024 if jax.default_backend() == "cpu" else 8192
-    a = jax.device_put(jnp.ones((n * size, size), dtype), NamedSharding(mesh, P(all_axes)))
-    b = jax.device_put(jnp.ones((n * size, size), dtype), NamedSharding(mesh, P(all_axes)))
-    mat = jax.jit(jax.shard_map(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype),
-                                mesh=mesh, in_specs=(P(all_axes), P(all_axes)), out_specs=P(all_axes)))
-    words = (256 if jax.default_backend() == "cpu" else 2048) * 2**20 // n  # elements read per device
-    big = jax.device_put(jnp.ones((n * words,), dtype), NamedSharding(mesh, P(all_axes)))
-    read = jax.jit(jax.shard_map(lambda x: jnp.sum(x, dtype=jnp.float32)[None], mesh=mesh,
-                                 in_specs=P(all_axes), out_specs=P(all_axes)))
+    def __init__(self, mesh, dtype: str):
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
-    def med(f, *args):
-        jax.block_until_ready(f(*args))
-        ts = []
-        for _ in range(repeats):
+        n = mesh.devices.size
+        all_axes = tuple(mesh.axis_names)
+        sharded = NamedSharding(mesh, P(all_axes))
+        # (M, K, N) per device; the roof is the fastest: XLA:CPU's rate depends on the shape (float32
+        # ran the square one slower than the model's own matmuls, which put MFU above 1)
+        shapes = [(1024, 1024, 1024), (2048, 512, 1024)] if jax.default_backend() == "cpu" else [(8192, 8192, 8192)]
+        mat = jax.jit(jax.shard_map(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype),
+                                    mesh=mesh, in_specs=(P(all_axes), P(all_axes)), out_specs=P(all_axes)))
+        self.matmuls = [(2 * n * m * k * nn, mat, jax.device_put(jnp.ones((n * m, k), dtype), sharded),
+                         jax.device_put(jnp.ones((n * k, nn), dtype), sharded))  # each device its own [K, N]
+                        for m, k, nn in shapes]
+        words = (64 if jax.default_backend() == "cpu" else 2048) * 2**20 // n  # elements read per device
+        self.big = jax.device_put(jnp.ones((n * words,), dtype), sharded)
+        self.read = jax.jit(jax.shard_map(lambda x: jnp.sum(x, dtype=jnp.float32)[None], mesh=mesh,
+                                          in_specs=P(all_axes), out_specs=P(all_axes)))
+        self.flops, self.bandwidth = [], []
+        self.sample()  # compiles; discarded
+        self.flops, self.bandwidth = [], []
+
+    def sample(self):
+        import jax
+
+        def seconds(f, *args):
+            jax.block_until_ready(f(*args))  # untimed: settles after the previous program
             t0 = time.perf_counter()
             jax.block_until_ready(f(*args))
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+            return time.perf_counter() - t0
 
-    flops = 2 * n * size**3 / med(mat, a, b)
-    bw = big.size * big.dtype.itemsize / med(read, big)
-    return {"matmul_flops_per_s": flops, "bandwidth_bytes_per_s": bw}
+        self.flops.append(max(work / seconds(f, a, b) for work, f, a, b in self.matmuls))
+        self.bandwidth.append(self.big.size * self.big.dtype.itemsize / seconds(self.read, self.big))
+
+    def result(self) -> dict:
+        return {"matmul_flops_per_s": statistics.median(self.flops),
+                "bandwidth_bytes_per_s": statistics.median(self.bandwidth)}
 
 
 def main(argv=None) -> int:
@@ -192,7 +205,7 @@ def run(args, meshes, shapes) -> dict:
                          one=one, rep=rep,
                          micro=micro, lengths=lengths, prefill_s=[], decode_s=[], stats=None,
                          hlo={op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES},
-                         roof=measure_rooflines(mesh, dtype, 3)))
+                         roof=Rooflines(mesh, dtype)))
         print(f"compiled {text} in {compile_s:.1f} s", file=sys.stderr)
 
     def one_pass(r):
@@ -236,6 +249,7 @@ def run(args, meshes, shapes) -> dict:
             r["prefill_s"].append(p)
             r["decode_s"].append(d)
             r["stats"] = stats
+            r["roof"].sample()
         if peer:
             p, d = peer_pass()
             peer["prefill_s"].append(p)
@@ -253,7 +267,7 @@ def run(args, meshes, shapes) -> dict:
         flops_pre = B * T * cfg.flops_per_token_prefill(T) / pre
         flops_dec = B * N * cfg.flops_per_token_decode(T + N // 2) / dec if N else None
         bytes_step = pl["param_bytes_per_device"] * shape.size + pl["kv_bytes_per_device"] * shape.size / 2
-        roof = r["roof"]
+        roof = r["roof"].result()
         stats = {k: fetch(v) for k, v in r["stats"].items()}
         m = {
             "mesh": r["text"], "devices": shape.size, "microbatches": r["micro"], "moe_kernel": r["rs"].kernel,

@@ -35,3 +35,26 @@ def test_bench_bad_input_is_one_line_and_exit_code_2(args, message):
     r = run_script("bench.py", "--config", "tiny", *args, timeout=120)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+
+
+def test_bench_kernels_reports_each_rate_from_its_own_timing(tmp_path):
+    out = tmp_path / "kernels.json"
+    r = run_script("bench_kernels.py", "--weight-mb", "4", "--repeats", "1", "--json", out, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    names = [k["kernel"] for k in res["kernels"]]
+    assert names[0] == "read 4 MB (sum)" and sum(n.startswith("stream ") for n in names) == 3
+    assert sum(n.startswith("matmul ") for n in names) == 4
+    for k in res["kernels"]:
+        assert k["xla"] > 0 and k["torch"] is None
+        if k["unit"] == "GB/s":  # every row reads the same 4 MB weight
+            assert k["xla"] * k["xla_s"] == pytest.approx(4 * 2**20 / 1e9)
+    assert "| stream 8x4096x512 (weight GB/s) |" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [(["--repeats", "0"], "--repeats 0"),
+                                           (["--weight-mb", "0"], "--weight-mb 0")])
+def test_bench_kernels_bad_input_is_one_line_and_exit_code_2(args, message):
+    r = run_script("bench_kernels.py", *args, timeout=120)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
