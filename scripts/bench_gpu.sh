@@ -31,3 +31,7 @@ point 10b-ttft-10240 --config seed-10b --batch 1 --prompt-len 10240 --decode-ste
 point 10b-decode-b64 --config seed-10b --batch 64 --prompt-len 128 --decode-steps 32
 point seed-prefill-8x1024 --config seed --batch 8 --prompt-len 1024 --decode-steps 8
 point seed-decode-b64 --config seed --batch 64 --prompt-len 128 --decode-steps 32
+
+# 3. the kernel rates behind those figures: HBM read, weight streaming of 1-8 row matmuls, matmuls
+echo "== kernels"
+timeout 120 python scripts/bench_kernels.py --weight-mb 1024 --json "$OUT/kernels.json" 2>&1 | grep -v '^timing'
