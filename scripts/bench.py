@@ -60,7 +60,8 @@ def rss_gb() -> float:
 
 class Rooflines:
     """Matmul FLOP/s and memory bandwidth of the mesh's devices together, sampled once per timed
-    repeat beside the model's runs (this machine's speed drifts), reported as medians."""
+    repeat beside the model's runs (this machine's speed drifts), reported as medians. A sample is
+    the fastest of 3 runs: a roof is the best the devices do."""
 
     def __init__(self, mesh, dtype: str):
         import jax
@@ -90,11 +91,14 @@ class Rooflines:
     def sample(self):
         import jax
 
-        def seconds(f, *args):
-            jax.block_until_ready(f(*args))  # untimed: settles after the previous program
-            t0 = time.perf_counter()
+        def seconds(f, *args):  # fastest of 3 after an untimed run (settles after the previous program)
             jax.block_until_ready(f(*args))
-            return time.perf_counter() - t0
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                ts.append(time.perf_counter() - t0)
+            return min(ts)
 
         self.flops.append(max(work / seconds(f, a, b) for work, f, a, b in self.matmuls))
         self.bandwidth.append(self.big.size * self.big.dtype.itemsize / seconds(self.read, self.big))

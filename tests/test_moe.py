@@ -15,7 +15,7 @@ from moejax import model
 from moejax.config import load_config
 from moejax.generate import put
 from moejax.mesh import make_mesh, parse_mesh
-from moejax.moe import MoeSpec, moe_block, ragged_exchange
+from moejax.moe import MoeSpec, moe_block, ragged_exchange, row_sizes
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,33 @@ def test_ragged_kernel_equals_reference(mesh, layout, case):
     assert stats["load"].sum() == 4 * tokens.size * 2
     if layout == "seed":  # exactly the top-k rows run: no capacity padding
         assert stats["computed_rows"].sum() == stats["load"].sum()
+
+
+def test_row_sizes_step_by_a_quarter_of_the_mean_and_end_at_the_buffer():
+    # seed prefill on one device, capacity factor 2: 256-row buffers, 128 rows per expert on average
+    assert row_sizes(256, 128.0) == [64, 128, 160, 192, 256]
+    assert row_sizes(160, 128.0) == [64, 128, 160]  # capacity factor 1.25: capped at the buffer
+    assert row_sizes(8, 1.0) == [2, 8]  # decode, 8 tokens: never fewer than MIN_DOT_ROWS
+    assert row_sizes(40, 7.5) == [4, 8, 10, 12, 40]  # ceil(f x m)
+
+
+def test_even_routing_computes_at_most_a_quarter_more_than_the_top_k_rows():
+    # 1,024 tokens with random routing on one device: every expert gets 128 +- ~11 rows
+    cfg = load_config("tiny")
+    rng = np.random.default_rng(0)
+    d, e, f = cfg.d_model, cfg.num_experts, cfg.expert_ffn
+    spec = MoeSpec(num_experts=e, top_k=2, policy="dropless", capacity_factor=2.0, expert_axes=("ep",),
+                   expert_shards=1, ffn_axis=None, ffn_shards=1, round_axes=("ep",))
+    w = {"moe_norm": jnp.ones(d), "router": jnp.asarray(rng.standard_normal((d, e)), jnp.float32),
+         **{n: [jnp.asarray(0.1 * rng.standard_normal(s), jnp.float32) for _ in range(e)]
+            for n, s in (("w1", (d, f)), ("w3", (d, f)), ("w2", (f, d)))}}
+    mesh = make_mesh(parse_mesh("1x1x1x1"))
+    run = jax.jit(jax.shard_map(lambda x, v, w: moe_block(x, v, w, spec, 1e-5)[1], mesh=mesh,
+                                in_specs=(P(), P(), jax.tree.map(lambda _: P(), w)), out_specs=P(),
+                                check_vma=False))
+    stats = run(jnp.asarray(rng.standard_normal((1024, d)), jnp.float32), jnp.ones(1024, bool), w)
+    assert stats["load"].sum() == 2048 and stats["dropped"] == 0
+    assert 1.0 <= stats["computed_rows"] / 2048 <= 1.25
 
 
 def test_ragged_exchange_emulation_matches_the_documented_example():
