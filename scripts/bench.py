@@ -73,8 +73,13 @@ class Rooflines:
         all_axes = tuple(mesh.axis_names)
         sharded = NamedSharding(mesh, P(all_axes))
         # (M, K, N) per device; the roof is the fastest: XLA:CPU's rate depends on the shape (float32
-        # ran the square one slower than the model's own matmuls, which put MFU above 1)
-        shapes = [(1024, 1024, 1024), (2048, 512, 1024)] if jax.default_backend() == "cpu" else [(8192, 8192, 8192)]
+        # ran the square one slower than the model's own matmuls, which put MFU above 1). Simulated
+        # CPU devices share the host's cores, so their rows shrink with n: the arrays held for 128
+        # devices stay ~0.5 GB (full-size ones added 2 GB to the 4x2x4x4 run's peak RSS).
+        if jax.default_backend() == "cpu":
+            shapes = [(max(128, 1024 // n), 1024, 1024), (max(128, 2048 // n), 512, 1024)]
+        else:
+            shapes = [(8192, 8192, 8192)]
         mat = jax.jit(jax.shard_map(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype),
                                     mesh=mesh, in_specs=(P(all_axes), P(all_axes)), out_specs=P(all_axes)))
         self.matmuls = [(2 * n * m * k * nn, mat, jax.device_put(jnp.ones((n * m, k), dtype), sharded),
