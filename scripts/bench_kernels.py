@@ -106,7 +106,7 @@ def run(args) -> dict:
                 f()  # untimed: absorbs the other library's spinning threads (see SETTLE)
                 t0 = time.perf_counter()
                 f()
-                if i:  # the first pass compiles and warms up
+                if i:  # the first pass warms up
                     ts.append(time.perf_counter() - t0)
         t_x, t_t = statistics.median(times[0]), (statistics.median(times[1]) if torch_run else None)
         kernels.append({"kernel": name, "unit": unit, "xla": work / t_x, "xla_s": t_x,
