@@ -77,9 +77,10 @@ def _attention_one_query(q_B1HK, k_BSGK, v_BSGK, mask_B1S):
     r = h // g
     eye_GG = jnp.eye(g, dtype=q_B1HK.dtype)
     k_BSJ, v_BSJ = k_BSGK.reshape(b, s, g * k), v_BSGK.reshape(b, s, g * k)  # J = G*K
+    q_BGRK = q_B1HK.reshape(b, g, r, k)
     outs = []
     for i in range(r):  # query heads i, r + i, ... share kv heads 0, 1, ...
-        q_BGK = q_B1HK[:, 0].reshape(b, g, r, k)[:, :, i]
+        q_BGK = q_BGRK[:, :, i]
         q_BJG = (q_BGK[:, :, :, None] * eye_GG[:, None, :]).reshape(b, g * k, g)
         scores_BSG = mm("bsj,bjg->bsg", k_BSJ, q_BJG) * (k ** -0.5)
         if mask_B1S is not None:

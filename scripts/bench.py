@@ -89,14 +89,12 @@ class Rooflines:
         self.big = jax.device_put(jnp.ones((n * words,), dtype), sharded)
         self.read = jax.jit(jax.shard_map(lambda x: jnp.sum(x, dtype=jnp.float32)[None], mesh=mesh,
                                           in_specs=P(all_axes), out_specs=P(all_axes)))
-        self.flops, self.bandwidth = [], []
-        self.sample()  # compiles; discarded
-        self.flops, self.bandwidth = [], []
+        self.flops, self.bandwidth = [], []  # compiled in the first sample's untimed runs
 
     def sample(self):
         import jax
 
-        def seconds(f, *args):  # fastest of 3 after an untimed run (settles after the previous program)
+        def seconds(f, *args):  # fastest of 3 after an untimed run (compiles, or settles after the model)
             jax.block_until_ready(f(*args))
             ts = []
             for _ in range(3):
@@ -223,6 +221,7 @@ def run(args, meshes, shapes) -> dict:
         logits, cache, stats = r["prefill"](r["params"], r["a_tok"], r["a_len"], cache)
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
+        prefill_logits = logits
         for i in range(N):
             pos = put(r["mesh"], layout, "lengths", np.where(r["lengths"] > 0, T + i, -1).astype(np.int32))
             # wait for the argmax before the next step: two multi-device programs in flight at once
@@ -231,36 +230,32 @@ def run(args, meshes, shapes) -> dict:
             logits, cache, _ = r["decode"](r["params"], nxt, pos, cache)
         jax.block_until_ready(logits)
         t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, stats
+        return t1 - t0, t2 - t1, stats, prefill_logits
 
     def peer_pass():
         t0 = time.perf_counter()
         logits, cache = peer["model"].prefill(tokens_host)
         t1 = time.perf_counter()
         peer["model"].decode(logits, cache, N)
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, time.perf_counter() - t1, logits
 
-    for r in runs:  # warm-up
-        one_pass(r)
+    warm_logits = [one_pass(r)[3] for r in runs]  # warm-up
     if peer:
-        peer_pass()
-        # like with like: the peer's last-position logits against each mesh's, same prompt
-        hf_BV = peer["model"].prefill(tokens_host)[0].numpy()
-        for r in runs:
-            cache = model.init_cache(r["rs"], r["mesh"], r["b_pad"], max_len)
-            ours_BV = fetch(r["prefill"](r["params"], r["a_tok"], r["a_len"], cache)[0])[:B]
+        hf_BV = peer_pass()[2].numpy()
+        for r, logits in zip(runs, warm_logits):  # like with like: same prompt, last-position logits
+            ours_BV = fetch(logits)[:B]
             r["vs_hf"] = {"logits_max_abs_diff": float(np.max(np.abs(ours_BV - hf_BV))),
                           "logits_max_abs": float(np.max(np.abs(hf_BV))),
                           "next_token_agreement": float(np.mean(ours_BV.argmax(-1) == hf_BV.argmax(-1)))}
     for i in range(args.repeats):
         for r in runs:
-            p, d, stats = one_pass(r)
+            p, d, stats, _ = one_pass(r)
             r["prefill_s"].append(p)
             r["decode_s"].append(d)
             r["stats"] = stats
             r["roof"].sample()
         if peer:
-            p, d = peer_pass()
+            p, d, _ = peer_pass()
             peer["prefill_s"].append(p)
             peer["decode_s"].append(d)
         print(f"\rtimed repeat {i + 1}/{args.repeats}", end="", file=sys.stderr, flush=True)
@@ -317,10 +312,9 @@ def run(args, meshes, shapes) -> dict:
                      "ttft_s": pre, "prefill_tokens_per_s": B * T / pre,
                      "decode_tokens_per_s": B * N / dec if N else None,
                      "prefill_times_s": peer["prefill_s"], "decode_times_s": peer["decode_s"]}
-        for m in out["meshes"]:
+        for m, r in zip(out["meshes"], runs):
             m["prefill_vs_hf"] = m["prefill_tokens_per_s"] / out["hf"]["prefill_tokens_per_s"]
             m["decode_vs_hf"] = m["decode_tokens_per_s"] / out["hf"]["decode_tokens_per_s"] if N else None
-        for m, r in zip(out["meshes"], runs):
             m["prefill_logits_vs_hf"] = r["vs_hf"]
     return out
 

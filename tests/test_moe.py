@@ -66,16 +66,10 @@ def test_even_routing_computes_at_most_a_quarter_more_than_the_top_k_rows():
     cfg = load_config("tiny")
     rng = np.random.default_rng(0)
     d, e, f = cfg.d_model, cfg.num_experts, cfg.expert_ffn
-    spec = MoeSpec(num_experts=e, top_k=2, policy="dropless", capacity_factor=2.0, expert_axes=("ep",),
-                   expert_shards=1, ffn_axis=None, ffn_shards=1, round_axes=("ep",))
-    w = {"moe_norm": jnp.ones(d), "router": jnp.asarray(rng.standard_normal((d, e)), jnp.float32),
-         **{n: [jnp.asarray(0.1 * rng.standard_normal(s), jnp.float32) for _ in range(e)]
+    w = {"moe_norm": np.ones(d, np.float32), "router": rng.standard_normal((d, e)).astype(np.float32),
+         **{n: 0.1 * rng.standard_normal((e,) + s).astype(np.float32)
             for n, s in (("w1", (d, f)), ("w3", (d, f)), ("w2", (f, d)))}}
-    mesh = make_mesh(parse_mesh("1x1x1x1"))
-    run = jax.jit(jax.shard_map(lambda x, v, w: moe_block(x, v, w, spec, 1e-5)[1], mesh=mesh,
-                                in_specs=(P(), P(), jax.tree.map(lambda _: P(), w)), out_specs=P(),
-                                check_vma=False))
-    stats = run(jnp.asarray(rng.standard_normal((1024, d)), jnp.float32), jnp.ones(1024, bool), w)
+    _, stats = _run_moe(rng.standard_normal((1024, d)).astype(np.float32), w, "dropless", 2.0, k=2)
     assert stats["load"].sum() == 2048 and stats["dropped"] == 0
     assert 1.0 <= stats["computed_rows"] / 2048 <= 1.25
 
@@ -131,8 +125,9 @@ def _expert_out(x, w, t, e):
 
 
 def _run_moe(x, w, policy, cf, k=1):
-    spec = MoeSpec(num_experts=4, top_k=k, policy=policy, capacity_factor=cf, expert_axes=("ep",), expert_shards=1,
-                   ffn_axis=None, ffn_shards=1, round_axes=("dp", "tp", "ep"))
+    spec = MoeSpec(num_experts=w["router"].shape[1], top_k=k, policy=policy, capacity_factor=cf,
+                   expert_axes=("ep",), expert_shards=1, ffn_axis=None, ffn_shards=1,
+                   round_axes=("dp", "tp", "ep"))
     mesh = make_mesh(parse_mesh("1x1x1x1"))
     f = jax.jit(jax.shard_map(lambda x, v, w: moe_block(x, v, w, spec, 1e-5), mesh=mesh,
                               in_specs=P(), out_specs=P(), check_vma=False))
