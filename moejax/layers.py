@@ -40,11 +40,19 @@ def apply_rope(x_BTHK, cos_BTK, sin_BTK):
 def attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, causal: bool = False):
     """Grouped-query attention; scores and softmax in float32, probabilities in the input dtype.
 
-    On GPU this is `jax.nn.dot_product_attention`, so that XLA may pick the fused cuDNN kernel. On
-    CPU the same arithmetic is written out: jax's version asks for an F16_F16_F32 dot algorithm that
-    XLA:CPU rejects.
+    On GPU this is `jax.nn.dot_product_attention`: causal 16-bit attention (prefill) asks for cuDNN's
+    fused kernel, which never materialises the [H, T, S] scores (jax's default is its XLA version),
+    and falls back to the XLA version where cuDNN refuses the shapes at trace time. On CPU the same
+    arithmetic is written out: jax's version asks for an F16_F16_F32 dot algorithm that XLA:CPU
+    rejects.
     """
     if jax.default_backend() == "gpu":
+        if causal and mask_BTS is None and q_BTHK.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, is_causal=True,
+                                                    implementation="cudnn")
+            except (ValueError, NotImplementedError, RuntimeError):
+                pass  # cuDNN missing or the shapes unsupported: XLA's version below
         mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
         return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, is_causal=causal)
     b, t, h, k = q_BTHK.shape

@@ -22,7 +22,7 @@ from moejax import layers
 from moejax.config import ModelConfig
 from moejax.layers import F32, mm
 from moejax.mesh import AXES, MeshShape, mesh_shape_of
-from moejax.moe import KERNELS, POLICIES, MoeSpec, moe_block, resolve_kernel
+from moejax.moe import KERNELS, POLICIES, STACKED_KERNELS, MoeSpec, moe_block, resolve_kernel
 from moejax.pipeline import staggered
 from moejax.rules import Layout, param_shapes
 from moejax.errors import UserError
@@ -44,7 +44,7 @@ class RunSpec:
     policy: str = "dropless"
     capacity_factor: float = 2.0
     microbatches: int = 1
-    moe_kernel: str = "auto"  # auto (ragged where the backend runs ragged all-to-all), buffers, ragged
+    moe_kernel: str = "auto"  # auto, buffers, batched, ragged (moe.resolve_kernel, moe's docstring)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -126,7 +126,7 @@ def serving_params(params: dict, rs: RunSpec, mesh) -> dict:
     out = {n: v for n, v in params.items() if n not in LAYER_PARAMS}
     specs = serving_specs(rs)
     for name in LAYER_PARAMS:
-        if name in EXPERT_PARAMS and rs.kernel == "ragged":  # local experts stacked: [pp, shards, E_loc, D, F]
+        if name in EXPERT_PARAMS and rs.kernel in STACKED_KERNELS:  # local experts stacked: [pp, shards, E_loc, D, F]
             def split(w):
                 w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
                 return tuple(w[:, l] for l in range(lp))
@@ -144,13 +144,13 @@ def serving_params(params: dict, rs: RunSpec, mesh) -> dict:
 
 def serving_specs(rs: RunSpec) -> dict:
     """PartitionSpecs of the `serving_params` pytree: per local layer, and for expert tensors per
-    local expert ([pp, shards, D, F] each) or, under the ragged kernel, all local experts in one
+    local expert ([pp, shards, D, F] each) or, under the batched and ragged kernels, all local experts in one
     [pp, shards, E_loc, D, F] buffer."""
     lp = rs.cfg.num_layers // rs.shape.pp
     e_loc = rs.cfg.num_experts // rs.layout.shards("experts", rs.shape)
 
     def serving(name, spec):
-        if name in EXPERT_PARAMS and rs.kernel == "ragged":
+        if name in EXPERT_PARAMS and rs.kernel in STACKED_KERNELS:
             return (P(spec[0], spec[1], None, *spec[2:]),) * lp
         if name in EXPERT_PARAMS:
             return ((spec,) * e_loc,) * lp
@@ -253,7 +253,7 @@ def _local(a, name: str = ""):
     """Drop the unit stage axis (and expert-shard axis) of a serving buffer: a bitcast, not a copy."""
     if isinstance(a, tuple):  # per local expert: [1, 1, D, F] each
         return [x.reshape(x.shape[2:]) for x in a]
-    if name in EXPERT_PARAMS:  # ragged kernel: [1, 1, E_loc, D, F]
+    if name in EXPERT_PARAMS:  # batched and ragged kernels: [1, 1, E_loc, D, F]
         return a.reshape(a.shape[2:])
     return a.reshape(a.shape[1:])
 

@@ -5,7 +5,11 @@
 
 Buffers have fixed capacity C per (source device, expert) pair: ragged all-to-all does not run on
 XLA:CPU. `dropless` serves overflow in further rounds of the same exchange until every assignment
-is served; `drop` and `reroute` run one round.
+is served; `drop` and `reroute` run one round. Three kernels run the local experts:
+  buffers  one `lax.switch` per expert over static row counts (CPU: an idle expert reads nothing)
+  batched  the same buffers, all local experts as one batched matmul over every buffer row (GPU: no
+           per-expert conditionals, each of which costs a device-to-host sync there)
+  ragged   no capacity padding: ragged all-to-all and grouped matmuls (`ragged_dot`)
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ import jax.numpy as jnp
 from moejax.layers import F32, mm, rmsnorm
 
 POLICIES = ("dropless", "drop", "reroute")
-KERNELS = ("auto", "buffers", "ragged")
+KERNELS = ("auto", "buffers", "batched", "ragged")
+STACKED_KERNELS = ("batched", "ragged")  # these take each layer's local experts as one [E_loc, D, F] tensor
 I32 = jnp.int32
 MIN_ROWS = 8  # buffer rows an expert gets from a source at least (<= N)
 MIN_DOT_ROWS = 2  # XLA:CPU upcasts bf16 matrix-vector (1-row) dots to float32 copies of the weights
+BATCHED_MIN_ROWS = 64  # batched kernel: up to this many tokens (decode) take one round of N-row buffers;
+# a GPU reads an expert's weights in the same time for 1 or 64 rows (64 FLOPs per weight byte is
+# under its ridge), and a data-dependent round count would cost a device-to-host sync per layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +46,7 @@ class MoeSpec:
     ffn_axis: str | None  # 'tp' when each expert's F dimension is split (partial sums)
     ffn_shards: int
     round_axes: tuple  # every axis but pp: a stage's devices agree on the dropless round count
-    kernel: str = "buffers"  # or "ragged": ragged all-to-all + grouped matmul (ragged_dot), see serve_ragged
+    kernel: str = "buffers"  # or "batched" or "ragged" (module docstring)
 
     def capacity(self, n_tokens: int) -> int:
         """Assignments an expert accepts from one source under `drop` / `reroute`."""
@@ -51,6 +59,8 @@ class MoeSpec:
         rows = self.capacity(n_tokens)
         if self.policy == "dropless":
             rows = max(rows, min(n_tokens, MIN_ROWS))
+            if self.kernel == "batched" and n_tokens <= BATCHED_MIN_ROWS:
+                rows = n_tokens  # one static round
         return max(rows, MIN_DOT_ROWS)
 
 
@@ -167,6 +177,31 @@ def serve_round(x_pad_ND, experts_A, slot_A, in_round_A, weights_A, w, capacity:
     rows_SLCD = recv_ECD.reshape(n_src, e_loc, C, D)
     got_SL = got_E.reshape(n_src, e_loc)
     out_dtype = F32 if spec.ffn_axis else x_pad_ND.dtype  # partial sums stay float32
+    if spec.kernel == "batched":  # empty slots hold the zero row, whose SwiGLU output is zero
+        rows_LRD = rows_SLCD.transpose(1, 0, 2, 3).reshape(e_loc, n_src * C, D)
+        y_LRD = swiglu_batched(rows_LRD, w["w1"], w["w3"], w["w2"], out_dtype)
+        out_ECD = y_LRD.reshape(e_loc, n_src, C, D).transpose(1, 0, 2, 3).reshape(E, C, D)
+        computed = jnp.asarray(e_loc * n_src * C, I32)
+    else:
+        out_ECD, computed = local_experts_switched(rows_SLCD, got_SL, w, n_rows, spec, out_dtype)
+    back_ECD = exchange(out_ECD, spec)
+    got_AD = back_ECD.reshape(E * C, D)[jnp.where(in_round_A, flat_A, 0)]
+    return got_AD.astype(F32) * jnp.where(in_round_A, weights_A, 0.0)[:, None], computed
+
+
+def swiglu_batched(x_LRD, w1_LDF, w3_LDF, w2_LFD, out_dtype):
+    """`swiglu` for all local experts at once: one batched matmul per expert matrix."""
+    cdt = x_LRD.dtype
+    g_LRF = mm("lrd,ldf->lrf", x_LRD, w1_LDF).astype(cdt)
+    u_LRF = mm("lrd,ldf->lrf", x_LRD, w3_LDF).astype(cdt)
+    return mm("lrf,lfd->lrd", jax.nn.silu(g_LRF) * u_LRF, w2_LFD).astype(out_dtype)
+
+
+def local_experts_switched(rows_SLCD, got_SL, w, n_rows: int, spec: MoeSpec, out_dtype):
+    """The buffers kernel: each local expert on its filled rows through `expert_on_rows`. Returns
+    the outputs [E, C, D] in the received layout and the rows computed."""
+    n_src, e_loc, C, D = rows_SLCD.shape
+    E = spec.num_experts
     mean_rows = n_src * n_rows * spec.top_k / E  # an expert's rows per round under even routing
     outs, computed = [], 0
     for j in range(e_loc):
@@ -181,10 +216,7 @@ def serve_round(x_pad_ND, experts_A, slot_A, in_round_A, weights_A, w, capacity:
         if n_src > 1:
             y_RD = jnp.zeros_like(y_RD).at[order_R].set(y_RD)
         outs.append(y_RD.reshape(n_src, C, D))
-    out_ECD = jnp.stack(outs, axis=1).reshape(E, C, D)
-    back_ECD = exchange(out_ECD, spec)
-    got_AD = back_ECD.reshape(E * C, D)[jnp.where(in_round_A, flat_A, 0)]
-    return got_AD.astype(F32) * jnp.where(in_round_A, weights_A, 0.0)[:, None], computed
+    return jnp.stack(outs, axis=1).reshape(E, C, D), computed
 
 
 def resolve_kernel(kernel: str, backend: str) -> str:

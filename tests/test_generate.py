@@ -62,6 +62,10 @@ def test_ragged_kernel_generates_the_same_tokens(one_device_tokens):
     assert generate("1x2x2x2", PROMPTS, 10, micro=2, kernel="ragged")["generated_ids"] == one_device_tokens
 
 
+def test_batched_kernel_generates_the_same_tokens(one_device_tokens):
+    assert generate("1x2x2x2", PROMPTS, 10, micro=2, kernel="batched")["generated_ids"] == one_device_tokens
+
+
 def test_mixed_prompt_lengths_give_each_sequence_its_own_tokens():
     prompts = [[9, 8, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [100, 101, 102, 103, 104]]
     together = generate("1x2x2x2", prompts, 6)["generated_ids"]
