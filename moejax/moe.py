@@ -8,7 +8,8 @@ XLA:CPU. `dropless` serves overflow in further rounds of the same exchange until
 is served; `drop` and `reroute` run one round. Three kernels run the local experts:
   buffers  one `lax.switch` per expert over static row counts (CPU: an idle expert reads nothing)
   batched  the same buffers, all local experts as one batched matmul over every buffer row (GPU: no
-           per-expert conditionals, each of which costs a device-to-host sync there)
+           per-expert conditionals, each of which costs a device-to-host sync there); dropless runs
+           one round whose buffer length (m .. 6m or N, m the mean) fits the fullest queue
   ragged   no capacity padding: ragged all-to-all and grouped matmuls (`ragged_dot`)
 """
 
@@ -122,13 +123,14 @@ def swiglu(x_RD, w1_DF, w3_DF, w2_FD, out_dtype):
 
 
 SIZE_FRACTIONS = (0.5, 1.0, 1.25, 1.5)  # of an expert's mean rows m; R (the whole buffer) comes last
+BATCHED_FRACTIONS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)  # batched kernel: of the mean per (source, expert) pair
 
 
-def row_sizes(r: int, mean_rows: float) -> list[int]:
+def row_sizes(r: int, mean_rows: float, fractions=SIZE_FRACTIONS) -> list[int]:
     """Static row counts an expert may compute: m/2, m, 5m/4 and 3m/2 for a mean of m rows per
     expert, and R. Near-even routing then computes ~1.13x the top-k rows (R/4 steps computed 1.25x:
     with a capacity factor of 2, half the experts fell just past m and computed 3m/2)."""
-    return sorted({r} | {min(r, max(MIN_DOT_ROWS, math.ceil(f * mean_rows))) for f in SIZE_FRACTIONS})
+    return sorted({r} | {min(r, max(MIN_DOT_ROWS, math.ceil(f * mean_rows))) for f in fractions})
 
 
 def expert_on_rows(rows_RD, n_rows, mean_rows: float, w1_DF, w3_DF, w2_FD, out_dtype):
@@ -220,9 +222,12 @@ def local_experts_switched(rows_SLCD, got_SL, w, n_rows: int, spec: MoeSpec, out
 
 
 def resolve_kernel(kernel: str, backend: str) -> str:
-    """`auto` takes the ragged path where XLA runs ragged all-to-all (not on CPU: jax-ml/jax#34755)."""
+    """`auto`: buffers on CPU (an idle expert reads no weights), batched elsewhere. On an H200 (jax
+    0.11.2) the batched kernel's seed-10b prefill ran 5.2x faster than the ragged one, whose
+    `ragged_dot` XLA lowers to a dense matmul over every expert, and 2x faster than per-expert
+    branches (docs/PERFORMANCE.md)."""
     if kernel == "auto":
-        return "buffers" if backend == "cpu" else "ragged"
+        return "buffers" if backend == "cpu" else "batched"
     return kernel
 
 
@@ -349,35 +354,41 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
 
     h_pad_ND = jnp.concatenate([h_ND, jnp.zeros((1, d), h_ND.dtype)], axis=0)
 
-    def one_round(r, carry):
+    def one_round(r, carry, size=rows):
         y_ND, computed = carry
-        lo = r * rows
-        in_round_A = served_A & (pos_A >= lo) & (pos_A < lo + rows)
-        got_AD, n = serve_round(h_pad_ND, experts_A, pos_A - lo, in_round_A, weights_A, w, rows, spec)
+        lo = r * size
+        in_round_A = served_A & (pos_A >= lo) & (pos_A < lo + size)
+        got_AD, n = serve_round(h_pad_ND, experts_A, pos_A - lo, in_round_A, weights_A, w, size, spec)
         return y_ND + _per_token(got_AD, k), computed + n
 
     carry = (jnp.zeros((n_tok, d), F32), jnp.zeros((), I32))
     if spec.kernel == "ragged":  # one exchange, no capacity padding, whatever the policy
         got_AD, computed = serve_ragged(h_ND, experts_A, served_A, weights_A, w, spec)
         y_ND = _per_token(got_AD, k)
-        rounds = 0
-    elif spec.policy == "dropless" and rows < n_tok:  # as many rounds as the fullest queue anywhere needs
-        most = jax.lax.pmax(jnp.max(jnp.where(valid_A, pos_A + 1, 0)), spec.round_axes)
-        rounds = (most + rows - 1) // rows
-        y_ND, computed = jax.lax.fori_loop(0, rounds, one_round, carry)
+        exchanged = jnp.sum(served_A, dtype=I32)
+    elif spec.policy == "dropless" and rows < n_tok:
+        most = jax.lax.pmax(jnp.max(jnp.where(valid_A, pos_A + 1, 0)), spec.round_axes)  # fullest queue anywhere
+        if spec.kernel == "batched":  # one round, buffers as long as the fullest queue needs (rounded up)
+            sizes = row_sizes(n_tok, n_tok * k / spec.num_experts, BATCHED_FRACTIONS)  # the last is N
+            which = jnp.searchsorted(jnp.array(sizes, I32), most)
+            branches = [lambda c, size=size: one_round(0, c, size) for size in sizes]
+            y_ND, computed = jax.lax.switch(which, branches, carry)
+            exchanged = spec.num_experts * jnp.array(sizes, I32)[which]
+        else:  # as many rounds of `rows` as the fullest queue needs
+            rounds = (most + rows - 1) // rows
+            y_ND, computed = jax.lax.fori_loop(0, rounds, one_round, carry)
+            exchanged = rounds * spec.num_experts * rows
     else:  # capacity-limited, or buffers as long as the N tokens (decode): one round, no pmax, since
         # an expert gets at most N rows from a source (a token's k experts are distinct)
-        rounds = 1
         y_ND, computed = one_round(0, carry)
+        exchanged = spec.num_experts * rows
     if spec.ffn_axis:
         y_ND = jax.lax.psum_scatter(y_ND, spec.ffn_axis, scatter_dimension=0, tiled=True)
     stats = {
         "load": load_E,
         "dropped": jnp.sum(valid_A & ~served_A, dtype=I32),
         "rerouted": jnp.sum(rerouted_A, dtype=I32),
-        # rows exchanged, padding included (compare with load, the top-k work)
-        "exchanged_rows": (jnp.sum(served_A, dtype=I32) if spec.kernel == "ragged"
-                           else jnp.asarray(rounds * spec.num_experts * rows, I32)),
+        "exchanged_rows": jnp.asarray(exchanged, I32),  # padding included (compare with load, the top-k work)
         "computed_rows": computed // spec.ffn_shards,  # expert rows this device ran (F-slices: a share)
     }
     return y_ND, stats

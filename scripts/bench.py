@@ -46,7 +46,7 @@ def parse_args(argv):
     ap.add_argument("--capacity-policy", default="dropless", choices=("dropless", "drop", "reroute"))
     ap.add_argument("--capacity-factor", type=float, default=2.0)
     ap.add_argument("--moe-kernel", default="auto", choices=("auto", "buffers", "batched", "ragged"),
-                    help="auto = ragged all-to-all + ragged_dot on GPU, capacity buffers on CPU")
+                    help="auto = batched on GPU, buffers on CPU (see --help of infer.py)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the figures to this file")
     ap.add_argument("--compare-hf", action="store_true",

@@ -15,7 +15,7 @@ from moejax import model
 from moejax.config import load_config
 from moejax.generate import put
 from moejax.mesh import make_mesh, parse_mesh
-from moejax.moe import MoeSpec, moe_block, ragged_exchange, row_sizes
+from moejax.moe import BATCHED_FRACTIONS, MoeSpec, moe_block, ragged_exchange, row_sizes
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +137,15 @@ def _expert_out(x, w, t, e):
     return ((g / (1 + np.exp(-g))) * (h @ w["w3"][e])) @ w["w2"][e]
 
 
-def _run_moe(x, w, policy, cf, k=1):
+def _run_moe(x, w, policy, cf, k=1, kernel="buffers"):
     spec = MoeSpec(num_experts=w["router"].shape[1], top_k=k, policy=policy, capacity_factor=cf,
                    expert_axes=("ep",), expert_shards=1, ffn_axis=None, ffn_shards=1,
-                   round_axes=("dp", "tp", "ep"))
+                   round_axes=("dp", "tp", "ep"), kernel=kernel)
     mesh = make_mesh(parse_mesh("1x1x1x1"))
     f = jax.jit(jax.shard_map(lambda x, v, w: moe_block(x, v, w, spec, 1e-5), mesh=mesh,
                               in_specs=P(), out_specs=P(), check_vma=False))
-    w = {k: list(v) if k in ("w1", "w3", "w2") else v for k, v in w.items()}  # one buffer per expert
+    if kernel == "buffers":  # one buffer per expert
+        w = {k: list(v) if k in ("w1", "w3", "w2") else v for k, v in w.items()}
     y, stats = f(x, np.ones(len(x), bool), w)
     return np.asarray(y), {k: np.asarray(v) for k, v in stats.items()}
 
@@ -191,6 +192,36 @@ def test_dropless_serves_an_overloaded_expert_in_extra_rounds():
     assert int(stats["exchanged_rows"]) == 3 * 4 * 8  # expert 0's 17 assignments take 3 rounds
     for t, order in enumerate(prefs):
         np.testing.assert_allclose(y[t], _expert_out(x, w, t, order[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_batched_kernel_sizes_one_round_by_the_fullest_queue():
+    prefs = PREFS + [[0, 1, 2, 3]] * 12  # 20 tokens, 17 of them want expert 0; mean 5 rows per expert
+    x, w = _crafted(prefs)
+    y, stats = _run_moe(x, w, "dropless", cf=0.25, kernel="batched")
+    assert row_sizes(20, 5.0, BATCHED_FRACTIONS) == [5, 7, 8, 10, 13, 15, 20]
+    assert int(stats["dropped"]) == 0
+    assert int(stats["exchanged_rows"]) == int(stats["computed_rows"]) == 4 * 20  # 17 rows: the 20-row size
+    for t, order in enumerate(prefs):
+        np.testing.assert_allclose(y[t], _expert_out(x, w, t, order[0]), rtol=1e-5, atol=1e-6)
+    x, w = _crafted(PREFS)  # 8 tokens <= BATCHED_MIN_ROWS
+    _, stats = _run_moe(x, w, "dropless", cf=0.25, kernel="batched")
+    assert int(stats["computed_rows"]) == 4 * 8  # decode-sized batches: one static N-row round
+
+
+def test_batched_kernel_on_even_routing_computes_the_fullest_queue_rounded_up():
+    cfg = load_config("tiny")
+    rng = np.random.default_rng(0)
+    d, e, f = cfg.d_model, cfg.num_experts, cfg.expert_ffn
+    w = {"moe_norm": np.ones(d, np.float32), "router": rng.standard_normal((d, e)).astype(np.float32),
+         **{n: 0.1 * rng.standard_normal((e,) + s).astype(np.float32)
+            for n, s in (("w1", (d, f)), ("w3", (d, f)), ("w2", (f, d)))}}
+    x = rng.standard_normal((1024, d)).astype(np.float32)
+    y, stats = _run_moe(x, w, "dropless", 2.0, k=2, kernel="batched")
+    want, _ = _run_moe(x, w, "dropless", 2.0, k=2)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    size = min(s for s in row_sizes(1024, 128.0, BATCHED_FRACTIONS) if s >= stats["load"].max())
+    assert int(stats["computed_rows"]) == 16 * size
+    assert stats["computed_rows"] / 2048 <= 1.5  # a capacity factor of 2 computed 2x in every round
 
 
 def test_top2_reroute_with_ample_capacity_equals_dropless():
