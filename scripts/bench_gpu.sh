@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU (H100/H200, JAX already installed): correctness first, then the
 # benchmark points of issue 7 in order of importance (each point's JSON lands in $OUT as it ends, so
-# a run cut short keeps what finished). About 8 minutes on an H200.
+# a run cut short keeps what finished). About 6 minutes on an H200.
 #   bash scripts/bench_gpu.sh            # OUT defaults to /tmp/moejax-gpu
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ python -c "import jax, flax, orbax.checkpoint; print('jax', jax.__version__, jax
 #    cuDNN's fused attention, cached decode against full recomputation
 timeout 150 python -m pytest -q -p no:cacheprovider \
   "tests/test_moe.py::test_batched_kernel_equals_reference[1x1x1x1-seed]" \
+  tests/test_moe.py::test_batched_kernel_sizes_one_round_by_the_fullest_queue \
   "tests/test_moe.py::test_ragged_kernel_equals_reference[1x1x1x1-seed]" \
   "tests/test_model.py::test_bfloat16_run_stays_close_to_the_reference[1x1x1x1]" \
   "tests/test_generate.py::test_cached_greedy_decode_equals_full_recomputation[1x1x1x1-1]" 2>&1 \
@@ -34,21 +35,20 @@ for heads, dim, t in ((16, 128, 2048), (16, 32, 1024)):
     print(f"attention {heads}x{dim}, T={t}: cuDNN fused {fused}, max |diff| vs XLA {err:.4f} (bf16 step at 1: 0.0078)")
 EOF
 
-# 3. benchmark points, most important first: seed-10b (the plan's claimed size) prefill with each
-#    GPU kernel, TTFT of a 10,240-token prompt, decode at batch 64; then the seed config
+# 3. benchmark points, most important first: seed-10b (the plan's claimed size) prefill with the
+#    default GPU kernel (batched) and the exact one (ragged), TTFT of a 10,240-token prompt, decode at
+#    batch 64; then the seed config
 point() {  # name, then bench.py arguments
   local name=$1; shift
   echo "== $name: $*"
   timeout 150 python scripts/bench.py --mesh 1x1x1x1 --dtype bfloat16 --repeats 5 --json "$OUT/$name.json" "$@" \
     2>&1 | grep -v '^timed repeat' | tail -4
 }
-point 10b-prefill-8x1024-batched --config seed-10b --batch 8 --prompt-len 1024 --decode-steps 8 --moe-kernel batched
+point 10b-prefill-8x1024 --config seed-10b --batch 8 --prompt-len 1024 --decode-steps 8
 point 10b-prefill-8x1024-ragged --config seed-10b --batch 8 --prompt-len 1024 --decode-steps 8 --moe-kernel ragged
-point 10b-ttft-10240-batched --config seed-10b --batch 1 --prompt-len 10240 --decode-steps 0 --moe-kernel batched
-point 10b-decode-b64-batched --config seed-10b --batch 64 --prompt-len 128 --decode-steps 32 --moe-kernel batched
-point seed-prefill-8x1024-batched --config seed --batch 8 --prompt-len 1024 --decode-steps 32 --moe-kernel batched
-point 10b-prefill-8x1024-batched-cf125 --config seed-10b --batch 8 --prompt-len 1024 --decode-steps 8 \
-  --moe-kernel batched --capacity-factor 1.25
+point 10b-ttft-10240 --config seed-10b --batch 1 --prompt-len 10240 --decode-steps 0
+point 10b-decode-b64 --config seed-10b --batch 64 --prompt-len 128 --decode-steps 32
+point seed-prefill-8x1024 --config seed --batch 8 --prompt-len 1024 --decode-steps 32
 
 # 4. the kernel rates behind those figures: HBM read, weight streaming of 1-8 row matmuls, matmuls
 echo "== kernels"
