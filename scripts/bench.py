@@ -42,7 +42,7 @@ def parse_args(argv):
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the config's")
     ap.add_argument("--microbatches", type=int,
-                    help="pipeline microbatches (default 2 x pp bounded by the batch; 1 when pp = 1)")
+                    help="pipeline microbatches (default 2 x pp bounded by the batch; 1 when pp = 1 or on CPU)")
     ap.add_argument("--capacity-policy", default="dropless", choices=("dropless", "drop", "reroute"))
     ap.add_argument("--capacity-factor", type=float, default=2.0)
     ap.add_argument("--moe-kernel", default="auto", choices=("auto", "buffers", "batched", "ragged"),
@@ -145,7 +145,7 @@ def run(args, meshes, shapes) -> dict:
     from moejax.config import load_config
     from moejax.generate import fetch, put, round_up
     from moejax.mesh import make_mesh
-    from moejax.pipeline import bubble_fraction
+    from moejax.pipeline import bubble_fraction, default_microbatches
     from moejax.plan import placement
     from moejax.rules import load_layout
 
@@ -177,7 +177,7 @@ def run(args, meshes, shapes) -> dict:
         layout.validate(cfg, shape)
         mesh = make_mesh(shape)
         shards = layout.shards("batch", shape)
-        micro = args.microbatches or (1 if shape.pp == 1 else max(1, min(2 * shape.pp, B // shards)))
+        micro = args.microbatches or default_microbatches(shape.pp, B, shards, backend)
         rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor, micro,
                            args.moe_kernel)
         b_pad = round_up(B, rs.batch_multiple)

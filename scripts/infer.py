@@ -45,7 +45,7 @@ def parse_args(argv):
                     help="expert exchange and compute: capacity buffers + all_to_all with a branch per expert "
                          "(buffers) or one batched matmul (batched), or ragged all-to-all + grouped matmul "
                          "(ragged_dot); auto = batched on GPU, buffers on CPU")
-    ap.add_argument("--microbatches", type=int, help="pipeline microbatches M (default 2 x pp, bounded by the batch; 1 when pp = 1)")
+    ap.add_argument("--microbatches", type=int, help="pipeline microbatches M (default 2 x pp, bounded by the batch; 1 when pp = 1 or on CPU)")
     ap.add_argument("--batch", type=int, help="batch for --plan's KV-cache figure (default: number of prompts)")
     ap.add_argument("--plan", action="store_true", help="print the placement report only (shapes, no weights)")
     ap.add_argument("--json", action="store_true", help="also print one JSON object as the last stdout line")
@@ -119,6 +119,7 @@ def run(args) -> dict:
     from moejax import model
     from moejax.generate import Generator, check_prompts, padded_batch, round_up
     from moejax.mesh import make_mesh
+    from moejax.pipeline import default_microbatches
     from moejax.plan import format_placement, placement
     from moejax.sampling import Sampling
     from moejax.tokenizer import decode, encode
@@ -149,7 +150,7 @@ def run(args) -> dict:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
 
     batch_shards = layout.shards("batch", shape)
-    micro = args.microbatches or (1 if shape.pp == 1 else min(2 * shape.pp, -(-len(prompts) // batch_shards)))
+    micro = args.microbatches or default_microbatches(shape.pp, len(prompts), batch_shards, jax.default_backend())
     policy_cf = {"dropless": 2.0, "drop": 1.25, "reroute": 1.25}[args.capacity_policy]
     rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor or policy_cf, micro,
                        args.moe_kernel)
