@@ -123,7 +123,8 @@ def swiglu(x_RD, w1_DF, w3_DF, w2_FD, out_dtype):
 
 
 SIZE_FRACTIONS = (0.5, 1.0, 1.25, 1.5)  # of an expert's mean rows m; R (the whole buffer) comes last
-BATCHED_FRACTIONS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)  # batched kernel: of the mean per (source, expert) pair
+BATCHED_FRACTIONS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)  # batched kernel: of the mean rows per
+# (source, expert) pair; N, which always fits, comes last
 
 
 def row_sizes(r: int, mean_rows: float, fractions=SIZE_FRACTIONS) -> list[int]:

@@ -45,7 +45,8 @@ def parse_args(argv):
                     help="expert exchange and compute: capacity buffers + all_to_all with a branch per expert "
                          "(buffers) or one batched matmul (batched), or ragged all-to-all + grouped matmul "
                          "(ragged_dot); auto = batched on GPU, buffers on CPU")
-    ap.add_argument("--microbatches", type=int, help="pipeline microbatches M (default 2 x pp, bounded by the batch; 1 when pp = 1 or on CPU)")
+    ap.add_argument("--microbatches", type=int,
+                    help="pipeline microbatches M (default 2 x pp, bounded by the batch; 1 when pp = 1 or on CPU)")
     ap.add_argument("--batch", type=int, help="batch for --plan's KV-cache figure (default: number of prompts)")
     ap.add_argument("--plan", action="store_true", help="print the placement report only (shapes, no weights)")
     ap.add_argument("--json", action="store_true", help="also print one JSON object as the last stdout line")

@@ -61,7 +61,7 @@ def test_batched_kernel_equals_reference(mesh, layout, case):
     got, stats = forward("tiny", mesh, tokens, layout=layout, moe_kernel="batched")
     assert rel_err(got, want) <= RTOL
     assert stats["load"].sum() == 4 * tokens.size * 2 and stats["dropped"].sum() == 0
-    if layout == "seed":  # all 16 experts' buffers, every round: at least the top-k rows
+    if layout == "seed":  # all 16 experts' whole buffers: at least the top-k rows
         assert stats["computed_rows"].sum() >= stats["load"].sum()
         assert stats["computed_rows"].sum() % 16 == 0
 
@@ -74,15 +74,21 @@ def test_row_sizes_step_by_a_quarter_of_the_mean_and_end_at_the_buffer():
     assert row_sizes(40, 7.5) == [4, 8, 10, 12, 40]  # ceil(f x m)
 
 
-def test_even_routing_computes_at_most_a_quarter_more_than_the_top_k_rows():
-    # 1,024 tokens with random routing on one device: every expert gets 128 +- ~11 rows
+def _random_routing():
+    """1,024 tokens and tiny-config MoE weights with a random router: top-2 of 16 experts puts
+    128 +- ~11 rows on each expert."""
     cfg = load_config("tiny")
     rng = np.random.default_rng(0)
     d, e, f = cfg.d_model, cfg.num_experts, cfg.expert_ffn
     w = {"moe_norm": np.ones(d, np.float32), "router": rng.standard_normal((d, e)).astype(np.float32),
          **{n: 0.1 * rng.standard_normal((e,) + s).astype(np.float32)
             for n, s in (("w1", (d, f)), ("w3", (d, f)), ("w2", (f, d)))}}
-    _, stats = _run_moe(rng.standard_normal((1024, d)).astype(np.float32), w, "dropless", 2.0, k=2)
+    return rng.standard_normal((1024, d)).astype(np.float32), w
+
+
+def test_even_routing_computes_at_most_a_quarter_more_than_the_top_k_rows():
+    x, w = _random_routing()
+    _, stats = _run_moe(x, w, "dropless", 2.0, k=2)
     assert stats["load"].sum() == 2048 and stats["dropped"] == 0
     assert 1.0 <= stats["computed_rows"] / 2048 <= 1.25
 
@@ -209,13 +215,7 @@ def test_batched_kernel_sizes_one_round_by_the_fullest_queue():
 
 
 def test_batched_kernel_on_even_routing_computes_the_fullest_queue_rounded_up():
-    cfg = load_config("tiny")
-    rng = np.random.default_rng(0)
-    d, e, f = cfg.d_model, cfg.num_experts, cfg.expert_ffn
-    w = {"moe_norm": np.ones(d, np.float32), "router": rng.standard_normal((d, e)).astype(np.float32),
-         **{n: 0.1 * rng.standard_normal((e,) + s).astype(np.float32)
-            for n, s in (("w1", (d, f)), ("w3", (d, f)), ("w2", (f, d)))}}
-    x = rng.standard_normal((1024, d)).astype(np.float32)
+    x, w = _random_routing()
     y, stats = _run_moe(x, w, "dropless", 2.0, k=2, kernel="batched")
     want, _ = _run_moe(x, w, "dropless", 2.0, k=2)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
