@@ -229,7 +229,13 @@ def _layer(x_BTD, valid_BT, w, side, mode, kv, row0, rs: RunSpec):
     """One decoder layer on one device. x_BTD is identical on the tp ranks before and after."""
     b, t, d = x_BTD.shape
     tp = rs.shape.tp
-    o_BTD, kv = _attention(x_BTD, w, side, mode, kv, row0, rs)
+    if jax.default_backend() == "cpu":  # a device whose rows are all padding skips its attention
+        # (4x2x4x4, 8 prompts on 16 batch shards: prefill 2926 -> 2709 ms, decode step 721 -> 524 ms);
+        # on GPU a conditional costs a device-to-host sync, and batches fill their shards there
+        o_BTD, kv = jax.lax.cond(jnp.any(valid_BT), lambda: _attention(x_BTD, w, side, mode, kv, row0, rs),
+                                 lambda: (jnp.zeros((b, t, d), F32), kv))
+    else:
+        o_BTD, kv = _attention(x_BTD, w, side, mode, kv, row0, rs)
     n = b * t
     n_pad = -(-n // tp) * tp
     x_ND = jnp.pad(x_BTD.reshape(n, d), ((0, n_pad - n), (0, 0)))
