@@ -286,6 +286,8 @@ def run(args, meshes, shapes) -> dict:
             "weight_bytes_per_device": pl["param_bytes_per_device"], "kv_bytes_per_device": pl["kv_bytes_per_device"],
             "bandwidth_bytes_per_s": roof["bandwidth_bytes_per_s"],
             "decode_roofline_tokens_per_s": B * roof["bandwidth_bytes_per_s"] / bytes_step,
+            "decode_bytes_per_step": bytes_step,  # weights + half the KV cache, all devices
+            "decode_bytes_per_s": bytes_step * N / dec if N else None,  # to read against a datasheet figure
             "peak_rss_gb_so_far": rss_gb(), "device_peak_bytes": device_peak(r["mesh"]),
             "hlo_collectives": r["hlo"], "hlo_cudnn_attention_calls": r["fused_attention"],
             "moe": {"dropped": int(stats["dropped"].sum()),

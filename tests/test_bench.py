@@ -20,6 +20,8 @@ def test_bench_two_meshes_writes_the_figures(tmp_path):
         assert m["prefill_tokens_per_s"] == pytest.approx(4 * 16 / m["ttft_s"])
         assert m["decode_tokens_per_s"] > 0 and 0 < m["prefill_mfu"] < 1
         assert m["moe"]["dropped"] == 0
+        assert m["decode_bytes_per_s"] == pytest.approx(m["decode_bytes_per_step"] * 3 / sum(m["decode_times_s"]))
+        assert m["decode_fraction_of_roofline"] == pytest.approx(m["decode_bytes_per_s"] / m["bandwidth_bytes_per_s"])
     one, pipe = res["meshes"]
     assert sum(one["hlo_collectives"].values()) == one["hlo_collectives"]["all-reduce"]  # 1 device: no exchange
     assert pipe["hlo_collectives"]["all-to-all"] > 0 and pipe["hlo_collectives"]["collective-permute"] > 0
