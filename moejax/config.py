@@ -15,6 +15,8 @@ import yaml
 from moejax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
+POLICIES = ("dropless", "drop", "reroute")  # MoE capacity policies (moe.py)
+KERNELS = ("auto", "buffers", "batched", "ragged")  # MoE kernels (moe.py's docstring)
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 

@@ -19,10 +19,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import layers
-from moejax.config import ModelConfig
+from moejax.config import KERNELS, POLICIES, ModelConfig
 from moejax.layers import F32, mm
 from moejax.mesh import AXES, MeshShape, mesh_shape_of
-from moejax.moe import KERNELS, POLICIES, STACKED_KERNELS, MoeSpec, moe_block, resolve_kernel
+from moejax.moe import STACKED_KERNELS, MoeSpec, moe_block, resolve_kernel
 from moejax.pipeline import staggered
 from moejax.rules import Layout, param_shapes
 from moejax.errors import UserError

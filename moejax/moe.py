@@ -23,8 +23,6 @@ import jax.numpy as jnp
 
 from moejax.layers import F32, mm, rmsnorm
 
-POLICIES = ("dropless", "drop", "reroute")
-KERNELS = ("auto", "buffers", "batched", "ragged")
 STACKED_KERNELS = ("batched", "ragged")  # these take each layer's local experts as one [E_loc, D, F] tensor
 I32 = jnp.int32
 MIN_ROWS = 8  # buffer rows an expert gets from a source at least (<= N)
@@ -173,19 +171,18 @@ def serve_round(x_pad_ND, experts_A, slot_A, in_round_A, weights_A, w, capacity:
     tokens_A = jnp.tile(jnp.arange(n_rows, dtype=I32), spec.top_k)
     slot_token_EC = jnp.full((E * C,), n_rows, I32).at[flat_A].set(tokens_A, mode="drop").reshape(E, C)
     send_ECD = x_pad_ND[slot_token_EC]
-    sent_E = jnp.zeros((E,), I32).at[experts_A].add(in_round_A.astype(I32))
     recv_ECD = exchange(send_ECD, spec)  # [shards * E_loc, C, D]: block s came from source s
-    got_E = exchange(sent_E, spec)  # rows filled in each received block
     n_src, e_loc = spec.expert_shards, E // spec.expert_shards
     rows_SLCD = recv_ECD.reshape(n_src, e_loc, C, D)
-    got_SL = got_E.reshape(n_src, e_loc)
     out_dtype = F32 if spec.ffn_axis else x_pad_ND.dtype  # partial sums stay float32
     if spec.kernel == "batched":  # empty slots hold the zero row, whose SwiGLU output is zero
         rows_LRD = rows_SLCD.transpose(1, 0, 2, 3).reshape(e_loc, n_src * C, D)
         y_LRD = swiglu_batched(rows_LRD, w["w1"], w["w3"], w["w2"], out_dtype)
         out_ECD = y_LRD.reshape(e_loc, n_src, C, D).transpose(1, 0, 2, 3).reshape(E, C, D)
         computed = jnp.asarray(e_loc * n_src * C, I32)
-    else:
+    else:  # the row counts travel too: each expert computes only its filled rows
+        sent_E = jnp.zeros((E,), I32).at[experts_A].add(in_round_A.astype(I32))
+        got_SL = exchange(sent_E, spec).reshape(n_src, e_loc)  # rows filled in each received block
         out_ECD, computed = local_experts_switched(rows_SLCD, got_SL, w, n_rows, spec, out_dtype)
     back_ECD = exchange(out_ECD, spec)
     got_AD = back_ECD.reshape(E * C, D)[jnp.where(in_round_A, flat_A, 0)]

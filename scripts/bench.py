@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moejax.cli import limit_malloc_arenas  # noqa: E402
+from moejax.config import DTYPES, KERNELS, POLICIES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
@@ -40,12 +41,12 @@ def parse_args(argv):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=64)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the config's")
+    ap.add_argument("--dtype", choices=DTYPES, help="default: the config's")
     ap.add_argument("--microbatches", type=int,
                     help="pipeline microbatches (default 2 x pp bounded by the batch; 1 when pp = 1 or on CPU)")
-    ap.add_argument("--capacity-policy", default="dropless", choices=("dropless", "drop", "reroute"))
+    ap.add_argument("--capacity-policy", default="dropless", choices=POLICIES)
     ap.add_argument("--capacity-factor", type=float, default=2.0)
-    ap.add_argument("--moe-kernel", default="auto", choices=("auto", "buffers", "batched", "ragged"),
+    ap.add_argument("--moe-kernel", default="auto", choices=KERNELS,
                     help="auto = batched on GPU, buffers on CPU (see --help of infer.py)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the figures to this file")
@@ -177,7 +178,7 @@ def run(args, meshes, shapes) -> dict:
         layout.validate(cfg, shape)
         mesh = make_mesh(shape)
         shards = layout.shards("batch", shape)
-        micro = args.microbatches or default_microbatches(shape.pp, B, shards, backend)
+        micro = args.microbatches or default_microbatches(shape.pp, B, shards)
         rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor, micro,
                            args.moe_kernel)
         b_pad = round_up(B, rs.batch_multiple)

@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moejax.cli import guarded, limit_malloc_arenas  # noqa: E402  (no JAX yet: devices come first)
+from moejax.config import DTYPES, KERNELS, POLICIES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
@@ -36,12 +37,12 @@ def parse_args(argv):
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    ap.add_argument("--dtype", choices=DTYPES,
                     help="parameter and compute dtype (default: the config's)")
-    ap.add_argument("--capacity-policy", default="dropless", choices=("dropless", "drop", "reroute"))
+    ap.add_argument("--capacity-policy", default="dropless", choices=POLICIES)
     ap.add_argument("--capacity-factor", type=float, default=None,
                     help="expert capacity per source device = ceil(cf * tokens * k / experts)")
-    ap.add_argument("--moe-kernel", default="auto", choices=("auto", "buffers", "batched", "ragged"),
+    ap.add_argument("--moe-kernel", default="auto", choices=KERNELS,
                     help="expert exchange and compute: capacity buffers + all_to_all with a branch per expert "
                          "(buffers) or one batched matmul (batched), or ragged all-to-all + grouped matmul "
                          "(ragged_dot); auto = batched on GPU, buffers on CPU")
@@ -151,7 +152,7 @@ def run(args) -> dict:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
 
     batch_shards = layout.shards("batch", shape)
-    micro = args.microbatches or default_microbatches(shape.pp, len(prompts), batch_shards, jax.default_backend())
+    micro = args.microbatches or default_microbatches(shape.pp, len(prompts), batch_shards)
     policy_cf = {"dropless": 2.0, "drop": 1.25, "reroute": 1.25}[args.capacity_policy]
     rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor or policy_cf, micro,
                        args.moe_kernel)
