@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import sys
 
 from moejax.errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the scripts' shared defaults; a bad flag or value (an invalid choice, a
+    non-number) is one line and exit code 2, like every other user error, not usage plus a line."""
+
+    def __init__(self, description: str):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
 
 
 def guarded(run, args) -> int:

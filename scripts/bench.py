@@ -14,7 +14,6 @@ logits, as moejax's; greedy decode with its KV cache).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -24,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import limit_malloc_arenas  # noqa: E402
+from moejax.cli import ArgumentParser, limit_malloc_arenas  # noqa: E402
 from moejax.config import DTYPES, KERNELS, POLICIES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
@@ -33,7 +32,7 @@ COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "coll
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
     ap.add_argument("--config", default="seed", help="ignored with --ckpt (the checkpoint's config is used)")
     ap.add_argument("--mesh", action="append", help="DPxPPxTPxEP; repeat to compare (default 1x1x1x1)")
     ap.add_argument("--layout", default="seed")

@@ -18,7 +18,6 @@ torch's Linear keeps it) alternating with XLA's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -27,16 +26,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moejax.cli import ArgumentParser  # noqa: E402
+from moejax.config import DTYPES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 
-DTYPES = ("bfloat16", "float32", "float16")
 # SETTLE: each timed run follows an untimed run of the same kernel. The other library's worker
 # threads spin-wait for a while after their last task, and on 2 cores that slowed XLA's short matmuls
 # by up to 40% when timed right after torch; sleeping instead slowed both (cores idle down).
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
     ap.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--weight-mb", type=int, default=128,

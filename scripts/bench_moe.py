@@ -10,7 +10,6 @@ expert rows computed and exchanged against the top-k work (N x k), and the colle
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -19,17 +18,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moejax.cli import ArgumentParser  # noqa: E402
+from moejax.config import DTYPES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
     ap.add_argument("--config", default="seed")
     ap.add_argument("--layout", default="seed")
     ap.add_argument("--mesh", action="append", help="meshes to compare with 1x1x1x1 (default 1x1x2x4, 1x1x1x8)")
     ap.add_argument("--tokens", type=int, default=1024, help="tokens in the layer (default 8 x 128)")
-    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     ap.add_argument("--capacity-factor", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the results to this file")

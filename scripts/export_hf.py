@@ -4,7 +4,6 @@
     python scripts/export_hf.py CKPT OUT [--max-shard-gb 5] [--force]
 """
 
-import argparse
 import json
 import os
 import sys
@@ -12,7 +11,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import guarded, peak_rss_bytes, progress  # noqa: E402
+from moejax.cli import ArgumentParser, guarded, peak_rss_bytes, progress  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 
 
@@ -38,7 +37,7 @@ def run(args):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
     ap.add_argument("ckpt")
     ap.add_argument("out")
     ap.add_argument("--max-shard-gb", type=float, default=5.0)

@@ -7,7 +7,6 @@ Reads tensor by tensor (peak memory ~ one copy of the model) and refuses, naming
 moejax does not implement (sliding window, tied embeddings, biases, RoPE scaling, ...).
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -16,7 +15,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import guarded, peak_rss_bytes, progress  # noqa: E402
+from moejax.cli import ArgumentParser, guarded, peak_rss_bytes, progress  # noqa: E402
+from moejax.config import DTYPES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 
 
@@ -42,10 +42,10 @@ def run(args):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
     ap.add_argument("hf_dir")
     ap.add_argument("out")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
+    ap.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--json", action="store_true")
     sys.exit(guarded(run, ap.parse_args()))

@@ -7,14 +7,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import guarded, limit_malloc_arenas  # noqa: E402  (no JAX yet: devices come first)
+from moejax.cli import ArgumentParser, guarded, limit_malloc_arenas  # noqa: E402  (no JAX yet: devices come first)
 from moejax.config import DTYPES, KERNELS, POLICIES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
@@ -23,7 +22,7 @@ DEFAULT_PROMPT = "The quick brown fox"
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
     ap.add_argument("--mesh", default="1x1x1x1", help="DPxPPxTPxEP, e.g. 4x2x4x4")
     ap.add_argument("--config", help="model config (file or name in configs/; default configs/seed.yaml, or the "
                     "checkpoint's with --ckpt)")

@@ -9,7 +9,6 @@ directory, verified against SRC (fingerprints of every tensor: bit-equal, or equ
 dtype cast), and only then moved into place; an existing DST is replaced only with --force.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -18,7 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import guarded, limit_malloc_arenas, peak_rss_bytes  # noqa: E402
+from moejax.cli import ArgumentParser, guarded, limit_malloc_arenas, peak_rss_bytes  # noqa: E402
+from moejax.config import DTYPES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
@@ -103,12 +103,12 @@ def run(args):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--mesh", required=True)
     ap.add_argument("--layout", help="default: the layout SRC was saved for")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: SRC's dtype")
+    ap.add_argument("--dtype", choices=DTYPES, help="default: SRC's dtype")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

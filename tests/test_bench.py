@@ -32,6 +32,7 @@ def test_bench_two_meshes_writes_the_figures(tmp_path):
     (["--mesh", "1x2x2"], "1x2x2"),
     (["--batch", "0"], "--batch 0"),
     (["--prompt-len", "10000", "--decode-steps", "1000"], "max_seq_len"),
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
 ])
 def test_bench_bad_input_is_one_line_and_exit_code_2(args, message):
     r = run_script("bench.py", "--config", "tiny", *args, timeout=120)
