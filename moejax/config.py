@@ -40,6 +40,7 @@ class ModelConfig:
     max_seq_len: int = 10240
     bos_token_id: int = 1
     eos_token_id: int = 2
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training (HF Mixtral's)
     description: str = ""
 
     def __post_init__(self):
@@ -60,6 +61,8 @@ class ModelConfig:
             raise UserError(f"config {self.name}: param_dtype={self.param_dtype!r}; valid: {', '.join(DTYPES)}")
         if not (float(self.rope_theta) > 0 and float(self.rms_norm_eps) > 0):
             raise UserError(f"config {self.name}: rope_theta and rms_norm_eps must be positive")
+        if not float(self.router_aux_loss_coef) >= 0:
+            raise UserError(f"config {self.name}: router_aux_loss_coef={self.router_aux_loss_coef!r} must be >= 0")
         for f in ("bos_token_id", "eos_token_id"):
             v = getattr(self, f)
             if not (isinstance(v, int) and 0 <= v < self.vocab_size):
@@ -124,7 +127,7 @@ def config_from_dict(d: dict, name: str) -> ModelConfig:
         raise UserError(f"config {name}: missing key {missing[0]!r}")
     d = dict(d)
     d["name"] = str(d.get("name", name))
-    for f in ("rope_theta", "rms_norm_eps"):
+    for f in ("rope_theta", "rms_norm_eps", "router_aux_loss_coef"):
         if f in d:
             try:
                 d[f] = float(d[f])

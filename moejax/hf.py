@@ -56,6 +56,7 @@ def config_from_hf(hf_dir: str) -> ModelConfig:
             "max_seq_len": int(c.get("max_position_embeddings", 4096)),
             "bos_token_id": c.get("bos_token_id") if c.get("bos_token_id") is not None else 1,
             "eos_token_id": c.get("eos_token_id") if isinstance(c.get("eos_token_id"), int) else 2,
+            "router_aux_loss_coef": float(c.get("router_aux_loss_coef", 0.001)),
             "description": f"imported from Hugging Face {os.path.basename(os.path.abspath(hf_dir))}",
         }, os.path.basename(os.path.abspath(hf_dir)))
     except KeyError as e:
@@ -71,7 +72,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "num_attention_heads": cfg.num_heads, "num_experts_per_tok": cfg.experts_per_token,
         "num_hidden_layers": cfg.num_layers, "num_key_value_heads": cfg.num_kv_heads,
         "num_local_experts": cfg.num_experts, "output_router_logits": False, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}, "router_aux_loss_coef": 0.001,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "router_aux_loss_coef": cfg.router_aux_loss_coef,
         "router_jitter_noise": 0.0, "sliding_window": None, "tie_word_embeddings": False, "use_cache": True,
         "vocab_size": cfg.vocab_size,
     }
