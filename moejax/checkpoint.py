@@ -2,27 +2,118 @@
 
 A checkpoint directory holds numbered steps (`CheckpointManager`); each step has `params` (the
 stacked tensors, written shard by shard from whatever mesh they live on) and `meta` (JSON: the model
-config, layout rules, mesh and dtype). Restoring reads each device's shards straight into the target
-mesh's shardings: no host copy of the whole model. A save killed midway leaves `N.orbax-checkpoint-tmp`,
-which `latest complete step` ignores.
+config, layout rules, mesh, dtype and a checksum of every tensor). Restoring reads each device's shards
+straight into the target mesh's shardings: no host copy of the whole model. A save killed midway
+leaves `N.orbax-checkpoint-tmp`, which `latest complete step` ignores.
+
+Checksums: orbax's files carry none (zeroed or cut bytes in a data file restored silently), so `save`
+stores per tensor two 32-bit sums over the bit patterns of the stacked array (`tensor_checksum`), and
+`restore` recomputes them on the devices after reading and refuses a tensor that differs. Steps saved
+before checksums existed still restore, with one line on stderr saying they are not verified.
+
+Errors: what is wrong on disk (a missing, unreadable, truncated or damaged file, a format that is not
+a moejax checkpoint) is a `UserError` naming the file and the reason; anything else propagates as
+the bug it is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
+import json
 import os
-import time
+import re
+import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
+from moejax.cli import os_reason
 from moejax.config import ModelConfig, config_from_dict
 from moejax.errors import UserError
 from moejax.rules import Layout, param_shapes
 
 FORMAT = "moejax-checkpoint-1"
+CHECKSUM = "sum32x2-v1"  # see tensor_checksum
+_MULT = 2654435761  # odd: the position weights i * _MULT + 1 differ for any two positions mod 2**32
+_HOST_CHUNK = 1 << 24  # elements per host piece (64 MB of uint32 temporaries)
+_warned_unverified: set = set()
+
+
+def _uint(dtype) -> type:
+    size = np.dtype(dtype).itemsize
+    if size not in (1, 2, 4):
+        raise ValueError(f"no checksum for {size}-byte elements ({dtype})")
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32}[size]
+
+
+@functools.lru_cache(maxsize=1)
+def _host_weights() -> np.ndarray:
+    return np.arange(_HOST_CHUNK, dtype=np.uint32) * np.uint32(_MULT) + np.uint32(1)
+
+
+def _host_sums(x: np.ndarray, offset: int) -> np.ndarray:
+    """The two sums of a contiguous host block whose first element has flat index `offset`:
+    the weight of flat index i + o is (i * M + 1) + o * M, all mod 2**32."""
+    flat = np.ascontiguousarray(x).reshape(-1).view(_uint(x.dtype))
+    out = np.zeros(2, np.uint32)
+    for start in range(0, flat.size, _HOST_CHUNK):
+        bits = flat[start:start + _HOST_CHUNK].astype(np.uint32, copy=False)
+        w = _host_weights()[: bits.size] + np.uint32((offset + start) * _MULT % 2**32)
+        out += np.array([bits.sum(dtype=np.uint32), np.dot(bits, w)], np.uint32)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sums_fn():
+    import jax.numpy as jnp
+
+    def sums(x):
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(_uint(x.dtype))).astype(jnp.uint32)
+        pos, stride = jnp.zeros(x.shape, jnp.uint32), 1  # flat C-order index mod 2**32, elementwise in
+        for ax in reversed(range(x.ndim)):  # x's own shape so that every device sums its own shard
+            pos = pos + jax.lax.broadcasted_iota(jnp.uint32, x.shape, ax) * jnp.uint32(stride % 2**32)
+            stride *= x.shape[ax]
+        w = pos * jnp.uint32(_MULT) + jnp.uint32(1)
+        return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * w, dtype=jnp.uint32)])
+
+    return jax.jit(lambda tree: {n: sums(x) for n, x in tree.items()})
+
+
+def tensor_checksums(params: dict) -> dict:
+    """{name: 'xxxxxxxx-yyyyyyyy'} per tensor: over the array's element bit patterns b_i (i the flat
+    C-order index), sum b_i and sum b_i * (i * 2654435761 + 1), both mod 2**32. Any change of one
+    element changes the first; moved, swapped or zeroed blocks change the second. Integer sums are
+    exact in any order, so the value does not depend on the mesh: JAX arrays are summed on their own
+    devices (no gather), NumPy arrays on the host, one piece at a time."""
+    out, dev = {}, {}
+    for n, a in params.items():
+        if isinstance(a, jax.Array):
+            dev[n] = a
+        else:
+            a = np.asarray(a)
+            out[n] = checksum_of_blocks(a[i] for i in range(a.shape[0])) if a.ndim else checksum_of_blocks([a])
+    if dev:
+        for n, v in _device_sums_fn()(dev).items():
+            out[n] = _hex(np.asarray(v.addressable_data(0)))
+    return dict(sorted(out.items()))
+
+
+def checksum_of_blocks(blocks) -> str:
+    """`tensor_checksums`' value for the array whose C-order elements are those of `blocks` (host
+    arrays) one after another: a tensor read or converted one slice at a time."""
+    s, offset = np.zeros(2, np.uint32), 0
+    for b in blocks:
+        b = np.asarray(b)
+        s += _host_sums(b, offset)
+        offset += b.size
+    return _hex(s)
+
+
+def _hex(v) -> str:
+    return f"{int(v[0]):08x}-{int(v[1]):08x}"
 
 
 def _manager(directory: str, create: bool) -> ocp.CheckpointManager:
@@ -32,11 +123,14 @@ def _manager(directory: str, create: bool) -> ocp.CheckpointManager:
 
 def save(directory: str, params: dict, cfg: ModelConfig, layout: Layout, dtype: str, mesh_text: str,
          step: int | None = None) -> int:
-    """Save stacked `params` as a new step (one past the latest, unless given). Returns the step."""
+    """Save stacked `params` as a new step (one past the latest, unless given), with a checksum of
+    every tensor in its metadata. Returns the step."""
+    checksums = tensor_checksums(params)
     mgr = _manager(directory, create=True)
     step = (mgr.latest_step() + 1 if mgr.latest_step() is not None else 0) if step is None else step
     meta = {"format": FORMAT, "config": dataclasses.asdict(cfg), "layout": layout.name,
-            "rules": {k: list(v) for k, v in layout.rules.items()}, "dtype": dtype, "mesh": mesh_text}
+            "rules": {k: list(v) for k, v in layout.rules.items()}, "dtype": dtype, "mesh": mesh_text,
+            "checksums": {"algorithm": CHECKSUM, "tensors": checksums}}
     mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
     mgr.wait_until_finished()
     mgr.close()
@@ -45,24 +139,33 @@ def save(directory: str, params: dict, cfg: ModelConfig, layout: Layout, dtype: 
 
 def read_meta(directory: str, step: int | None = None) -> tuple[dict, int]:
     """The metadata of the latest complete step (or `step`), with one-line errors for bad paths."""
-    if not os.path.isdir(directory):
+    if not os.path.exists(directory):
         raise UserError(f"checkpoint {directory!r}: no such directory")
+    if not os.path.isdir(directory):
+        raise UserError(f"checkpoint {directory!r} is not a directory")
     try:
         mgr = _manager(directory, create=False)
         steps = mgr.all_steps()
-    except Exception as e:  # orbax raises many types for unreadable directories
-        raise UserError(f"checkpoint {directory!r} is not a moejax checkpoint ({type(e).__name__})") from None
+    except OSError as e:
+        raise UserError(f"checkpoint {directory!r}: {os_reason(e, directory)}") from None
     if not steps:
         raise UserError(f"checkpoint {directory!r} holds no complete step: not a moejax checkpoint, or "
                         f"its only save was interrupted")
     step = max(steps) if step is None else step
     if step not in steps:
         raise UserError(f"checkpoint {directory!r} has no step {step}; complete steps: {sorted(steps)}")
+    meta_file = os.path.join(os.path.abspath(directory), str(step), "meta", "metadata")
     try:
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:
-        raise UserError(f"checkpoint {directory!r} step {step}: metadata unreadable or corrupt "
-                        f"({type(e).__name__})") from None
+    except OSError as e:
+        raise UserError(f"checkpoint {directory!r} step {step}: {os_reason(e, meta_file)}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"checkpoint {directory!r} step {step}: {meta_file} is not valid JSON ({e}): "
+                        f"truncated or damaged") from None
+    except KeyError as e:
+        if "was not found in the checkpoint" not in str(e):
+            raise
+        raise UserError(f"checkpoint {directory!r} step {step} has no 'meta' item: not a moejax checkpoint") from None
     finally:
         mgr.close()
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -116,39 +219,122 @@ def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step
     target = {n: jax.ShapeDtypeStruct(s, stored, sharding=NamedSharding(read_mesh, specs[n]))
               for n, s in param_shapes(cfg).items()}
     mgr = _manager(directory, create=False)
+    where = f"checkpoint {directory!r} step {step}"
+    params_dir = os.path.join(os.path.abspath(directory), str(step), "params")
+    _drop_closed_loop_noise()
     try:
-        with _quiet_stderr():  # a failed read makes orbax's worker threads print tracebacks
-            try:
-                params = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-            finally:
-                mgr.close()
+        params = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     except Exception as e:
-        raise UserError(f"checkpoint {directory!r} step {step}: parameters unreadable, truncated or corrupt "
-                        f"({type(e).__name__})") from None
+        reason = _storage_reason(e)
+        if reason is None:
+            raise  # not a storage error: a bug, shown as one
+        m = re.search(r'Error reading "([^/"]+)/', reason)
+        files = [f if os.path.exists(f) else f"{f}, which is missing"
+                 for f in (_data_files(params_dir, {m.group(1)}) if m else [])]
+        reason += f" (data file {', '.join(files)})" if files else ""
+        m = _STATUS.search(reason)
+        kind = {"OUT_OF_RANGE": "truncated", "DATA_LOSS": "damaged", "NOT_FOUND": "missing",
+                "PERMISSION_DENIED": "permission denied"}.get(m.group(1) if m else "", "")
+        kind = kind or ("truncated or missing" if "Truncated" in reason else
+                        "damaged" if "corrupt" in reason.lower() else "")
+        raise UserError(f"{where}: parameters unreadable{f' ({kind})' if kind else ''}: {reason}") from None
+    finally:
+        mgr.close()
     if not same:
         final = layout.param_specs()
         for n in list(params):
             params[n] = jax.device_put(params.pop(n), NamedSharding(mesh, final[n]))
+    verify(params, meta, where, params_dir)
     if dtype and dtype != stored:
         params = {n: cast(a, dtype) for n, a in params.items()}
     return cfg, params, meta
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence file descriptor 2 (C++ and thread output included) for the block; after a failure,
-    a moment longer, while orbax's worker threads print their tracebacks."""
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+def _drop_closed_loop_noise() -> None:
+    """After a failed read, orbax's storage callbacks still post to its closed asyncio loop and
+    Python prints each 'RuntimeError: Event loop is closed' through sys.unraisablehook, around the
+    real error. Drop exactly those; every other unraisable exception goes to the previous hook."""
+    prev = sys.unraisablehook
+    if getattr(prev, "_moejax", False):
+        return
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        prev(u)
+
+    hook._moejax = True
+    sys.unraisablehook = hook
+
+
+def verify(params: dict, meta: dict, where: str, files: str) -> None:
+    """Compare `params` (as stored: before any cast) with the checksums saved in `meta`."""
+    saved = meta.get("checksums")
+    if saved is None:
+        if where not in _warned_unverified:
+            _warned_unverified.add(where)
+            print(f"warning: {where} was saved without checksums (by an older moejax): its tensors are not "
+                  f"verified", file=sys.stderr, flush=True)
+        return
+    if saved.get("algorithm") != CHECKSUM or set(saved.get("tensors", {})) != set(params):
+        raise UserError(f"{where}: checksum record {saved.get('algorithm')!r} over "
+                        f"{sorted(saved.get('tensors', {}))} does not fit this moejax ({CHECKSUM} over "
+                        f"{sorted(params)})")
+    got = tensor_checksums(params)
+    bad = [n for n in sorted(params) if got[n] != saved["tensors"][n]]
+    if bad:
+        named = _data_files(files, set(bad))
+        raise UserError(f"{where}: tensor(s) {', '.join(bad)} do not match the checksums saved with them: "
+                        + (f"data file {', '.join(named)}" if named else f"the data files under {files}")
+                        + " damaged (overwritten, truncated or a partial copy)")
+
+
+def _data_files(params_dir: str, names: set) -> list:
+    """The OCDBT data files that hold the chunks of tensors `names`, read from the b-tree; [] when
+    that cannot be worked out (the message then names the directory)."""
     try:
-        yield
-    except Exception:
-        time.sleep(1.0)
-        raise
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        import tensorstore as ts
+        from tensorstore import ocdbt
+
+        base = ts.KvStore.open("file://" + params_dir.rstrip("/") + "/").result()
+        top = ocdbt.dump(base).result()
+        todo = [v["root"]["location"] for v in top.get("versions", [])[-1:] if "location" in v.get("root", {})]
+        files = set()
+        while todo:
+            node = ocdbt.dump(base, todo.pop()).result()
+            for e in node.get("entries", []):
+                todo += [v for v in e.values() if isinstance(v, str) and v.startswith("btreenode::")]
+                key = e.get("key", b"")
+                key = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+                ref = e.get("indirect_value")
+                if isinstance(ref, str) and ref.startswith("value:") and key.split("/")[0] in names:
+                    _, prefix, rest = ref.split(":", 2)  # value:ocdbt.process_0/:d/<file>:<offset>:<length>
+                    files.add(os.path.join(params_dir, prefix + rest.rsplit(":", 2)[0]))
+        return sorted(files)
+    except Exception:  # only a diagnostic: any failure to work it out falls back to the directory
+        return []
+
+
+_STATUS = re.compile(r"\b(OUT_OF_RANGE|FAILED_PRECONDITION|DATA_LOSS|NOT_FOUND|PERMISSION_DENIED|UNAVAILABLE|"
+                     r"RESOURCE_EXHAUSTED|ABORTED): ")
+
+
+def _storage_reason(e: BaseException) -> str | None:
+    """One line for a storage failure anywhere in `e`'s chain (an OSError, a TensorStore status
+    that means missing, unreadable, truncated or damaged data, undecodable metadata), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return os_reason(e, "?")
+        if isinstance(e, json.JSONDecodeError):
+            return f"metadata is not valid JSON ({e}): truncated or damaged"
+        m = _STATUS.search(str(e)) if isinstance(e, ValueError) else None
+        if m:
+            text = str(e)[m.start():].split(" [tensorstore_spec")[0].split(" [source locations")[0]
+            return " ".join(text.split())[:400]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def cast(a, dtype: str):

@@ -22,6 +22,18 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+_PLAIN = {FileNotFoundError: "No such file or directory", PermissionError: "Permission denied",
+          IsADirectoryError: "Is a directory", NotADirectoryError: "Not a directory"}
+
+
+def os_reason(e: OSError, path: str = "?") -> str:
+    """'PATH: reason' for an OSError, also for those raised with a message but no errno."""
+    return f"{e.filename or path}: {e.strerror or _PLAIN.get(type(e)) or str(e) or type(e).__name__}"
+
+
+_progress_open = [False]  # a progress line without its newline yet
+
+
 def guarded(run, args) -> int:
     """Run `run(args)`; a UserError becomes one line on stderr and exit code 2."""
     import logging
@@ -36,7 +48,7 @@ def guarded(run, args) -> int:
         sys.stderr.flush()
         err = os.dup(2)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-        os.write(err, f"error: {e}\n".encode())
+        os.write(err, ("\n" if _progress_open[0] else "").encode() + f"error: {e}\n".encode())
         os._exit(2)
     return 0
 
@@ -49,6 +61,7 @@ def peak_rss_bytes() -> int:
 def progress(label: str):
     def show(done: int, total: int):
         print(f"\r{label} {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        _progress_open[0] = done < total
     return show
 
 

@@ -25,8 +25,11 @@ def config_from_hf(hf_dir: str) -> ModelConfig:
     try:
         with open(path) as f:
             c = json.load(f)
-    except OSError:
-        raise UserError(f"{hf_dir!r} is not a Hugging Face checkpoint: no readable config.json") from None
+    except OSError as e:
+        from moejax.cli import os_reason
+
+        raise UserError(f"{hf_dir!r} is not a Hugging Face checkpoint: no readable config.json "
+                        f"({os_reason(e, path)})") from None
     except json.JSONDecodeError:
         raise UserError(f"{path}: not valid JSON") from None
     if c.get("model_type") != "mixtral":
@@ -130,8 +133,8 @@ def _weight_files(hf_dir: str) -> dict[str, str]:
     try:
         with safe_open(single, framework="flax") as f:
             return {k: single for k in f.keys()}
-    except Exception as e:
-        raise UserError(f"{single}: not a readable safetensors file ({type(e).__name__})") from None
+    except _read_errors() as e:
+        raise UserError(f"{single}: not a readable safetensors file ({_reason(e, single)})") from None
 
 
 def read_hf(hf_dir: str, progress=None) -> tuple[ModelConfig, dict]:
@@ -149,13 +152,12 @@ def read_hf(hf_dir: str, progress=None) -> tuple[ModelConfig, dict]:
             if hf_name not in files:
                 raise UserError(f"{hf_dir!r}: tensor {hf_name!r} is missing")
             path = files[hf_name]
-            if path not in handles:
-                handles[path] = safe_open(path, framework="flax").__enter__()
             try:
+                if path not in handles:
+                    handles[path] = safe_open(path, framework="flax").__enter__()
                 t = np.asarray(handles[path].get_tensor(hf_name))
-            except Exception as e:
-                raise UserError(f"{path}: tensor {hf_name!r} unreadable, truncated or corrupt "
-                                f"({type(e).__name__})") from None
+            except _read_errors() as e:
+                raise UserError(f"{path}: tensor {hf_name!r} unreadable ({_reason(e, path)})") from None
             want = shapes[name][len(idx):]
             got = fn(t)
             if got.shape != want:
@@ -206,6 +208,22 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: dict, max_shard_bytes: int 
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return names
+
+
+def _read_errors() -> tuple:
+    """What a missing, unreadable, truncated or malformed safetensors file raises (anything else
+    is a bug and propagates)."""
+    from safetensors import SafetensorError
+
+    return (OSError, SafetensorError)
+
+
+def _reason(e: Exception, path: str) -> str:
+    if isinstance(e, OSError):
+        from moejax.cli import os_reason
+
+        return os_reason(e, path)
+    return f"{e}: truncated, damaged or not safetensors"
 
 
 def _bf16():

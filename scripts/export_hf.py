@@ -16,7 +16,9 @@ from moejax.errors import UserError  # noqa: E402
 
 
 def run(args):
-    if os.path.exists(args.out) and os.listdir(args.out) and not args.force:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"{args.out!r} exists and is not a directory: give a new path or a directory")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         raise UserError(f"{args.out!r} exists and is not empty: pass --force to overwrite its files")
     if not args.max_shard_gb > 0:
         raise UserError(f"--max-shard-gb {args.max_shard_gb} must be > 0")

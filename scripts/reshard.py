@@ -4,9 +4,16 @@
     python scripts/reshard.py SRC DST --mesh 4x2x4x4 [--layout meshes/seed.yaml] [--dtype D] [--force] [--json]
 
 Each device reads only its own shards of SRC. Parameters never split over `dp`, so the work runs on
-the devices of one dp replica: replicas would only hold copies. DST is written to a temporary
-directory, verified against SRC (fingerprints of every tensor: bit-equal, or equal after the declared
-dtype cast), and only then moved into place; an existing DST is replaced only with --force.
+the devices of one dp replica: replicas would only hold copies. SRC's tensors are checked against the
+checksums saved with them as they are read. DST is written to a temporary directory, then verified
+from what is on disk: every tensor of DST is read back and checked against DST's saved checksums,
+and those must equal the checksums of SRC's tensors after the declared cast, which this script
+computes independently of the cast it wrote (on the host, slice by slice, with NumPy/ml_dtypes). Only
+then is DST moved into place; an existing DST is replaced only with --force. On any failure nothing
+is left at DST (or the old DST stays).
+
+Test hook (used only by tests/test_defects_checkpoint.py): MOEJAX_RESHARD_TEST_DAMAGE=NAME adds 1 to
+the first element of tensor NAME before DST is written, which verification must catch.
 """
 
 import json
@@ -23,23 +30,39 @@ from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
 
-def fingerprint(a):
-    """Two uint32 sums over the bit patterns of `a` (one position-weighted): any change shows.
-    Elementwise in `a`'s own shape, so that every device reduces its own shard (a reshape to 1-D
-    would gather the whole tensor onto every device)."""
-    import jax
-    import jax.numpy as jnp
+def expected_checksums(params: dict, meta: dict, dtype: str) -> dict:
+    """Checksums DST must have: SRC's own (restore checked the tensors against them) when the dtype
+    stays; after a cast, those of SRC's tensors converted on the host by NumPy/ml_dtypes, one slice
+    at a time, independently of the device cast that DST is written from."""
+    import numpy as np
 
-    def f(x):
-        bits = jax.lax.bitcast_convert_type(x, jnp.uint16 if x.dtype.itemsize == 2 else jnp.uint32).astype(jnp.uint32)
-        pos, stride = jnp.zeros(x.shape, jnp.uint32), 1
-        for ax in reversed(range(x.ndim)):
-            pos = pos + jax.lax.broadcasted_iota(jnp.uint32, x.shape, ax) * jnp.uint32(stride % 2**32)
-            stride *= x.shape[ax]
-        pos = pos * jnp.uint32(2654435761) + jnp.uint32(1)
-        return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * pos, dtype=jnp.uint32)])
+    from moejax import checkpoint
+    from moejax.hf import _np_dtype
 
-    return tuple(int(v) for v in jax.jit(f)(a))
+    if dtype == meta["dtype"]:
+        saved = meta.get("checksums")
+        return dict(saved["tensors"]) if saved else checkpoint.tensor_checksums(params)
+    to = _np_dtype(dtype)
+    out = {}
+    for n, a in sorted(params.items()):
+        blocks = (np.asarray(a[i]).astype(to) for i in range(a.shape[0])) if a.ndim else [np.asarray(a).astype(to)]
+        out[n] = checkpoint.checksum_of_blocks(blocks)
+    return out
+
+
+def verify_written(tmp: str, want: dict, mesh, layout, src_name: str) -> int:
+    """Read the written checkpoint back from disk (restore checks each tensor against the checksums
+    saved with it) and compare those checksums with `want`. Returns the number of tensors verified."""
+    from moejax import checkpoint
+
+    meta, _ = checkpoint.read_meta(tmp)
+    got = (meta.get("checksums") or {}).get("tensors", {})
+    bad = sorted(n for n in set(want) | set(got) if got.get(n) != want.get(n))
+    if bad:
+        raise UserError(f"verification failed: tensor(s) {', '.join(bad)} of the new checkpoint differ from {src_name} "
+                        f"after the cast to {meta['dtype']}; nothing was written")
+    checkpoint.restore(tmp, mesh, layout)
+    return len(want)
 
 
 def run(args):
@@ -47,7 +70,9 @@ def run(args):
     src, dst = os.path.abspath(args.src), os.path.abspath(args.dst)
     if src == dst:
         raise UserError("SRC and DST are the same directory: write to a new DST")
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)) and not args.force:
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise UserError(f"{args.dst!r} exists and is not a directory: give a new path or a checkpoint directory")
+    if os.path.exists(dst) and os.listdir(dst) and not args.force:
         raise UserError(f"{args.dst!r} exists: pass --force to replace it (it is kept until the new one verifies)")
     provision_host_devices(shape.size)  # before anything starts JAX (orbax does)
     import jax
@@ -69,21 +94,20 @@ def run(args):
     mesh = make_mesh(replica)
     dtype = args.dtype or meta["dtype"]
     t0 = time.perf_counter()
-    _, params, _ = checkpoint.restore(src, mesh, layout)
-    want = {n: fingerprint(checkpoint.cast(a, dtype) if dtype != meta["dtype"] else a) for n, a in params.items()}
+    _, params, _ = checkpoint.restore(src, mesh, layout)  # checked against SRC's checksums
+    want = expected_checksums(params, meta, dtype)
     if dtype != meta["dtype"]:
         params = {n: checkpoint.cast(a, dtype) for n, a in params.items()}
+    damage = os.environ.get("MOEJAX_RESHARD_TEST_DAMAGE")
+    if damage:  # test hook (see the module docstring)
+        params[damage] = params[damage].at[(0,) * params[damage].ndim].add(1)
     nbytes = sum(a.size * a.dtype.itemsize for a in params.values())
     tmp = dst + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         checkpoint.save(tmp, params, cfg, layout, dtype, str(shape), step=0)
         del params
-        _, back, _ = checkpoint.restore(tmp, mesh, layout)
-        for n, a in back.items():
-            if fingerprint(a) != want[n]:
-                raise UserError(f"verification failed: {n} in the new checkpoint differs from {args.src}")
-        del back
+        verified = verify_written(tmp, want, mesh, layout, args.src)
         if os.path.exists(dst):
             old = dst + f".old-{os.getpid()}"
             os.rename(dst, old)
@@ -95,7 +119,8 @@ def run(args):
         shutil.rmtree(tmp, ignore_errors=True)
     secs = time.perf_counter() - t0
     rep = {"src": args.src, "dst": args.dst, "mesh": str(shape), "layout": layout.name, "dtype": dtype,
-           "bytes_moved": nbytes, "seconds": secs, "peak_rss_bytes": peak_rss_bytes(), "verified": True}
+           "bytes_moved": nbytes, "seconds": secs, "peak_rss_bytes": peak_rss_bytes(), "verified": verified == len(want),
+           "verified_tensors": verified}
     print(f"resharded {args.src} -> {args.dst} for mesh {shape} ({layout.name}, {dtype}): {nbytes / 1e9:.3f} GB "
           f"in {secs:.1f} s, peak RSS {rep['peak_rss_bytes'] / 1e9:.2f} GB; every tensor verified")
     if args.json:

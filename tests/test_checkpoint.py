@@ -143,7 +143,10 @@ def test_a_save_killed_midway_leaves_the_earlier_step_restorable(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", _SAVER.format(repo=REPO), d], stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "XLA_FLAGS": ""})
     assert p.stdout.readline().strip() == "saving"
-    time.sleep(1.0)
+    deadline = time.time() + 120  # kill once the step's files are being written (after its checksums)
+    while not any("tmp" in f for f in os.listdir(d)) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     leftovers = os.listdir(d)
@@ -168,7 +171,7 @@ def test_bad_checkpoints_are_one_line_errors_and_nothing_is_modified(imported, t
             if os.path.getsize(path) > 10000:  # the tensor data: cut it short
                 with open(path, "r+b") as fh:
                     fh.truncate(100)
-    cases.append((["--ckpt", str(corrupt)], "truncated or corrupt"))
+    cases.append((["--ckpt", str(corrupt)], "parameters unreadable (truncated)"))
     cases.append((["--ckpt", imported, "--config", "tiny"], "does not match the checkpoint: num_layers=4 there"))
     cases.append((["--ckpt", imported, "--mesh", "1x1x8x1"], "num_heads=4 is not divisible by the 8 heads shards"))
     for args, message in cases:
