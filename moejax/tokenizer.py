@@ -13,4 +13,15 @@ def encode(text: str, vocab_size: int) -> list[int]:
 
 
 def decode(ids: list[int]) -> str:
-    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+    """UTF-8 text of the byte ids; an id outside the byte range shows as `<id>` (a model with a larger
+    vocabulary, e.g. random weights, emits them) instead of vanishing."""
+    out, run = [], []
+    for i in ids:
+        if 0 <= i < 256:
+            run.append(i)
+            continue
+        out.append(bytes(run).decode("utf-8", errors="replace"))
+        out.append(f"<{i}>")
+        run = []
+    out.append(bytes(run).decode("utf-8", errors="replace"))
+    return "".join(out)

@@ -75,10 +75,38 @@ def read_prompt_ids(text: str) -> list[list[int]]:
     return ids
 
 
+def distributed_settings(args) -> tuple[str, int, int] | None:
+    """(coordinator, processes, process id) from the flags, else from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID; None for a single-process run."""
+    env = os.environ
+    coordinator = args.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator:
+        if (args.num_processes or 1) != 1 or (args.process_id or 0) != 0:
+            raise UserError("--num-processes/--process-id need --coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
+        return None
+
+    def number(flag, value, var):
+        if value is not None:
+            return value
+        text = env.get(var)
+        if text is None:
+            raise UserError(f"a multi-process run (coordinator {coordinator}) needs {flag} or {var}")
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"{var}={text!r} is not an integer") from None
+
+    n = number("--num-processes", args.num_processes, "JAX_NUM_PROCESSES")
+    i = number("--process-id", args.process_id, "JAX_PROCESS_ID")
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"process id {i} of {n} processes: need 0 <= id < processes")
+    return coordinator, n, i
+
+
 def run(args) -> dict:
     shape = parse_mesh(args.mesh)
-    multi = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    nproc = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    dist = None if args.plan else distributed_settings(args)
+    multi, nproc = dist is not None, dist[1] if dist else 1
     provisioned = False
     if not args.plan:  # before anything starts JAX (reading a checkpoint does)
         if shape.size % nproc:
@@ -114,9 +142,8 @@ def run(args) -> dict:
 
     import jax
 
-    if multi:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+    if multi:  # every value explicit: JAX reads only the coordinator address from the environment
+        jax.distributed.initialize(coordinator_address=dist[0], num_processes=dist[1], process_id=dist[2])
     from moejax import model
     from moejax.generate import Generator, check_prompts, padded_batch, round_up
     from moejax.mesh import make_mesh
@@ -178,16 +205,19 @@ def run(args) -> dict:
     res = gen.generate(prompts, args.max_new_tokens, sampling, cfg.eos_token_id, progress)
     if lead and res["new_tokens"] > len(prompts):
         print(file=sys.stderr)
+    origin = "" if args.ckpt else f" [random weights (seed {args.seed}), no --ckpt: not a trained model]"
     for i, out in enumerate(res["generated_ids"]):
         shown = f"{decode(prompts[i])!r} -> {decode(out)!r} (ids {out})" if text_mode else str(out)
-        say(f"[{i}] {shown}")
+        say(f"[{i}] {shown}{origin}")
     moe = res["moe"]
     say(f"TTFT {res['ttft_s'] * 1e3:.1f} ms | prefill {res['prefill_tokens_per_s']:.1f} tok/s | decode "
         f"{res['decode_tokens_per_s']:.1f} tok/s | {res['tokens_per_ms_per_device']:.3g} tokens/ms/device")
     say(f"MoE: {moe['assignments']} assignments, dropped {moe['dropped']}, rerouted {moe['rerouted']}, "
         f"max/mean expert load {moe['max_load_ratio']:.2f}")
     rep.update({k: v for k, v in res.items()})
-    rep.update({"compile_s": gen.compile_s, "capacity_policy": args.capacity_policy,
+    rep.update({"weights": args.ckpt or f"random (seed {args.seed})", "process_index": jax.process_index(),
+                "process_count": jax.process_count(),
+                "compile_s": gen.compile_s, "capacity_policy": args.capacity_policy,
                 "capacity_factor": rs.capacity_factor, "moe_kernel": rs.kernel, "microbatches": micro,
                 "batch_padded": gen.batch})
     return rep
@@ -200,11 +230,8 @@ def main(argv=None) -> int:
 
     def run_and_report(args):
         rep = run(args)
-        if args.json:
-            import jax
-
-            if args.plan or jax.process_index() == 0:
-                print(json.dumps(rep))
+        if args.json:  # every process prints its own report (its view of the same run)
+            print(json.dumps(rep))
 
     return guarded(run_and_report, args)
 

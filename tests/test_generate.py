@@ -136,20 +136,53 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_get_the_same_tokens_as_one():
+@pytest.fixture(scope="module")
+def single_process_report():
+    r = run_script("infer.py", *_MULTI_COMMON)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+_MULTI_COMMON = ["--mesh", "1x2x2x2", "--config", "tiny", "--prompt-ids", json.dumps(PROMPTS), "--max-new-tokens", "6",
+                 "--json"]
+
+
+@pytest.mark.parametrize("start", ["flags", "env"])  # README documents both
+def test_two_processes_get_the_same_tokens_as_one(start, single_process_report):
+    import os
     import subprocess
     import sys
 
     from helpers import REPO
-    common = ["--mesh", "1x2x2x2", "--config", "tiny", "--prompt-ids", json.dumps(PROMPTS),
-              "--max-new-tokens", "6", "--json"]
-    single = run_script("infer.py", *common)
-    assert single.returncode == 0, single.stderr
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "scripts/infer.py", *common, "--coordinator", f"127.0.0.1:{port}",
-                               "--num-processes", "2", "--process-id", str(i)], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    procs = []
+    for i in range(2):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        extra = []
+        if start == "flags":
+            extra = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+        else:
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "scripts/infer.py", *_MULTI_COMMON, *extra], cwd=REPO,
+                                      text=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    multi = json.loads(outs[0][0].strip().splitlines()[-1])
-    assert multi["generated_ids"] == json.loads(single.stdout.strip().splitlines()[-1])["generated_ids"]
+    want = single_process_report
+    for i, (out, _) in enumerate(outs):  # every process's own report
+        rep = json.loads(out.strip().splitlines()[-1])
+        assert (rep["process_index"], rep["process_count"], rep["devices"]) == (i, 2, 8)
+        assert rep["generated_ids"] == want["generated_ids"]
+        assert rep["moe"] == want["moe"]
+    assert "TTFT" in outs[0][0] and "TTFT" not in outs[1][0]  # the text report comes from process 0 only
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_PROCESS_ID": "0"}, "needs --num-processes or JAX_NUM_PROCESSES"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES='two' is not an integer"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     "process id 2 of 2 processes"),
+])
+def test_an_incomplete_multi_process_environment_is_one_line_and_exit_code_2(env, message):
+    r = run_script("infer.py", "--mesh", "1x2x2x2", "--config", "tiny", "--max-new-tokens", "1", env=env, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
