@@ -158,6 +158,20 @@ def load_yaml(path: str) -> dict:
     return d
 
 
+TRAIN_SECTION = "train"  # a config file's optional training defaults (scripts/train.py's flags)
+
+
 def load_config(path: str) -> ModelConfig:
     p = resolve_config_path(path)
-    return config_from_dict(load_yaml(p), os.path.splitext(os.path.basename(p))[0])
+    d = load_yaml(p)
+    d.pop(TRAIN_SECTION, None)
+    return config_from_dict(d, os.path.splitext(os.path.basename(p))[0])
+
+
+def load_train_defaults(path: str) -> dict:
+    """The config file's `train:` mapping (flag name with underscores -> value), or {}."""
+    p = resolve_config_path(path)
+    d = load_yaml(p).get(TRAIN_SECTION) or {}
+    if not isinstance(d, dict):
+        raise UserError(f"{p}: {TRAIN_SECTION}: expected a mapping of training flags to values")
+    return d

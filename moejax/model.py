@@ -30,6 +30,7 @@ from moejax.errors import UserError
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "moe_norm", "router", "w1", "w3", "w2")
 EXPERT_PARAMS = ("w1", "w3", "w2")
 MOE_COUNTERS = ("dropped", "rerouted", "exchanged_rows", "computed_rows")  # per layer
+ROUTER_SUMS = ("prob_sum", "z_sum")  # per layer, float32: what the training losses need (loss.py)
 MODES = ("forward", "prefill", "decode")
 
 
@@ -45,6 +46,8 @@ class RunSpec:
     capacity_factor: float = 2.0
     microbatches: int = 1
     moe_kernel: str = "auto"  # auto, buffers, batched, ragged (moe.resolve_kernel, moe's docstring)
+    training: bool = False  # differentiable MoE rounds; `auto` picks the batched kernel everywhere
+    remat: bool = False  # recompute each layer's activations in the backward pass (jax.checkpoint)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -70,10 +73,12 @@ class RunSpec:
             expert_shards=self.layout.shards("experts", self.shape),
             ffn_axis=ffn[0] if ffn and self.shape.tp > 1 else None,
             ffn_shards=self.layout.shards("expert_ffn", self.shape),
-            round_axes=tuple(a for a in AXES if a != "pp"), kernel=self.kernel)
+            round_axes=tuple(a for a in AXES if a != "pp"), kernel=self.kernel, differentiable=self.training)
 
     @property
     def kernel(self) -> str:
+        if self.training and self.moe_kernel == "auto":
+            return "batched"  # every expert is busy in training: per-expert branches save nothing
         return resolve_kernel(self.moe_kernel, jax.default_backend())
 
 
@@ -119,27 +124,32 @@ def serving_params(params: dict, rs: RunSpec, mesh) -> dict:
     holding expert i * E_loc + j on expert shard i. Same bytes on the same devices, but inside
     shard_map every layer and expert is a whole buffer: slicing a stacked tensor there copies the
     weights on every call. Pops the stacked tensors from `params` as it goes (peak ~ one copy)."""
+    out = {n: v for n, v in params.items() if n not in LAYER_PARAMS}
+    specs = serving_specs(rs)
+    for name in LAYER_PARAMS:
+        out_sh = jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs[name], is_leaf=lambda x: isinstance(x, P))
+        out[name] = jax.jit(functools.partial(split_layer_tensor, name, rs=rs), out_shardings=out_sh)(params.pop(name))
+    return out
+
+
+def split_layer_tensor(name: str, w, rs: RunSpec):
+    """One stacked layer tensor [L, ...] in the serving layout (`serving_params`). Traceable: the
+    training step runs it inside its jit, so gradients arrive in the stacked layout."""
     pp = rs.shape.pp
     lp = rs.cfg.num_layers // pp
     shards = rs.layout.shards("experts", rs.shape)
     e_loc = rs.cfg.num_experts // shards
-    out = {n: v for n, v in params.items() if n not in LAYER_PARAMS}
-    specs = serving_specs(rs)
-    for name in LAYER_PARAMS:
-        if name in EXPERT_PARAMS and rs.kernel in STACKED_KERNELS:  # local experts stacked: [pp, shards, E_loc, D, F]
-            def split(w):
-                w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
-                return tuple(w[:, l] for l in range(lp))
-        elif name in EXPERT_PARAMS:
-            def split(w):
-                w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
-                return tuple(tuple(w[:, l, :, j] for j in range(e_loc)) for l in range(lp))
-        else:
-            def split(w):
-                return tuple(w.reshape((pp, lp) + w.shape[1:])[:, l] for l in range(lp))
-        out_sh = jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs[name], is_leaf=lambda x: isinstance(x, P))
-        out[name] = jax.jit(split, out_shardings=out_sh)(params.pop(name))
-    return out
+    if name in EXPERT_PARAMS:
+        w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
+        if rs.kernel in STACKED_KERNELS:  # local experts stacked: [pp, shards, E_loc, D, F]
+            return tuple(w[:, l] for l in range(lp))
+        return tuple(tuple(w[:, l, :, j] for j in range(e_loc)) for l in range(lp))
+    return tuple(w.reshape((pp, lp) + w.shape[1:])[:, l] for l in range(lp))
+
+
+def to_serving(params: dict, rs: RunSpec) -> dict:
+    """The whole stacked parameter dict in the serving layout, traceably (see `serving_params`)."""
+    return {n: split_layer_tensor(n, v, rs) if n in LAYER_PARAMS else v for n, v in params.items()}
 
 
 def serving_specs(rs: RunSpec) -> dict:
@@ -282,7 +292,11 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
     side_M = {"pos": split(pos_BT), "valid": split(valid_BT), "len": split(lengths_B)}
     layers_loc = len(params["wq"])
     stats0 = {"load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
-              **{k: jnp.zeros((layers_loc,), jnp.int32) for k in MOE_COUNTERS}}
+              **{k: jnp.zeros((layers_loc,), jnp.int32) for k in MOE_COUNTERS},
+              "prob_sum": jnp.zeros((layers_loc, cfg.num_experts), F32), "z_sum": jnp.zeros((layers_loc,), F32)}
+    layer_fn = _layer
+    if rs.remat:  # keep only each layer's input for the backward pass; recompute the rest
+        layer_fn = jax.checkpoint(_layer, static_argnums=(4, 7))
 
     def stage_fn(x_BTD, side, mi, state):
         kv_all, stats = state
@@ -290,7 +304,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
         for l in range(layers_loc):
             w = {name: _local(params[name][l], name) for name in LAYER_PARAMS}
             kv = None if kv_all is None else (_local(kv_all[0][l]), _local(kv_all[1][l]))
-            x_BTD, kv, st = _layer(x_BTD, side["valid"], w, side, mode, kv, row0, rs)
+            x_BTD, kv, st = layer_fn(x_BTD, side["valid"], w, side, mode, kv, row0, rs)
             if kv is not None:
                 kv_all = tuple(c[:l] + (n[None],) + c[l + 1:] for c, n in zip(kv_all, kv))
             stats = {k: stats[k].at[l].add(st[k]) for k in stats}
@@ -311,6 +325,12 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
     return logits, cache, stats
 
 
+def stats_specs(lay: Layout) -> dict:
+    """PartitionSpecs of the MoE statistics `_device_program` returns (per layer, over pp)."""
+    return {"load": lay.act_spec("moe_counts"), "prob_sum": lay.act_spec("moe_counts"),
+            **{k: P("pp") for k in MOE_COUNTERS + ("z_sum",)}}
+
+
 def build(rs: RunSpec, mesh, mode: str):
     """A jitted function for `mode`, taking `serving_params`:
       forward(params, tokens_BT, lengths_B)              -> logits_BTV f32, stats
@@ -325,7 +345,7 @@ def build(rs: RunSpec, mesh, mode: str):
     lp = rs.cfg.num_layers // rs.shape.pp
     param_specs = serving_specs(rs)
     cache_spec = (lay.act_spec("kv_cache"),) * lp
-    stats_spec = {"load": lay.act_spec("moe_counts"), **{k: P("pp") for k in MOE_COUNTERS}}
+    stats_spec = stats_specs(lay)
     logits_spec = lay.act_spec("logits" if mode == "forward" else "last_logits")
     fn = functools.partial(_device_program, rs=rs, mode=mode)
     if mode == "forward":

@@ -46,6 +46,8 @@ class MoeSpec:
     ffn_shards: int
     round_axes: tuple  # every axis but pp: a stage's devices agree on the dropless round count
     kernel: str = "buffers"  # or "batched" or "ragged" (module docstring)
+    differentiable: bool = False  # training: dropless runs one round sized by a switch, never a
+    # loop with a data-dependent trip count (which reverse-mode autodiff cannot transpose)
 
     def capacity(self, n_tokens: int) -> int:
         """Assignments an expert accepts from one source under `drop` / `reroute`."""
@@ -64,11 +66,12 @@ class MoeSpec:
 
 
 def route(h_ND, router_DE, top_k: int):
-    """Router logits in the model dtype, softmax in float32, top-k, renormalise (Mixtral)."""
-    logits_NE = mm("nd,de->ne", h_ND, router_DE).astype(h_ND.dtype)
-    probs_NE = jax.nn.softmax(logits_NE.astype(F32), axis=-1)
+    """Router logits in the model dtype, softmax in float32, top-k (Mixtral). Returns the
+    probabilities, the chosen experts and each token's logsumexp of the logits (the z-loss's)."""
+    logits_NE = mm("nd,de->ne", h_ND, router_DE).astype(h_ND.dtype).astype(F32)
+    probs_NE = jax.nn.softmax(logits_NE, axis=-1)
     _, experts_NK = jax.lax.top_k(probs_NE, top_k)
-    return probs_NE, experts_NK.astype(I32)
+    return probs_NE, experts_NK.astype(I32), jax.nn.logsumexp(logits_NE, axis=-1)
 
 
 def queue_positions(experts_A, live_A, num_experts: int):
@@ -331,7 +334,7 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
     n_tok, d = x_ND.shape
     k = spec.top_k
     h_ND = rmsnorm(x_ND, w["moe_norm"], eps)
-    probs_NE, experts_NK = route(h_ND, w["router"], k)
+    probs_NE, experts_NK, lse_N = route(h_ND, w["router"], k)
     experts_A = experts_NK.T.reshape(-1)  # assignment a = slot * N + token: first choices first
     valid_A = jnp.tile(valid_N, k)
     pos_A, load_E = queue_positions(experts_A, valid_A, spec.num_experts)
@@ -366,7 +369,8 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
         exchanged = jnp.sum(served_A, dtype=I32)
     elif spec.policy == "dropless" and rows < n_tok:
         most = jax.lax.pmax(jnp.max(jnp.where(valid_A, pos_A + 1, 0)), spec.round_axes)  # fullest queue anywhere
-        if spec.kernel == "batched":  # one round, buffers as long as the fullest queue needs (rounded up)
+        if spec.kernel == "batched" or spec.differentiable:  # one round, buffers as long as the
+            # fullest queue needs (rounded up to one of a few static sizes)
             sizes = row_sizes(n_tok, n_tok * k / spec.num_experts, BATCHED_FRACTIONS)  # the last is N
             which = jnp.searchsorted(jnp.array(sizes, I32), most)
             branches = [lambda c, size=size: one_round(0, c, size) for size in sizes]
@@ -388,5 +392,8 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
         "rerouted": jnp.sum(rerouted_A, dtype=I32),
         "exchanged_rows": jnp.asarray(exchanged, I32),  # padding included (compare with load, the top-k work)
         "computed_rows": computed // spec.ffn_shards,  # expert rows this device ran (F-slices: a share)
+        # the load-balancing and z losses' sums over this device's valid tokens (differentiable)
+        "prob_sum": jnp.sum(jnp.where(valid_N[:, None], probs_NE, 0.0), axis=0),
+        "z_sum": jnp.sum(jnp.where(valid_N, lse_N * lse_N, 0.0)),
     }
     return y_ND, stats
