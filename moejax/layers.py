@@ -48,11 +48,22 @@ def attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, causal: bool = False):
     """
     if jax.default_backend() == "gpu":
         if causal and mask_BTS is None and q_BTHK.dtype in (jnp.bfloat16, jnp.float16):
+            import logging
+
             try:
-                return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, is_causal=True,
-                                                    implementation="cudnn")
-            except (ValueError, NotImplementedError, RuntimeError):
-                pass  # cuDNN missing or the shapes unsupported: XLA's version below
+                out = jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, is_causal=True,
+                                                   implementation="cudnn")
+                key, which = "cudnn", "causal 16-bit attention runs cuDNN's fused kernel"
+            except (ValueError, NotImplementedError, RuntimeError) as e:  # cuDNN missing or the shapes refused
+                out, key = None, ("xla", type(e).__name__)
+                which = (f"causal 16-bit attention runs XLA's version: cuDNN's fused kernel refused q "
+                         f"{tuple(q_BTHK.shape)} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})")
+            said = attention.__dict__.setdefault("said", set())  # say each outcome once per process
+            if key not in said:
+                said.add(key)
+                logging.getLogger("moejax").warning(which)
+            if out is not None:
+                return out
         mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
         return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, is_causal=causal)
     b, t, h, k = q_BTHK.shape
