@@ -103,8 +103,9 @@ def run(args) -> dict:
     from moejax.rules import load_layout
 
     cache = os.environ.get("MOEJAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "moejax", "xla"))
-    jax.config.update("jax_compilation_cache_dir", cache)  # a second run skips compilation
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if cache:  # a second run of the same command loads its programs instead of compiling them
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     cfg = load_config(args.config)
     layout = load_layout(args.layout)
