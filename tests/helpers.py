@@ -18,7 +18,17 @@ RTOL = 1e-5  # relative error on logits: max |got - want| / max |want|
 
 
 def rel_err(got, want) -> float:
+    """max |got - want| over the whole tensor / max |want| over the whole tensor: one normalisation
+    for every row, by the largest logit anywhere (a row of small logits is judged against it). For a
+    bound per row (each position by its own largest logit), use `rel_err_per_row`."""
     return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
+
+
+def rel_err_per_row(got, want) -> float:
+    """The largest over rows (all axes but the last) of max |got - want| / max |want| within the row."""
+    want = np.asarray(want, np.float64)
+    err = np.max(np.abs(np.asarray(got, np.float64) - want), axis=-1) / np.max(np.abs(want), axis=-1)
+    return float(np.max(err))
 
 
 @functools.lru_cache(maxsize=None)
