@@ -40,10 +40,10 @@ def config_from_hf(hf_dir: str) -> ModelConfig:
         if c.get(field, ok) != ok:
             raise UserError(f"{path}: {field}={c[field]!r} is not supported by moejax (needs {ok!r})")
     rope = c.get("rope_parameters") or {}
-    scaling = c.get("rope_scaling")
-    if rope.get("rope_type", "default") != "default" or (scaling and scaling.get("rope_type", "default") != "default"):
-        raise UserError(f"{path}: rope_type={rope.get('rope_type') or scaling.get('rope_type')!r} is not supported "
-                        f"(moejax implements default RoPE)")
+    for field, value in (("rope_parameters", rope), ("rope_scaling", c.get("rope_scaling") or {})):
+        if value.get("rope_type", value.get("type", "default")) != "default":
+            raise UserError(f"{path}: {field} rope_type={value.get('rope_type', value.get('type'))!r} is not "
+                            f"supported (moejax implements default RoPE)")
     heads = c["num_attention_heads"]
     dtype = c.get("dtype") or c.get("torch_dtype") or "float32"
     if dtype not in _DTYPES:

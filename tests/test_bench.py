@@ -8,24 +8,54 @@ import pytest
 from helpers import run_script
 
 
-def test_bench_two_meshes_writes_the_figures(tmp_path):
+def _tiny_weight_bytes(tp: int, pp: int, expert_shards: int) -> int:
+    """Float32 parameter bytes on one device of the seed layout, counted from tiny's dimensions
+    (configs/tiny.yaml), not from moejax: heads and vocab over tp, layers over pp, experts over
+    ep x tp; the router and norms whole."""
+    D, H, K, G, F, E, V, L = 64, 8, 8, 4, 96, 16, 256, 4
+    layer = (2 * D * H * K + 2 * D * G * K) // tp + 3 * (E // expert_shards) * D * F + D * E + 2 * D
+    return 4 * ((L // pp) * layer + 2 * V * D // tp + D)
+
+
+def test_bench_two_meshes_reports_figures_that_match_independent_counts(tmp_path):
     out = tmp_path / "bench.json"
-    r = run_script("bench.py", "--config", "tiny", "--mesh", "1x1x1x1", "--mesh", "1x2x2x2", "--batch", "4",
-                   "--prompt-len", "16", "--decode-steps", "3", "--repeats", "1", "--dtype", "float32",
-                   "--json", out)
+    B, T, N = 4, 16, 3
+    r = run_script("bench.py", "--config", "tiny", "--mesh", "1x1x1x1", "--mesh", "1x2x2x2", "--batch", B,
+                   "--prompt-len", T, "--decode-steps", N, "--repeats", "1", "--dtype", "float32", "--json", out)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert [m["mesh"] for m in res["meshes"]] == ["1x1x1x1", "1x2x2x2"]
-    for m in res["meshes"]:
-        assert m["prefill_tokens_per_s"] == pytest.approx(4 * 16 / m["ttft_s"])
-        assert m["decode_tokens_per_s"] > 0 and 0 < m["prefill_mfu"] < 1
-        assert m["moe"]["dropped"] == 0
-        assert m["decode_bytes_per_s"] == pytest.approx(m["decode_bytes_per_step"] * 3 / sum(m["decode_times_s"]))
-        assert m["decode_fraction_of_roofline"] == pytest.approx(m["decode_bytes_per_s"] / m["bandwidth_bytes_per_s"])
     one, pipe = res["meshes"]
+    assert one["weight_bytes_per_device"] == _tiny_weight_bytes(1, 1, 1) == 4 * 1_266_240  # README's count
+    assert pipe["weight_bytes_per_device"] == _tiny_weight_bytes(tp=2, pp=2, expert_shards=4)
+    # KV cache: k and v x layers x sequences x (T + N) positions x kv heads x head dim x 4 bytes
+    assert one["kv_bytes_per_device"] == 2 * 4 * B * (T + N) * 4 * 8 * 4
+    assert pipe["kv_bytes_per_device"] == 2 * (4 // 2) * (B // 2) * (T + N) * (4 // 2) * 8 * 4  # pp, dp x ep, tp
+    for m, devices in ((one, 1), (pipe, 8)):
+        assert m["devices"] == devices
+        assert m["decode_bytes_per_step"] == devices * (m["weight_bytes_per_device"] + m["kv_bytes_per_device"] / 2)
+        assert m["prefill_tokens_per_s"] == pytest.approx(B * T / m["prefill_times_s"][0])  # the raw timing
+        assert m["decode_tokens_per_s"] == pytest.approx(B * N / m["decode_times_s"][0])
+        assert m["moe"]["dropped"] == 0 and m["moe"]["computed_over_topk"] >= 1
+        assert 0 < m["prefill_mfu"] < 1
     assert sum(one["hlo_collectives"].values()) == one["hlo_collectives"]["all-reduce"]  # 1 device: no exchange
     assert pipe["hlo_collectives"]["all-to-all"] > 0 and pipe["hlo_collectives"]["collective-permute"] > 0
     assert "| 1x2x2x2 |" in r.stdout
+
+
+def test_bench_moe_runs_and_counts_rows_against_the_top_k_work(tmp_path):
+    out = tmp_path / "moe.json"
+    r = run_script("bench_moe.py", "--config", "tiny", "--tokens", "64", "--mesh", "1x1x2x2", "--dtype", "float32",
+                   "--repeats", "1", "--json", out, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    one, four = res["results"]
+    assert (one["mesh"], one["devices"], four["mesh"], four["devices"]) == ("1x1x1x1", 1, "1x1x2x2", 4)
+    assert one["ratio_to_1_device"] == 1.0 and four["median_ms"] > 0
+    for m in res["results"]:
+        assert m["dropped"] == 0 and m["computed_over_topk"] >= 1  # dropless: every top-k row is computed
+    assert one["hlo"]["all-to-all"] == 0 and four["hlo"]["all-to-all"] > 0
+    assert "| 1x1x2x2 | 4 |" in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [

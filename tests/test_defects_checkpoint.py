@@ -238,3 +238,23 @@ def test_reshard_catches_an_injected_mismatch_and_leaves_no_destination(imported
     line = _one_line(r)
     assert "verification failed: tensor(s) w2 " in line and "nothing was written" in line, line
     assert os.listdir(tmp_path) == []  # no DST, no temporary directory
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tie_word_embeddings": True}, "tie_word_embeddings=True is not supported by moejax (needs False)"),
+    ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=True is not supported"),
+    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}}, "rope_parameters rope_type='yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling rope_type='linear' is not supported"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling rope_type='dynamic' is not supported"),
+])
+def test_import_refuses_tied_embeddings_biases_and_rope_scaling(change, message, tmp_path):
+    from moejax import hf
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    cfg = json.load(open(os.path.join(FIXTURE, "config.json")))
+    cfg.update(change)
+    json.dump(cfg, open(d / "config.json", "w"))
+    with pytest.raises(UserError, match=re.escape(message)):
+        hf.config_from_hf(str(d))
