@@ -126,6 +126,8 @@ def swiglu(x_RD, w1_DF, w3_DF, w2_FD, out_dtype):
 SIZE_FRACTIONS = (0.5, 1.0, 1.25, 1.5)  # of an expert's mean rows m; R (the whole buffer) comes last
 BATCHED_FRACTIONS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)  # batched kernel: of the mean rows per
 # (source, expert) pair; N, which always fits, comes last
+TRAIN_FRACTIONS = (1.25, 1.5, 2.0, 3.0)  # training: every branch is compiled twice (forward and backward),
+# and a trained router keeps the fullest queue near 1.25-1.5x the mean
 
 
 def row_sizes(r: int, mean_rows: float, fractions=SIZE_FRACTIONS) -> list[int]:
@@ -371,7 +373,8 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
         most = jax.lax.pmax(jnp.max(jnp.where(valid_A, pos_A + 1, 0)), spec.round_axes)  # fullest queue anywhere
         if spec.kernel == "batched" or spec.differentiable:  # one round, buffers as long as the
             # fullest queue needs (rounded up to one of a few static sizes)
-            sizes = row_sizes(n_tok, n_tok * k / spec.num_experts, BATCHED_FRACTIONS)  # the last is N
+            fractions = TRAIN_FRACTIONS if spec.differentiable else BATCHED_FRACTIONS
+            sizes = row_sizes(n_tok, n_tok * k / spec.num_experts, fractions)  # the last is N
             which = jnp.searchsorted(jnp.array(sizes, I32), most)
             branches = [lambda c, size=size: one_round(0, c, size) for size in sizes]
             y_ND, computed = jax.lax.switch(which, branches, carry)
