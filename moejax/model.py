@@ -292,6 +292,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
     side_M = {"pos": split(pos_BT), "valid": split(valid_BT), "len": split(lengths_B)}
     layers_loc = len(params["wq"])
     stats0 = {"load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
+              "served_load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
               **{k: jnp.zeros((layers_loc,), jnp.int32) for k in MOE_COUNTERS},
               "prob_sum": jnp.zeros((layers_loc, cfg.num_experts), F32), "z_sum": jnp.zeros((layers_loc,), F32)}
     layer_fn = _layer
@@ -327,7 +328,8 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
 
 def stats_specs(lay: Layout) -> dict:
     """PartitionSpecs of the MoE statistics `_device_program` returns (per layer, over pp)."""
-    return {"load": lay.act_spec("moe_counts"), "prob_sum": lay.act_spec("moe_counts"),
+    return {"load": lay.act_spec("moe_counts"), "served_load": lay.act_spec("moe_counts"),
+            "prob_sum": lay.act_spec("moe_counts"),
             **{k: P("pp") for k in MOE_COUNTERS + ("z_sum",)}}
 
 

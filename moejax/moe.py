@@ -390,7 +390,8 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
     if spec.ffn_axis:
         y_ND = jax.lax.psum_scatter(y_ND, spec.ffn_axis, scatter_dimension=0, tiled=True)
     stats = {
-        "load": load_E,
+        "load": load_E,  # requested: every valid top-k choice, before drop / reroute
+        "served_load": jnp.zeros_like(load_E).at[experts_A].add(served_A.astype(I32)),  # what experts ran
         "dropped": jnp.sum(valid_A & ~served_A, dtype=I32),
         "rerouted": jnp.sum(rerouted_A, dtype=I32),
         "exchanged_rows": jnp.asarray(exchanged, I32),  # padding included (compare with load, the top-k work)

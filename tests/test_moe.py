@@ -161,7 +161,8 @@ def test_drop_policy_drops_exactly_the_assignments_past_capacity():
     y, stats = _run_moe(x, w, "drop", cf=1.0)  # capacity = ceil(1.0 * 8 tokens * 1 / 4 experts) = 2
     # expert 0 is first choice of tokens 0-4: tokens 0 and 1 fit, 2, 3, 4 are dropped
     assert int(stats["dropped"]) == 3 and int(stats["rerouted"]) == 0
-    assert stats["load"].tolist() == [5, 1, 1, 1]
+    assert stats["load"].tolist() == [5, 1, 1, 1]  # requested
+    assert stats["served_load"].tolist() == [2, 1, 1, 1]  # what the experts ran
     for t in (2, 3, 4):
         assert np.all(y[t] == 0)
     for t, e in [(0, 0), (1, 0), (5, 1), (6, 2), (7, 3)]:
@@ -174,6 +175,7 @@ def test_reroute_sends_overflow_to_the_next_best_expert_with_room():
     # room after first choices: experts 1, 2, 3 have one slot each. Round 2: token 2 -> 1 (taken),
     # token 3 -> 1 (full: rejected), token 4 -> 2. Round 3: token 3 -> 3.
     assert int(stats["dropped"]) == 0 and int(stats["rerouted"]) == 3
+    assert stats["load"].tolist() == [5, 1, 1, 1] and stats["served_load"].tolist() == [2, 2, 2, 2]
     for t, e in [(0, 0), (1, 0), (2, 1), (3, 3), (4, 2), (5, 1), (6, 2), (7, 3)]:
         np.testing.assert_allclose(y[t], _expert_out(x, w, t, e), rtol=1e-5, atol=1e-6)
 
@@ -195,6 +197,7 @@ def test_dropless_serves_an_overloaded_expert_in_extra_rounds():
     x, w = _crafted(prefs)
     y, stats = _run_moe(x, w, "dropless", cf=0.25)  # rounds of max(ceil(0.25 * 20 / 4), MIN_ROWS) = 8 rows
     assert int(stats["dropped"]) == 0
+    assert stats["served_load"].tolist() == stats["load"].tolist() == [17, 1, 1, 1]
     assert int(stats["exchanged_rows"]) == 3 * 4 * 8  # expert 0's 17 assignments take 3 rounds
     for t, order in enumerate(prefs):
         np.testing.assert_allclose(y[t], _expert_out(x, w, t, order[0]), rtol=1e-5, atol=1e-6)
