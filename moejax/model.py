@@ -139,12 +139,16 @@ def split_layer_tensor(name: str, w, rs: RunSpec):
     lp = rs.cfg.num_layers // pp
     shards = rs.layout.shards("experts", rs.shape)
     e_loc = rs.cfg.num_experts // shards
+    def unstack(a, axis: int):  # lax.split transposes to one concatenate; per-index slices
+        # transpose to a zero-padded full-size gradient each, summed (3 x 2.1 s a seed step)
+        return [piece.squeeze(axis) for piece in jax.lax.split(a, [1] * a.shape[axis], axis=axis)]
+
     if name in EXPERT_PARAMS:
         w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
         if rs.kernel in STACKED_KERNELS:  # local experts stacked: [pp, shards, E_loc, D, F]
-            return tuple(w[:, l] for l in range(lp))
-        return tuple(tuple(w[:, l, :, j] for j in range(e_loc)) for l in range(lp))
-    return tuple(w.reshape((pp, lp) + w.shape[1:])[:, l] for l in range(lp))
+            return tuple(unstack(w, 1))
+        return tuple(tuple(unstack(wl, 2)) for wl in unstack(w, 1))
+    return tuple(unstack(w.reshape((pp, lp) + w.shape[1:]), 1))
 
 
 def to_serving(params: dict, rs: RunSpec) -> dict:
