@@ -119,8 +119,8 @@ def run(args):
         shutil.rmtree(tmp, ignore_errors=True)
     secs = time.perf_counter() - t0
     rep = {"src": args.src, "dst": args.dst, "mesh": str(shape), "layout": layout.name, "dtype": dtype,
-           "bytes_moved": nbytes, "seconds": secs, "peak_rss_bytes": peak_rss_bytes(), "verified": verified == len(want),
-           "verified_tensors": verified}
+           "bytes_moved": nbytes, "seconds": secs, "peak_rss_bytes": peak_rss_bytes(),
+           "verified": verified == len(want), "verified_tensors": verified}
     print(f"resharded {args.src} -> {args.dst} for mesh {shape} ({layout.name}, {dtype}): {nbytes / 1e9:.3f} GB "
           f"in {secs:.1f} s, peak RSS {rep['peak_rss_bytes'] / 1e9:.2f} GB; every tensor verified")
     if args.json:

@@ -244,7 +244,8 @@ def test_reshard_catches_an_injected_mismatch_and_leaves_no_destination(imported
     ({"tie_word_embeddings": True}, "tie_word_embeddings=True is not supported by moejax (needs False)"),
     ({"attention_bias": True}, "attention_bias=True is not supported"),
     ({"mlp_bias": True}, "mlp_bias=True is not supported"),
-    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}}, "rope_parameters rope_type='yarn' is not supported"),
+    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}},
+     "rope_parameters rope_type='yarn' is not supported"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling rope_type='linear' is not supported"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling rope_type='dynamic' is not supported"),
 ])

@@ -88,17 +88,19 @@ def test_sampling_seeds_and_the_greedy_limit():
     assert cold.tolist() == np.argmax(rows, -1).tolist()  # temperature -> 0 is greedy
 
 
-def test_generation_with_the_same_seed_repeats_and_another_seed_differs():
+@pytest.fixture(scope="module")
+def gen():
     rs, m, params = setup("tiny", "1x1x1x1")
-    gen = Generator(rs, m, params, len(PROMPTS), 6, 6 + 12)
+    return Generator(rs, m, params, len(PROMPTS), 6, 6 + 12)
+
+
+def test_generation_with_the_same_seed_repeats_and_another_seed_differs(gen):
     run = [gen.generate(PROMPTS, 12, Sampling(temperature=1.0, seed=s), eos_id=None)["generated_ids"]
            for s in (7, 7, 8)]
     assert run[0] == run[1] and run[0] != run[2]
 
 
-def test_generation_stops_at_eos_and_keeps_it():
-    rs, m, params = setup("tiny", "1x1x1x1")
-    gen = Generator(rs, m, params, len(PROMPTS), 6, 6 + 10)
+def test_generation_stops_at_eos_and_keeps_it(gen):
     free = gen.generate(PROMPTS, 10, Sampling(), eos_id=None)["generated_ids"]
     eos = free[0][2]  # a token the first sequence emits third
     got = gen.generate(PROMPTS, 10, Sampling(), eos_id=eos)
