@@ -43,13 +43,21 @@ def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
             raise UserError(f"prompt {i}: token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
 
 
-def moe_summary(load_LE: np.ndarray, dropped: int, rerouted: int) -> dict:
-    load_LE = np.asarray(load_LE, np.float64)
+def _max_load_ratio(load_LE: np.ndarray) -> float:
     mean = load_LE.mean(axis=1)
     ratio = np.where(mean > 0, load_LE.max(axis=1) / np.where(mean > 0, mean, 1), 0.0)
+    return round(float(ratio.max()), 4)
+
+
+def moe_summary(load_LE: np.ndarray, served_LE: np.ndarray, dropped: int, rerouted: int) -> dict:
+    """Requested load (every top-k choice, before drop / reroute) and served load (what each
+    expert ran), per layer and expert."""
+    load_LE, served_LE = np.asarray(load_LE, np.float64), np.asarray(served_LE, np.float64)
     return {"dropped": int(dropped), "rerouted": int(rerouted),
-            "assignments": int(load_LE.sum()), "max_load_ratio": round(float(ratio.max()), 4),
-            "tokens_per_expert": load_LE.astype(np.int64).tolist()}
+            "assignments": int(load_LE.sum()), "max_load_ratio": _max_load_ratio(load_LE),
+            "served_max_load_ratio": _max_load_ratio(served_LE),
+            "requested_tokens_per_expert": load_LE.astype(np.int64).tolist(),
+            "served_tokens_per_expert": served_LE.astype(np.int64).tolist()}
 
 
 def padded_batch(rs: model.RunSpec, batch: int) -> int:
@@ -137,6 +145,6 @@ class Generator:
             "prefill_tokens_per_s": prompt_tokens / ttft,
             "decode_tokens_per_s": decoded / decode_s if decoded else 0.0,
             "tokens_per_ms_per_device": (prompt_tokens + decoded) / ((ttft + decode_s) * 1e3) / devices,
-            "moe": moe_summary(fetch(totals["load"]), int(fetch(totals["dropped"]).sum()),
-                               int(fetch(totals["rerouted"]).sum())),
+            "moe": moe_summary(fetch(totals["load"]), fetch(totals["served_load"]),
+                               int(fetch(totals["dropped"]).sum()), int(fetch(totals["rerouted"]).sum())),
         }

@@ -239,6 +239,8 @@ def run(args, meshes, shapes) -> dict:
             "peak_rss_gb_so_far": rss_gb(), "device_peak_bytes": device_peak(r["mesh"]),
             "hlo_collectives": r["hlo"], "hlo_cudnn_attention_calls": r["fused_attention"],
             "moe": {"dropped": int(stats["dropped"].sum()),
+                    "requested_tokens_per_expert": stats["load"].astype(int).tolist(),
+                    "served_tokens_per_expert": stats["served_load"].astype(int).tolist(),
                     "computed_over_topk": float(stats["computed_rows"].sum() / max(1, stats["load"].sum())),
                     "exchanged_over_topk": float(stats["exchanged_rows"].sum() / max(1, stats["load"].sum()))},
             "prefill_times_s": r["prefill_s"], "decode_times_s": r["decode_s"],

@@ -213,7 +213,7 @@ def run(args) -> dict:
     say(f"TTFT {res['ttft_s'] * 1e3:.1f} ms | prefill {res['prefill_tokens_per_s']:.1f} tok/s | decode "
         f"{res['decode_tokens_per_s']:.1f} tok/s | {res['tokens_per_ms_per_device']:.3g} tokens/ms/device")
     say(f"MoE: {moe['assignments']} assignments, dropped {moe['dropped']}, rerouted {moe['rerouted']}, "
-        f"max/mean expert load {moe['max_load_ratio']:.2f}")
+        f"max/mean expert load requested {moe['max_load_ratio']:.2f}, served {moe['served_max_load_ratio']:.2f}")
     rep.update({k: v for k, v in res.items()})
     rep.update({"weights": args.ckpt or f"random (seed {args.seed})", "process_index": jax.process_index(),
                 "process_count": jax.process_count(),

@@ -191,3 +191,13 @@ def test_training_windows_are_a_function_of_seed_and_step():
     assert bytes(a[0].astype(np.uint8)) in bytes(tr)
     w = data.consecutive_windows(np.arange(50, dtype=np.uint8), 16)
     assert w.shape == (3, 16) and w[2, 0] == 32  # the partial last window is dropped
+
+
+def test_router_aux_loss_coef_travels_through_hf_config(tmp_path):
+    import dataclasses
+    import json
+
+    cfg = dataclasses.replace(load_config("tiny"), router_aux_loss_coef=0.25)
+    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(cfg)))
+    assert json.loads((tmp_path / "config.json").read_text())["router_aux_loss_coef"] == 0.25
+    assert hf.config_from_hf(str(tmp_path)).router_aux_loss_coef == 0.25
