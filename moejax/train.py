@@ -129,12 +129,9 @@ class Trainer:
     def _step(self, params, opt_state, tokens_BT, lengths_B):
         (_, metrics), grads = jax.value_and_grad(self.scorer.loss_of, has_aux=True)(params, tokens_BT, lengths_B)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-        updates, new_opt = self.tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        # a non-finite loss or gradient leaves the state as it was (the caller stops the run)
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        return keep(new_params, params), keep(new_opt, opt_state), {**metrics, "grad_norm": grad_norm}
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        # a non-finite loss poisons the new state; the caller stops before saving it
+        return optax.apply_updates(params, updates), opt_state, {**metrics, "grad_norm": grad_norm}
 
     def init_opt(self, params):
         return jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
@@ -232,7 +229,7 @@ def init_or_load(rs: model.RunSpec, mesh, seed: int, init_ckpt: str | None):
     the run's)."""
     if init_ckpt is None:
         return model.init_params(rs.cfg, seed, "float32", mesh, rs.layout)
-    meta, _ = checkpoint.read_meta(init_ckpt)
+    meta, _ = checkpoint.read_meta(init_ckpt)  # refuse another config before reading any tensor
     checkpoint.check_config(rs.cfg, checkpoint.config_of(meta))
     _, params, _ = checkpoint.restore(init_ckpt, mesh, rs.layout, dtype="float32")
     return params

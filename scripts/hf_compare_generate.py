@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Greedy tokens from Hugging Face transformers on an exported moejax checkpoint, against moejax's.
 
-Runs with the `.[hf]` extra (torch + transformers + numpy; no JAX, no moejax import), not in CI:
+Runs with the `.[hf]` extra (torch + transformers + numpy; no JAX: of moejax only the byte tokenizer,
+which needs nothing else), not in CI:
 
     python scripts/export_hf.py runs/shakespeare/model /tmp/shakespeare-hf            # moejax venv
     python scripts/infer.py --ckpt runs/shakespeare/model --dtype float32 --temperature 0 \\
@@ -28,7 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moejax.tokenizer import decode  # noqa: E402  (jax-free)
 
 
 def read_moejax_report(path: str) -> dict:
@@ -66,20 +71,6 @@ def prompt_ids_of(args, vocab_size: int) -> tuple[list[list[int]], bool]:
     if vocab_size < 256:
         sys.exit(f"error: text prompts need a byte vocabulary (>= 256); this model has {vocab_size}")
     return [list(p.encode("utf-8")) for p in args.prompt], True
-
-
-def decode(ids: list[int]) -> str:
-    """As moejax.tokenizer.decode: UTF-8 of the byte ids, `<id>` for ids outside the byte range."""
-    out, run = [], []
-    for i in ids:
-        if 0 <= i < 256:
-            run.append(i)
-            continue
-        out.append(bytes(run).decode("utf-8", errors="replace"))
-        out.append(f"<{i}>")
-        run = []
-    out.append(bytes(run).decode("utf-8", errors="replace"))
-    return "".join(out)
 
 
 def main(argv=None) -> int:

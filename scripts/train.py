@@ -142,7 +142,7 @@ def run(args) -> dict:
     trainer = train.Trainer(rs, mesh, hyper, args.batch, args.seq_len)
     compile_s = time.time() - t
     if args.resume:
-        start, params, opt_state, meta = train.restore_state(state_dir, trainer)
+        start, params, opt_state, _ = train.restore_state(state_dir, trainer)
     else:
         start = 0
         params = train.init_or_load(rs, mesh, args.seed, args.init_ckpt)
@@ -176,7 +176,7 @@ def run(args) -> dict:
             bar.close()
             kept = f"step {last_saved} in {state_dir}" if last_saved is not None else "none was saved"
             raise UserError(f"step {step}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} is not "
-                            f"finite; training stopped and this step was not applied (last checkpoint: {kept}); "
+                            f"finite; training stopped and nothing from this step on was saved (last checkpoint: {kept}); "
                             f"try a lower --lr (now {args.lr})")
         record = {"step": step, **{k: metrics[k] for k in ("loss", "ce_loss", "aux_loss", "aux_loss_per_layer",
                                                              "z_loss", "grad_norm", "max_load_ratio")},

@@ -11,3 +11,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """The Hugging Face fixture imported as a moejax checkpoint (once per test module)."""
+    from helpers import FIXTURE, run_script
+
+    out = str(tmp_path_factory.mktemp("ck") / "hf")
+    r = run_script("import_hf.py", FIXTURE, out)
+    assert r.returncode == 0, r.stderr
+    return out

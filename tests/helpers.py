@@ -14,6 +14,7 @@ from moejax.mesh import make_mesh, parse_mesh
 from moejax.rules import load_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(REPO, "tests", "data", "hf-mixtral-tiny")  # provenance: its README.md
 RTOL = 1e-5  # relative error on logits: max |got - want| / max |want|
 
 

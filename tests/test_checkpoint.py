@@ -12,22 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, RTOL, host_params, rel_err, run_script
+from helpers import FIXTURE, REPO, RTOL, host_params, rel_err, run_script
 from moejax import checkpoint, model
 from moejax.generate import Generator, put
 from moejax.mesh import make_mesh, parse_mesh
 from moejax.rules import load_layout
 from moejax.sampling import Sampling
 
-FIXTURE = os.path.join(REPO, "tests", "data", "hf-mixtral-tiny")  # provenance: tests/data/hf-mixtral-tiny/README.md
-
-
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ck") / "hf")
-    r = run_script("import_hf.py", FIXTURE, out)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 def _restore(ckpt, mesh_text, micro=1):

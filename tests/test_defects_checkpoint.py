@@ -14,21 +14,12 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO, run_script
+from helpers import FIXTURE, REPO, run_script
 from moejax import checkpoint
 from moejax.errors import UserError
 from moejax.mesh import make_mesh, parse_mesh
 from moejax.rules import load_layout
 
-FIXTURE = os.path.join(REPO, "tests", "data", "hf-mixtral-tiny")
-
-
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ck") / "hf")
-    r = run_script("import_hf.py", FIXTURE, out)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 def _largest_data_file(ckpt):

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO, host_params
+from helpers import FIXTURE, REPO, forward, host_params
 from moejax import data, hf, model, train
 from moejax.config import load_config
 from moejax.generate import put
@@ -15,7 +15,6 @@ from moejax.loss import Scorer
 from moejax.mesh import make_mesh, parse_mesh
 from moejax.rules import load_layout
 
-FIXTURE = os.path.join(REPO, "tests", "data", "hf-mixtral-tiny")  # train_reference.npz: see its README
 GRAD_RTOL = 1e-4  # per tensor: max |got - want| / max |want| (the bound against torch autograd)
 MESH_RTOL = 1e-5  # float32, sharded against one device
 
@@ -152,7 +151,7 @@ def test_per_layer_balance_loss_is_the_mean_of_each_layers_own():
     rs, m = _run(cfg, "1x2x1x1")
     tokens = np.random.default_rng(5).integers(0, 256, size=(4, 10)).astype(np.int32)
     metrics, _ = _loss_and_grads(host_params("tiny"), rs, m, tokens, np.full((4,), 10), balance="per-layer")
-    _, stats = __import__("helpers").forward("tiny", "1x1x1x1", tokens)
+    _, stats = forward("tiny", "1x1x1x1", tokens)
     want = np.mean([cfg.num_experts * np.sum(stats["load"][l] / tokens.size * stats["prob_sum"][l] / tokens.size)
                     for l in range(cfg.num_layers)])
     assert abs(metrics["aux_loss_per_layer"] - want) <= 1e-5 * want

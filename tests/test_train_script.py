@@ -12,13 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, run_script
+from helpers import FIXTURE, REPO, run_script
 from moejax import checkpoint
 from moejax.mesh import make_mesh, parse_mesh
 from moejax.rules import load_layout
 
 DATA = os.path.join(REPO, "data", "tinyshakespeare.txt")
-FIXTURE = os.path.join(REPO, "tests", "data", "hf-mixtral-tiny")
 COMMON = ["--config", "tiny", "--data", DATA, "--batch", "8", "--seq-len", "16", "--lr", "3e-3", "--warmup", "2",
           "--dtype", "float32", "--seed", "1", "--eval-windows", "8"]
 
@@ -121,12 +120,11 @@ def test_trained_model_exports_round_trips_and_serves(six_steps, tmp_path):
     assert r.returncode == 0 and os.path.getsize(tmp_path / "loss.png") > 10_000, r.stderr
 
 
-def test_eval_py_scores_windows_as_transformers_does(tmp_path):
+def test_eval_py_scores_windows_as_transformers_does(imported, tmp_path):
     ref = np.load(os.path.join(FIXTURE, "train_reference.npz"))
     ids = ref["full_input_ids"]  # [3, 20] byte values
     (tmp_path / "text.bin").write_bytes(bytes(ids.reshape(-1).astype(np.uint8)) + b"tail")  # partial window
-    assert run_script("import_hf.py", FIXTURE, str(tmp_path / "ck")).returncode == 0
-    r = run_script("eval.py", "--ckpt", str(tmp_path / "ck"), "--data", str(tmp_path / "text.bin"), "--seq-len",
+    r = run_script("eval.py", "--ckpt", imported, "--data", str(tmp_path / "text.bin"), "--seq-len",
                    "20", "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
@@ -146,13 +144,12 @@ def test_eval_py_scores_windows_as_transformers_does(tmp_path):
     (["--init-ckpt", "HF"], "does not match the checkpoint"),
     (["--lr", "1e30", "--warmup", "0", "--steps", "30"], "is not finite"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+def test_bad_input_is_one_line_and_exit_code_2(request, tmp_path, args, message):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "short.txt").write_bytes(b"x" * 100)
     subst = {"EMPTY": str(tmp_path / "empty.txt"), "SHORT": str(tmp_path / "short.txt")}
     if "HF" in args:
-        assert run_script("import_hf.py", FIXTURE, str(tmp_path / "hf")).returncode == 0
-        subst["HF"] = str(tmp_path / "hf")
+        subst["HF"] = request.getfixturevalue("imported")
     args = [subst.get(a, a) for a in args]  # given after COMMON, so these flags win
     r = run_script("train.py", *COMMON, "--steps", "2", "--out", str(tmp_path / "out"), *args)
     assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
