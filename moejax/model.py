@@ -31,7 +31,7 @@ LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "moe_norm", "router", "w1",
 EXPERT_PARAMS = ("w1", "w3", "w2")
 MOE_COUNTERS = ("dropped", "rerouted", "exchanged_rows", "computed_rows")  # per layer
 ROUTER_SUMS = ("prob_sum", "z_sum")  # per layer, float32: what the training losses need (loss.py)
-MODES = ("forward", "prefill", "decode")
+MODES = ("forward", "prefill", "decode", "extend")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +231,13 @@ def _attention(x_BTD, w, side, mode, kv, row0, rs: RunSpec):
         k_BSGK, v_BSGK = (_bits(jax.lax.dynamic_slice_in_dim(c, row0, mb, axis=0), cdt) for c in kv)
         mask_BTS = (jnp.arange(k_BSGK.shape[1])[None, :] <= pos_B[:, None])[:, None, :]
         out_BTHK = layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS)
+    elif mode == "extend":  # rows of the cache named per sequence; T new tokens at positions pos_BT
+        rows_B, pos_BT = side["row"], side["pos"]
+        write_BT = jnp.where(side["valid"], rows_B[:, None], kv[0].shape[0])  # padding: dropped
+        kv = tuple(c.at[write_BT, pos_BT].set(_bits(n, c.dtype), mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
+        k_BSGK, v_BSGK = (_bits(c[rows_B], cdt) for c in kv)
+        mask_BTS = jnp.arange(k_BSGK.shape[1])[None, None, :] <= pos_BT[:, :, None]
+        out_BTHK = layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS)
     else:
         out_BTHK = layers.attention(q_BTHK, k_BTGK, v_BTGK, causal=True)
         if mode == "prefill":
@@ -278,9 +285,11 @@ def _local(a, name: str = ""):
     return a.reshape(a.shape[1:])
 
 
-def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: str):
+def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=None, *, rs: RunSpec, mode: str):
     """What one device runs. tokens_BT: [B/batch_shards, T]; lengths_B: prompt lengths (prefill,
-    forward) or the position of the new token (decode, -1 for padding rows)."""
+    forward), the position of the new token (decode, -1 for padding rows) or the number of new
+    tokens (extend, 0 for padding rows). extend only: the new tokens of row b sit at positions
+    starts_B[b], ... of this device's cache row rows_B[b]."""
     cfg, m_count = rs.cfg, rs.microbatches
     b_loc, t = tokens_BT.shape
     mb = b_loc // m_count
@@ -289,11 +298,16 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
     if mode == "decode":
         pos_BT = jnp.maximum(lengths_B, 0)[:, None]
         valid_BT = (lengths_B >= 0)[:, None]
+    elif mode == "extend":
+        pos_BT = jnp.maximum(starts_B, 0)[:, None] + jnp.arange(t)
+        valid_BT = jnp.arange(t)[None, :] < lengths_B[:, None]
     else:
         pos_BT = jnp.broadcast_to(jnp.arange(t), (b_loc, t))
         valid_BT = pos_BT < lengths_B[:, None]
     split = lambda a: a.reshape((m_count, mb) + a.shape[1:])
     side_M = {"pos": split(pos_BT), "valid": split(valid_BT), "len": split(lengths_B)}
+    if mode == "extend":
+        side_M["row"] = split(rows_B)
     layers_loc = len(params["wq"])
     stats0 = {"load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
               "served_load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
@@ -318,7 +332,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, *, rs: RunSpec, mode: s
     def emit(y_BTD, side):
         if mode == "forward":
             return y_BTD
-        last_B = jnp.maximum(side["len"], 1) - 1 if mode == "prefill" else jnp.zeros_like(side["len"])
+        last_B = jnp.zeros_like(side["len"]) if mode == "decode" else jnp.maximum(side["len"], 1) - 1
         return y_BTD[jnp.arange(y_BTD.shape[0]), last_B]
 
     outs, (cache, stats) = staggered(stage_fn, emit, split(x_BTD), side_M, (cache, stats0),
@@ -342,7 +356,11 @@ def build(rs: RunSpec, mesh, mode: str):
       forward(params, tokens_BT, lengths_B)              -> logits_BTV f32, stats
       prefill(params, tokens_BT, lengths_B, cache)       -> logits_BV f32, cache, stats
       decode(params, tokens_B1, positions_B, cache)      -> logits_BV f32, cache, stats
-    B must be a multiple of rs.batch_multiple."""
+      extend(params, tokens_BT, counts_B, starts_B, rows_B, cache) -> logits_BV f32, cache, stats
+    B must be a multiple of rs.batch_multiple. extend writes row b's first counts_B[b] tokens at
+    positions starts_B[b], ... of cache row rows_B[b] (an index into the cache rows of row b's own
+    batch shard) and attends to that row's earlier positions: a prompt chunk of one slot of a
+    continuous-batching engine (serving/engine.py); its logits are at each row's last new token."""
     if mode not in MODES:
         raise ValueError(mode)
     if mesh_shape_of(mesh) != rs.shape:
@@ -359,6 +377,12 @@ def build(rs: RunSpec, mesh, mode: str):
         in_specs = (param_specs, lay.act_spec("tokens"), lay.act_spec("lengths"))
         out_specs = (logits_spec, stats_spec)
         donate = ()
+    elif mode == "extend":
+        body = lambda p, tok, counts, starts, rows, cache: fn(p, tok, counts, cache, starts, rows)
+        lengths = lay.act_spec("lengths")
+        in_specs = (param_specs, lay.act_spec("tokens"), lengths, lengths, lengths, (cache_spec, cache_spec))
+        out_specs = (logits_spec, (cache_spec, cache_spec), stats_spec)
+        donate = (5,)
     else:
         body = fn
         in_specs = (param_specs, lay.act_spec("tokens"), lay.act_spec("lengths"), (cache_spec, cache_spec))

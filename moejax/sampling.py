@@ -43,3 +43,27 @@ def sample(logits_BV, key, *, temperature: float, top_k: int, top_p: float):
         cutoff_B = jnp.take_along_axis(sorted_BV, cutoff_idx_B[:, None], axis=-1)
         logits_BV = jnp.where(logits_BV < cutoff_B, -jnp.inf, logits_BV)
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@jax.jit
+def sample_rows(logits_BV, seeds_B, counts_B, temperature_B, top_k_B, top_p_B):
+    """One token per row, each row with its own settings (temperature 0: greedy; top_k 0: every
+    token; top_p 1: no nucleus cut) and its own key, fold_in(key(seed), count): a request's draws
+    depend on its seed and on how many tokens it has drawn, never on the other rows of the batch.
+    The same filtering as `sample`: top-k, then top-p over what top-k kept."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    v = logits_BV.shape[-1]
+    x_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    sorted_BV = -jnp.sort(-x_BV, axis=-1)
+    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
+    sorted_BV = jnp.where(jnp.arange(v)[None, :] < k_B[:, None], sorted_BV, -jnp.inf)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (always at least the best token)
+    cutoff_idx_B = jnp.maximum(jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p_B[:, None], axis=-1) - 1, 0)
+    cutoff_B = jnp.minimum(jnp.take_along_axis(sorted_BV, cutoff_idx_B[:, None], axis=-1),
+                           jnp.take_along_axis(sorted_BV, k_B[:, None] - 1, axis=-1))
+    x_BV = jnp.where(x_BV < cutoff_B, -jnp.inf, x_BV)
+    keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counts_B)
+    drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, x_BV).astype(jnp.int32)
+    return jnp.where(temperature_B > 0, drawn_B, greedy_B)

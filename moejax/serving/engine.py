@@ -1,0 +1,280 @@
+"""A continuous-batching engine: one per dp replica, on that replica's (1, pp, tp, ep) devices.
+
+The engine owns S decode slots, each a row of a preallocated KV cache of `max_len` positions
+(rows split over the replica's batch shards like any batch). Its thread loops:
+  1. take new requests and aborts from its inbox; a waiting request gets a free slot (on the
+     batch shard with the fewest busy slots), FIFO;
+  2. prefill: one `extend` call runs the next chunk (at most `chunk` tokens) of up to `rows`
+     prompts per batch shard into their slots' cache rows; a prompt whose last chunk ran samples
+     its first token. A long prompt thus delays the others' next token by one chunk, not by its
+     whole prefill;
+  3. decode: one `decode` call advances every decoding slot by one token (positions per slot);
+     a finished sequence frees its slot at once.
+Programs are the serving program of model.py (`build("extend")`, `build("decode")`); extend
+batches come in power-of-two row counts and lengths (>= 16), compiled on first use or by `warmup`.
+Nothing crosses replicas: each engine has its own mesh, parameters, cache and thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import traceback
+
+import numpy as np
+
+from moejax import model
+from moejax.generate import fetch, put
+from moejax.sampling import sample_rows
+from moejax.serving.request import Event, Request
+
+log = logging.getLogger("moejax.serving")
+MIN_CHUNK = 16
+
+
+def pow2_at_least(n: int, lo: int = 1) -> int:
+    b = lo
+    while b < n:
+        b *= 2
+    return b
+
+
+class Engine:
+    def __init__(self, rs: model.RunSpec, mesh, params, *, slots: int, max_len: int, chunk: int = 256,
+                 rows: int = 1, index: int = 0, metrics=None, max_waiting: int = 64):
+        self.rs, self.mesh, self.params = rs, mesh, params
+        self.index, self.metrics, self.max_waiting = index, metrics, max_waiting
+        self.shards = rs.layout.shards("batch", rs.shape)
+        if slots % rs.batch_multiple:
+            raise ValueError(f"{slots} slots: need a multiple of {rs.batch_multiple}")
+        self.slots, self.max_len, self.rows = slots, max_len, rows
+        self.chunk = max(MIN_CHUNK, pow2_at_least(min(chunk, max_len)))
+        self.per_shard = slots // self.shards
+        self.rs_extend = model.RunSpec(**{**rs.__dict__, "microbatches": 1})
+        self.cache = model.init_cache(rs, mesh, slots, max_len)
+        self.eos_id = rs.cfg.eos_token_id
+        self._decode = None
+        self._extend: dict[tuple[int, int], object] = {}
+        self.compile_s = 0.0
+        self.slot_req: list[Request | None] = [None] * slots
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._inbox: collections.deque = collections.deque()
+        self._wake = threading.Condition()
+        self._stop = False
+        self.dead: str | None = None  # the error that stopped the thread
+        self.thread = threading.Thread(target=self._loop, name=f"moejax-engine-{index}", daemon=True)
+        self.steps = {"extend": 0, "decode": 0}
+
+    # ---- compiled programs --------------------------------------------------------------------
+    def _compiled_decode(self):
+        if self._decode is None:
+            t0 = time.perf_counter()
+            lay, b = self.rs.layout, self.slots
+            one = put(self.mesh, lay, "tokens", np.zeros((b, 1), np.int32))
+            pos = put(self.mesh, lay, "lengths", np.full((b,), -1, np.int32))
+            self._decode = model.build(self.rs, self.mesh, "decode").lower(self.params, one, pos, self.cache).compile()
+            self.compile_s += time.perf_counter() - t0
+        return self._decode
+
+    def _compiled_extend(self, rows: int, length: int):
+        key = (rows, length)
+        if key not in self._extend:
+            t0 = time.perf_counter()
+            lay, b = self.rs.layout, rows * self.shards
+            tok = put(self.mesh, lay, "tokens", np.zeros((b, length), np.int32))
+            zero = put(self.mesh, lay, "lengths", np.zeros((b,), np.int32))
+            fn = model.build(self.rs_extend, self.mesh, "extend")
+            self._extend[key] = fn.lower(self.params, tok, zero, zero, zero, self.cache).compile()
+            self.compile_s += time.perf_counter() - t0
+        return self._extend[key]
+
+    def extend_shapes(self) -> list[tuple[int, int]]:
+        rows = [r for r in (1, 2, 4, 8, 16, 32, 64) if r < self.rows] + [self.rows]
+        lengths, n = [], MIN_CHUNK
+        while n < self.chunk:
+            lengths.append(n)
+            n *= 2
+        return [(r, t) for r in rows for t in lengths + [self.chunk]]
+
+    def warmup(self) -> float:
+        """Compile every program the loop can call; returns the seconds spent compiling."""
+        self._compiled_decode()
+        for r, t in self.extend_shapes():
+            self._compiled_extend(r, t)
+        return self.compile_s
+
+    # ---- the API side (any thread) --------------------------------------------------------------
+    def start(self):
+        self.thread.start()
+
+    def load(self) -> int:
+        """Requests this engine holds (running + waiting + not yet taken): the router's measure."""
+        return sum(r is not None for r in self.slot_req) + len(self.waiting) + len(self._inbox)
+
+    def waiting_count(self) -> int:
+        return len(self.waiting) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
+
+    def submit(self, req: Request):
+        self._post(("add", req))
+
+    def abort(self, req: Request):
+        self._post(("abort", req))
+
+    def stop(self):
+        self._stop = True
+        self._post(("stop", None))
+
+    def _post(self, item):
+        with self._wake:
+            self._inbox.append(item)
+            self._wake.notify()
+
+    # ---- the engine thread ------------------------------------------------------------------
+    def _loop(self):
+        try:
+            while not self._stop:
+                if not self.step():
+                    with self._wake:
+                        if not self._inbox and not self._stop:
+                            self._wake.wait(timeout=0.5)
+        except Exception as e:  # the engine is dead: say so to every request it holds
+            self.dead = f"{type(e).__name__}: {e}"
+            log.error("engine %d stopped: %s", self.index, traceback.format_exc())
+        reason = self.dead or "the server is shutting down"
+        for req in [r for r in self.slot_req if r is not None] + list(self.waiting) + \
+                [r for kind, r in self._inbox if kind == "add"]:
+            req.emit(Event([], "", "abort", error=reason))
+        self._publish()
+
+    def step(self) -> bool:
+        """One iteration; False when there was nothing to do."""
+        self._take_inbox()
+        self._admit()
+        busy = False
+        if any(r is not None and r.prefilled < len(r.prompt) for r in self.slot_req):
+            self._run_extend()
+            busy = True
+        if any(r is not None and r.decoding for r in self.slot_req):
+            self._run_decode()
+            busy = True
+        self._publish()
+        return busy
+
+    def _take_inbox(self):
+        with self._wake:
+            items, self._inbox = list(self._inbox), collections.deque()
+        for kind, req in items:
+            if kind == "add":
+                self.waiting.append(req)
+            elif kind == "abort":
+                if req in self.waiting:
+                    self.waiting.remove(req)
+                elif req.slot is not None and self.slot_req[req.slot] is req:
+                    self._finish(req, "abort")
+
+    def _admit(self):
+        while self.waiting:
+            busy = [sum(self.slot_req[s * self.per_shard + i] is not None for i in range(self.per_shard))
+                    for s in range(self.shards)]
+            shard = int(np.argmin(busy))
+            if busy[shard] == self.per_shard:
+                return
+            base = shard * self.per_shard
+            slot = next(base + i for i in range(self.per_shard) if self.slot_req[base + i] is None)
+            req = self.waiting.popleft()
+            req.slot, req.scheduled = slot, time.perf_counter()
+            self.slot_req[slot] = req
+            if self.metrics:
+                self.metrics.queued(self.index, req.scheduled - req.arrival)
+
+    def _finish(self, req: Request, reason: str, event: Event | None = None):
+        req.finish_reason = reason
+        self.slot_req[req.slot] = None
+        if event is None:
+            event = Event([], req.text.flush() if reason != "abort" else "", reason)
+        req.emit(event)
+        if self.metrics:
+            self.metrics.finished(self.index, req)
+
+    def _sample(self, logits, reqs: list[Request | None]):
+        """Sample one token for each row of logits (None rows: greedy, ignored)."""
+        n = len(reqs)
+        seeds, counts = np.zeros(n, np.uint32), np.zeros(n, np.int32)
+        temps, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
+        for i, r in enumerate(reqs):
+            if r is not None:
+                p = r.params
+                seeds[i], counts[i] = p.seed % 2**32, len(r.generated)
+                temps[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+        return fetch(sample_rows(logits, seeds, counts, temps, top_k, top_p))
+
+    def _emit_token(self, req: Request, token: int):
+        event = req.accept(token, self.eos_id)
+        if self.metrics:
+            self.metrics.token(self.index, req)
+        if req.finish_reason:
+            self._finish(req, req.finish_reason, event)
+        else:
+            req.emit(event)
+
+    def _run_extend(self):
+        """The next prompt chunk of up to `rows` prefilling slots per batch shard."""
+        picked: list[list[Request]] = [[] for _ in range(self.shards)]
+        order = sorted((r for r in self.slot_req if r is not None and r.prefilled < len(r.prompt)),
+                       key=lambda r: r.scheduled)
+        for r in order:
+            shard = r.slot // self.per_shard
+            if len(picked[shard]) < self.rows:
+                picked[shard].append(r)
+        rows = pow2_at_least(max(len(p) for p in picked))
+        rows = min(rows, self.rows)
+        take = {r.id: min(self.chunk, len(r.prompt) - r.prefilled) for p in picked for r in p}
+        length = min(pow2_at_least(max(take.values()), MIN_CHUNK), self.chunk)
+        b = rows * self.shards
+        tokens = np.zeros((b, length), np.int32)
+        counts, starts, cache_rows = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
+        row_req: list[Request | None] = [None] * b
+        for shard, reqs in enumerate(picked):
+            for k, r in enumerate(reqs):
+                i, n = shard * rows + k, take[r.id]
+                tokens[i, :n] = r.prompt[r.prefilled: r.prefilled + n]
+                counts[i], starts[i], cache_rows[i] = n, r.prefilled, r.slot % self.per_shard
+                row_req[i] = r
+        fn = self._compiled_extend(rows, length)
+        lay = self.rs.layout
+        logits, self.cache, _ = fn(self.params, put(self.mesh, lay, "tokens", tokens),
+                                   *(put(self.mesh, lay, "lengths", a) for a in (counts, starts, cache_rows)),
+                                   self.cache)
+        self.steps["extend"] += 1
+        for r in filter(None, row_req):
+            r.prefilled += take[r.id]
+        done = [r if r is not None and r.prefilled == len(r.prompt) else None for r in row_req]
+        if any(done):
+            tokens = self._sample(logits, done)
+            for i, r in enumerate(done):
+                if r is not None:
+                    self._emit_token(r, int(tokens[i]))
+
+    def _run_decode(self):
+        reqs = [r if r is not None and r.decoding else None for r in self.slot_req]
+        tokens = np.zeros((self.slots, 1), np.int32)
+        pos = np.full((self.slots,), -1, np.int32)
+        for i, r in enumerate(reqs):
+            if r is not None:
+                tokens[i, 0] = r.generated[-1]
+                pos[i] = len(r.prompt) + len(r.generated) - 1
+        lay = self.rs.layout
+        logits, self.cache, _ = self._compiled_decode()(
+            self.params, put(self.mesh, lay, "tokens", tokens), put(self.mesh, lay, "lengths", pos), self.cache)
+        self.steps["decode"] += 1
+        sampled = self._sample(logits, reqs)
+        for i, r in enumerate(reqs):
+            if r is not None:
+                self._emit_token(r, int(sampled[i]))
+
+    def _publish(self):
+        if self.metrics:
+            running = sum(r is not None for r in self.slot_req)
+            self.metrics.engine_state(self.index, running, len(self.waiting), running / self.slots)

@@ -1,0 +1,115 @@
+"""A request as the engine sees it: prompt ids, sampling settings, the text generated so far with
+stop strings applied, and its timestamps. No JAX here."""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import itertools
+import time
+from typing import Callable
+
+FINISH_REASONS = ("stop", "length", "abort")
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings, as the OpenAI completions API names them (validated by
+    the API layer). temperature 0 is greedy; top_k 0 keeps every token."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass
+class Event:
+    """What one engine step produced for one request: new token ids, the text they complete (stop
+    strings withheld until they are ruled out) and, on the last event, the finish reason."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class StopText:
+    """Incremental UTF-8 text of byte tokens with stop strings: `add` returns the text that is now
+    safe to show, holding back a tail that could still start a stop string; `hit` is set when a
+    stop string appears, and the text ends before it (OpenAI's convention)."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = tuple(s for s in stop if s)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # everything decoded so far (up to a stop string)
+        self.shown = 0  # characters already returned
+        self.hit = False
+
+    def add(self, token_id: int, final: bool = False) -> str:
+        if 0 <= token_id < 256:
+            piece = self.decoder.decode(bytes([token_id]), final=final)
+        else:  # a model with a larger vocabulary (random weights) emits ids no byte names
+            piece = self.decoder.decode(b"", final=True) + f"<{token_id}>"
+        return self._extend(piece, final)
+
+    def flush(self) -> str:
+        """The rest of the text, once no more tokens come."""
+        return self._extend(self.decoder.decode(b"", final=True), final=True)
+
+    def _extend(self, piece: str, final: bool) -> str:
+        start = max(0, len(self.text) - self.hold)
+        self.text += piece
+        for s in self.stop:
+            at = self.text.find(s, start)
+            if at >= 0:
+                self.text, self.hit, final = self.text[:at], True, True
+        end = len(self.text) if final else max(self.shown, len(self.text) - self.hold)
+        out, self.shown = self.text[self.shown:end], end
+        return out
+
+
+class Request:
+    """One sequence: created by the API layer, owned by one engine from `submit` to its last event.
+    `emit` is called on the engine's thread with each Event."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None]):
+        self.id = next(_ids)
+        self.prompt, self.params, self.emit = list(prompt), params, emit
+        self.generated: list[int] = []
+        self.text = StopText(params.stop)
+        self.prefilled = 0  # prompt tokens already in the KV cache
+        self.slot: int | None = None
+        self.finish_reason: str | None = None
+        self.arrival = time.perf_counter()
+        self.scheduled: float | None = None  # when a slot was assigned
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+
+    @property
+    def decoding(self) -> bool:
+        return self.slot is not None and self.prefilled == len(self.prompt) and self.finish_reason is None
+
+    def accept(self, token: int, eos_id: int | None) -> Event:
+        """Take one sampled token; returns the event to emit (finish_reason set when it ends)."""
+        now = time.perf_counter()
+        self.first_token = self.first_token or now
+        self.last_token = now
+        self.generated.append(token)
+        p = self.params
+        if token in p.stop_token_ids or (token == eos_id and not p.ignore_eos):
+            self.finish_reason = "stop"
+            return Event([token], self.text.flush(), "stop")
+        text = self.text.add(token)
+        if self.text.hit:
+            self.finish_reason = "stop"
+        elif len(self.generated) >= p.max_tokens:
+            self.finish_reason = "length"
+            text += self.text.flush()
+        return Event([token], text, self.finish_reason)
