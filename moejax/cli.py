@@ -72,3 +72,31 @@ def limit_malloc_arenas(n: int = 2) -> None:
     if sys.platform.startswith("linux") and "MALLOC_ARENA_MAX" not in os.environ:
         os.environ["MALLOC_ARENA_MAX"] = str(n)
         os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
+def distributed_settings(args) -> tuple[str, int, int] | None:
+    """(coordinator, processes, process id) from the flags, else from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID; None for a single-process run."""
+    env = os.environ
+    coordinator = args.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator:
+        if (args.num_processes or 1) != 1 or (args.process_id or 0) != 0:
+            raise UserError("--num-processes/--process-id need --coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
+        return None
+
+    def number(flag, value, var):
+        if value is not None:
+            return value
+        text = env.get(var)
+        if text is None:
+            raise UserError(f"a multi-process run (coordinator {coordinator}) needs {flag} or {var}")
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"{var}={text!r} is not an integer") from None
+
+    n = number("--num-processes", args.num_processes, "JAX_NUM_PROCESSES")
+    i = number("--process-id", args.process_id, "JAX_PROCESS_ID")
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"process id {i} of {n} processes: need 0 <= id < processes")
+    return coordinator, n, i

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import ArgumentParser, guarded, limit_malloc_arenas  # noqa: E402  (no JAX yet: devices come first)
+from moejax.cli import ArgumentParser, distributed_settings, guarded, limit_malloc_arenas  # noqa: E402  (no JAX yet: devices come first)
 from moejax.config import DTYPES, KERNELS, POLICIES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
@@ -73,34 +73,6 @@ def read_prompt_ids(text: str) -> list[list[int]]:
             and all(isinstance(t, int) and not isinstance(t, bool) for p in ids for t in p)):
         raise UserError(f"--prompt-ids {text[:60]!r}: expected a non-empty list of lists of ints, e.g. [[1, 2, 3]]")
     return ids
-
-
-def distributed_settings(args) -> tuple[str, int, int] | None:
-    """(coordinator, processes, process id) from the flags, else from JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID; None for a single-process run."""
-    env = os.environ
-    coordinator = args.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
-    if not coordinator:
-        if (args.num_processes or 1) != 1 or (args.process_id or 0) != 0:
-            raise UserError("--num-processes/--process-id need --coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
-        return None
-
-    def number(flag, value, var):
-        if value is not None:
-            return value
-        text = env.get(var)
-        if text is None:
-            raise UserError(f"a multi-process run (coordinator {coordinator}) needs {flag} or {var}")
-        try:
-            return int(text)
-        except ValueError:
-            raise UserError(f"{var}={text!r} is not an integer") from None
-
-    n = number("--num-processes", args.num_processes, "JAX_NUM_PROCESSES")
-    i = number("--process-id", args.process_id, "JAX_PROCESS_ID")
-    if n < 1 or not 0 <= i < n:
-        raise UserError(f"process id {i} of {n} processes: need 0 <= id < processes")
-    return coordinator, n, i
 
 
 def run(args) -> dict:

@@ -3,7 +3,8 @@
 The engine owns S decode slots, each a row of a preallocated KV cache of `max_len` positions
 (rows split over the replica's batch shards like any batch). Its thread loops:
   1. take new requests and aborts from its inbox; a waiting request gets a free slot (on the
-     batch shard with the fewest busy slots), FIFO;
+     batch shard with the fewest busy slots), FIFO (`static`: only when every slot is free, the
+     fixed batches of infer.py, kept for comparison);
   2. prefill: one `extend` call runs the next chunk (at most `chunk` tokens) of up to `rows`
      prompts per batch shard into their slots' cache rows; a prompt whose last chunk ran samples
      its first token. A long prompt thus delays the others' next token by one chunk, not by its
@@ -43,9 +44,9 @@ def pow2_at_least(n: int, lo: int = 1) -> int:
 
 class Engine:
     def __init__(self, rs: model.RunSpec, mesh, params, *, slots: int, max_len: int, chunk: int = 256,
-                 rows: int = 1, index: int = 0, metrics=None, max_waiting: int = 64):
+                 rows: int = 1, index: int = 0, metrics=None, static: bool = False):
         self.rs, self.mesh, self.params = rs, mesh, params
-        self.index, self.metrics, self.max_waiting = index, metrics, max_waiting
+        self.index, self.metrics, self.static = index, metrics, static
         self.shards = rs.layout.shards("batch", rs.shape)
         if slots % rs.batch_multiple:
             raise ValueError(f"{slots} slots: need a multiple of {rs.batch_multiple}")
@@ -175,6 +176,8 @@ class Engine:
                     self._finish(req, "abort")
 
     def _admit(self):
+        if self.static and any(r is not None for r in self.slot_req):
+            return  # static batching: a new batch only once the last one has finished
         while self.waiting:
             busy = [sum(self.slot_req[s * self.per_shard + i] is not None for i in range(self.per_shard))
                     for s in range(self.shards)]

@@ -52,12 +52,12 @@ class StopText:
         self.shown = 0  # characters already returned
         self.hit = False
 
-    def add(self, token_id: int, final: bool = False) -> str:
+    def add(self, token_id: int) -> str:
         if 0 <= token_id < 256:
-            piece = self.decoder.decode(bytes([token_id]), final=final)
+            piece = self.decoder.decode(bytes([token_id]))
         else:  # a model with a larger vocabulary (random weights) emits ids no byte names
             piece = self.decoder.decode(b"", final=True) + f"<{token_id}>"
-        return self._extend(piece, final)
+        return self._extend(piece, False)
 
     def flush(self) -> str:
         """The rest of the text, once no more tokens come."""
@@ -91,6 +91,7 @@ class Request:
         self.scheduled: float | None = None  # when a slot was assigned
         self.first_token: float | None = None
         self.last_token: float | None = None
+        self.previous_token: float | None = None  # the token before the last (inter-token latency)
 
     @property
     def decoding(self) -> bool:
@@ -100,7 +101,7 @@ class Request:
         """Take one sampled token; returns the event to emit (finish_reason set when it ends)."""
         now = time.perf_counter()
         self.first_token = self.first_token or now
-        self.last_token = now
+        self.previous_token, self.last_token = self.last_token, now
         self.generated.append(token)
         p = self.params
         if token in p.stop_token_ids or (token == eos_id and not p.ignore_eos):

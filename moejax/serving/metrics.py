@@ -1,0 +1,70 @@
+"""Prometheus metrics of the server, named like vLLM's (`vllm:` becomes `moejax:`), labelled by
+model_name and engine (the dp replica). Updated from the engine threads; prometheus_client is
+thread-safe."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   7.5, 10.0, 20.0, 40.0, 80.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self, model_name: str, engines: int, slots: int):
+        self.registry = r = CollectorRegistry()
+        self.model_name, self.slots = model_name, slots
+        labels = ("model_name", "engine")
+        self.running = Gauge("moejax:num_requests_running", "Requests in decode slots", labels, registry=r)
+        self.waiting = Gauge("moejax:num_requests_waiting", "Requests waiting for a slot", labels, registry=r)
+        self.slots_used = Gauge("moejax:kv_slots_used", "KV-cache slots holding a request", labels, registry=r)
+        self.slots_total = Gauge("moejax:kv_slots_total", "KV-cache slots", labels, registry=r)
+        self.usage = Gauge("moejax:kv_cache_usage_perc", "Fraction of KV-cache slots in use", labels, registry=r)
+        self.prompt_tokens = Counter("moejax:prompt_tokens", "Prefilled prompt tokens", labels, registry=r)
+        self.generation_tokens = Counter("moejax:generation_tokens", "Generated tokens", labels, registry=r)
+        self.success = Counter("moejax:request_success", "Finished requests", labels + ("finished_reason",),
+                               registry=r)
+        self.ttft = Histogram("moejax:time_to_first_token_seconds", "Time to first token", labels,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("moejax:inter_token_latency_seconds", "Time between consecutive tokens", labels,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("moejax:e2e_request_latency_seconds", "Arrival to last token", labels,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("moejax:request_queue_time_seconds", "Arrival to a slot", labels,
+                               buckets=LATENCY_BUCKETS, registry=r)
+        for e in range(engines):
+            self.slots_total.labels(model_name, str(e)).set(slots)
+            self.engine_state(e, 0, 0, 0.0)
+
+    def _l(self, engine: int):
+        return {"model_name": self.model_name, "engine": str(engine)}
+
+    def engine_state(self, engine: int, running: int, waiting: int, usage: float):
+        self.running.labels(**self._l(engine)).set(running)
+        self.waiting.labels(**self._l(engine)).set(waiting)
+        self.slots_used.labels(**self._l(engine)).set(running)
+        self.usage.labels(**self._l(engine)).set(usage)
+
+    def queued(self, engine: int, seconds: float):
+        self.queue.labels(**self._l(engine)).observe(seconds)
+
+    def token(self, engine: int, req):
+        """After req accepted a token: its first (TTFT, prompt counted) or a later one (ITL)."""
+        lab = self._l(engine)
+        self.generation_tokens.labels(**lab).inc()
+        if len(req.generated) == 1:
+            self.prompt_tokens.labels(**lab).inc(len(req.prompt))
+            self.ttft.labels(**lab).observe(req.first_token - req.arrival)
+        else:
+            self.itl.labels(**lab).observe(req.last_token - req.previous_token)
+
+    def finished(self, engine: int, req):
+        lab = self._l(engine)
+        self.success.labels(**lab, finished_reason=req.finish_reason).inc()
+        self.e2e.labels(**lab).observe(time.perf_counter() - req.arrival)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
