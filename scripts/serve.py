@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -150,6 +151,10 @@ def run(args):
 
     config = uvicorn.Config(create_app(router, metrics, served), host=args.host, port=port, log_level="warning",
                             timeout_graceful_shutdown=args.drain_timeout)
+    # uvicorn handles SIGINT / SIGTERM while it runs (stop accepting, drain), then re-raises the
+    # signal to the handlers it found: make those no-ops so that the engines stop cleanly here
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         server = Server(config)
         server.run()  # returns after SIGINT / SIGTERM, once open requests finished or the drain timed out

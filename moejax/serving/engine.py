@@ -112,10 +112,12 @@ class Engine:
 
     def load(self) -> int:
         """Requests this engine holds (running + waiting + not yet taken): the router's measure."""
-        return sum(r is not None for r in self.slot_req) + len(self.waiting) + len(self._inbox)
+        return (sum(r is not None for r in self.slot_req) + len(self.waiting)
+                + sum(kind == "add" for kind, _ in list(self._inbox)))
 
     def waiting_count(self) -> int:
-        return len(self.waiting) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
+        """Requests held beyond the slots (those waiting once the inbox is taken)."""
+        return max(0, self.load() - self.slots)
 
     def submit(self, req: Request):
         self._post(("add", req))
