@@ -100,3 +100,14 @@ def distributed_settings(args) -> tuple[str, int, int] | None:
     if n < 1 or not 0 <= i < n:
         raise UserError(f"process id {i} of {n} processes: need 0 <= id < processes")
     return coordinator, n, i
+
+
+def use_compile_cache() -> None:
+    """XLA's persistent compilation cache in ~/.cache/moejax/xla (MOEJAX_CACHE_DIR moves it; empty
+    turns it off): a second run of the same command loads its programs instead of compiling them."""
+    import jax
+
+    cache = os.environ.get("MOEJAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "moejax", "xla"))
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

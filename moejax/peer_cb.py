@@ -24,34 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sys
 import time
-import types
 
 import torch
 import transformers
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
+from moejax.serving import loadgen
 
-def import_loadgen():
-    """moejax.serving.loadgen, also where httpx is missing (the `.[hf]` environment need not have it).
-
-    Only loadgen's HTTP client (`run_load`) uses httpx; the workload and the statistics do not. A
-    placeholder module stands in for the import and leaves sys.modules right after."""
-    try:
-        from moejax.serving import loadgen
-    except ModuleNotFoundError as e:
-        if e.name != "httpx":
-            raise
-        sys.modules["httpx"] = types.ModuleType("httpx")
-        try:
-            from moejax.serving import loadgen
-        finally:
-            del sys.modules["httpx"]
-    return loadgen
-
-
-loadgen = import_loadgen()
 RequestResult = loadgen.RequestResult
 
 

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import ArgumentParser, distributed_settings, guarded, limit_malloc_arenas  # noqa: E402  (no JAX yet: devices come first)
+from moejax.cli import ArgumentParser, distributed_settings, guarded, limit_malloc_arenas, use_compile_cache  # noqa: E402  (no JAX yet: devices come first)
 from moejax.config import DTYPES, KERNELS, POLICIES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
@@ -38,7 +38,9 @@ def parse_args(argv):
     ap.add_argument("--prefill-chunk", type=int, default=256,
                     help="prompt tokens per slot per prefill call (a power of two >= 16; longer prompts are chunked "
                          "so that decoding slots wait at most one chunk)")
-    ap.add_argument("--prefill-rows", type=int, default=1, help="prompts prefilled together per batch shard")
+    ap.add_argument("--prefill-budget", type=int, default=1024,
+                    help="tokens (prompts x padded chunk length) per batch shard per prefill call: more prefills "
+                         "short prompts together, less bounds how long one call delays the decoding slots")
     ap.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                     help="static: infer.py-style fixed batches (admit only when every slot is free), for comparison")
     ap.add_argument("--max-waiting", type=int, default=64, help="requests waiting per replica before 429")
@@ -66,7 +68,7 @@ def run(args):
     if shape.size % nproc:
         raise UserError(f"mesh {shape} ({shape.size} devices) does not split over {nproc} processes")
     provision_host_devices(shape.size // nproc, exact=dist is not None)
-    for name in ("slots", "prefill_rows", "max_waiting", "max_len", "microbatches"):
+    for name in ("slots", "prefill_budget", "max_waiting", "max_len", "microbatches"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} {v} must be >= 1")
@@ -98,6 +100,7 @@ def run(args):
     import jax
     import uvicorn
 
+    use_compile_cache()
     if dist:
         jax.distributed.initialize(coordinator_address=dist[0], num_processes=dist[1], process_id=dist[2])
     from moejax import model
@@ -128,10 +131,10 @@ def run(args):
         else:
             stacked = model.init_params(cfg, args.seed, dtype, mesh, layout)
         params = model.serving_params(stacked, rs, mesh)
-        rows = args.slots // batch_shards if args.batching == "static" else args.prefill_rows
+        static = args.batching == "static"  # a whole batch of prompts in one prefill call, as infer.py
+        budget = args.slots // batch_shards * args.prefill_chunk if static else args.prefill_budget
         eng = Engine(rs, mesh, params, slots=args.slots, max_len=max_len, chunk=args.prefill_chunk,
-                     rows=min(rows, args.slots // batch_shards), index=index, metrics=metrics,
-                     static=args.batching == "static")
+                     budget=budget, index=index, metrics=metrics, static=static)
         if not args.no_warmup:
             eng.warmup()
         print(f"replica {index}: {mesh.devices.size} device(s), {args.slots} slots x {max_len} positions, "

@@ -25,7 +25,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import ArgumentParser, guarded, limit_malloc_arenas, peak_rss_bytes  # noqa: E402
+from moejax.cli import ArgumentParser, use_compile_cache, guarded, limit_malloc_arenas, peak_rss_bytes  # noqa: E402
 from moejax.config import DTYPES, KERNELS, POLICIES, load_config, load_train_defaults  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
@@ -102,10 +102,7 @@ def run(args) -> dict:
     from moejax.pipeline import default_microbatches
     from moejax.rules import load_layout
 
-    cache = os.environ.get("MOEJAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "moejax", "xla"))
-    if cache:  # a second run of the same command loads its programs instead of compiling them
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    use_compile_cache()
 
     cfg = load_config(args.config)
     layout = load_layout(args.layout)

@@ -31,7 +31,7 @@ class Server:
         env = {**os.environ, "XLA_FLAGS": "", "MOEJAX_CACHE_DIR": ""}
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(REPO, "scripts", "serve.py"), "--mesh", mesh, "--config", CONFIG,
-             "--dtype", "float32", "--port", "0", "--max-len", str(MAX_LEN), "--prefill-chunk", "32", *flags],
+             "--dtype", "float32", "--port", "0", "--max-len", str(MAX_LEN), "--prefill-chunk", "32", "--prefill-budget", "32", *flags],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
         self.lines, self.signalled = [], False
         deadline = time.time() + 300

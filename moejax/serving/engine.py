@@ -5,10 +5,11 @@ The engine owns S decode slots, each a row of a preallocated KV cache of `max_le
   1. take new requests and aborts from its inbox; a waiting request gets a free slot (on the
      batch shard with the fewest busy slots), FIFO (`static`: only when every slot is free, the
      fixed batches of infer.py, kept for comparison);
-  2. prefill: one `extend` call runs the next chunk (at most `chunk` tokens) of up to `rows`
-     prompts per batch shard into their slots' cache rows; a prompt whose last chunk ran samples
-     its first token. A long prompt thus delays the others' next token by one chunk, not by its
-     whole prefill;
+  2. prefill: one `extend` call runs the next chunk (at most `chunk` tokens) of prefilling
+     prompts, oldest first, as many per batch shard as fit `budget` tokens (rows x padded length)
+     into their slots' cache rows; a prompt whose last chunk ran samples its first token. A long
+     prompt thus delays the others' next token by one call of <= budget tokens, not by its whole
+     prefill;
   3. decode: one `decode` call advances every decoding slot by one token (positions per slot);
      a finished sequence frees its slot at once.
 Programs are the serving program of model.py (`build("extend")`, `build("decode")`); extend
@@ -24,6 +25,7 @@ import threading
 import time
 import traceback
 
+import jax
 import numpy as np
 
 from moejax import model
@@ -42,17 +44,32 @@ def pow2_at_least(n: int, lo: int = 1) -> int:
     return b
 
 
+def buckets(lo: int, hi: int) -> list[int]:
+    """lo, 4 lo, 16 lo, ... below hi, then hi."""
+    out = []
+    while lo < hi:
+        out.append(lo)
+        lo *= 4
+    return out + [hi]
+
+
+def bucket(n: int, lo: int, hi: int) -> int:
+    """The smallest of buckets(lo, hi) >= n (hi if none)."""
+    return next((b for b in buckets(lo, hi) if b >= n), hi)
+
+
 class Engine:
     def __init__(self, rs: model.RunSpec, mesh, params, *, slots: int, max_len: int, chunk: int = 256,
-                 rows: int = 1, index: int = 0, metrics=None, static: bool = False):
+                 budget: int = 1024, index: int = 0, metrics=None, static: bool = False):
         self.rs, self.mesh, self.params = rs, mesh, params
         self.index, self.metrics, self.static = index, metrics, static
         self.shards = rs.layout.shards("batch", rs.shape)
         if slots % rs.batch_multiple:
             raise ValueError(f"{slots} slots: need a multiple of {rs.batch_multiple}")
-        self.slots, self.max_len, self.rows = slots, max_len, rows
+        self.slots, self.max_len = slots, max_len
         self.chunk = max(MIN_CHUNK, pow2_at_least(min(chunk, max_len)))
         self.per_shard = slots // self.shards
+        self.budget = max(budget, self.chunk)
         self.rs_extend = model.RunSpec(**{**rs.__dict__, "microbatches": 1})
         self.cache = model.init_cache(rs, mesh, slots, max_len)
         self.eos_id = rs.cfg.eos_token_id
@@ -69,35 +86,44 @@ class Engine:
         self.steps = {"extend": 0, "decode": 0}
 
     # ---- compiled programs --------------------------------------------------------------------
+    def _compile(self, fn, n_inputs: int, b: int, length: int):
+        """fn(params, *inputs, cache) followed by per-row sampling, as one executable:
+        (params, *inputs, cache, *sampling rows) -> (tokens [b], cache)."""
+        def step(params, *args):
+            inputs, cache, rows = args[:n_inputs], args[n_inputs], args[n_inputs + 1:]
+            logits, cache, _ = fn(params, *inputs, cache)
+            return sample_rows(logits, *rows), cache
+
+        lay = self.rs.layout
+        tok = put(self.mesh, lay, "tokens", np.zeros((b, length), np.int32))
+        vec = put(self.mesh, lay, "lengths", np.zeros((b,), np.int32))
+        rows = _sampling_rows([None] * b)
+        t0 = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=(n_inputs + 1,)).lower(
+            self.params, tok, *[vec] * (n_inputs - 1), self.cache, *rows).compile()
+        self.compile_s += time.perf_counter() - t0
+        return compiled
+
     def _compiled_decode(self):
         if self._decode is None:
-            t0 = time.perf_counter()
-            lay, b = self.rs.layout, self.slots
-            one = put(self.mesh, lay, "tokens", np.zeros((b, 1), np.int32))
-            pos = put(self.mesh, lay, "lengths", np.full((b,), -1, np.int32))
-            self._decode = model.build(self.rs, self.mesh, "decode").lower(self.params, one, pos, self.cache).compile()
-            self.compile_s += time.perf_counter() - t0
+            self._decode = self._compile(model.build(self.rs, self.mesh, "decode"), 2, self.slots, 1)
         return self._decode
 
     def _compiled_extend(self, rows: int, length: int):
         key = (rows, length)
         if key not in self._extend:
-            t0 = time.perf_counter()
-            lay, b = self.rs.layout, rows * self.shards
-            tok = put(self.mesh, lay, "tokens", np.zeros((b, length), np.int32))
-            zero = put(self.mesh, lay, "lengths", np.zeros((b,), np.int32))
             fn = model.build(self.rs_extend, self.mesh, "extend")
-            self._extend[key] = fn.lower(self.params, tok, zero, zero, zero, self.cache).compile()
-            self.compile_s += time.perf_counter() - t0
+            self._extend[key] = self._compile(fn, 4, rows * self.shards, length)
         return self._extend[key]
 
     def extend_shapes(self) -> list[tuple[int, int]]:
-        rows = [r for r in (1, 2, 4, 8, 16, 32, 64) if r < self.rows] + [self.rows]
-        lengths, n = [], MIN_CHUNK
-        while n < self.chunk:
-            lengths.append(n)
-            n *= 2
-        return [(r, t) for r in rows for t in lengths + [self.chunk]]
+        """Every (rows per shard, length) an extend call can take: lengths 16, 64, ... and the chunk;
+        rows 1, 4, ... and the most that fit the budget at that length (steps of 4 keep the
+        compiled programs few: each takes seconds to compile)."""
+        return [(r, t) for t in buckets(MIN_CHUNK, self.chunk) for r in buckets(1, self._max_rows(t))]
+
+    def _max_rows(self, length: int) -> int:
+        return max(1, min(self.per_shard, self.budget // length))
 
     def warmup(self) -> float:
         """Compile every program the loop can call; returns the seconds spent compiling."""
@@ -203,18 +229,6 @@ class Engine:
         if self.metrics:
             self.metrics.finished(self.index, req)
 
-    def _sample(self, logits, reqs: list[Request | None]):
-        """Sample one token for each row of logits (None rows: greedy, ignored)."""
-        n = len(reqs)
-        seeds, counts = np.zeros(n, np.uint32), np.zeros(n, np.int32)
-        temps, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
-        for i, r in enumerate(reqs):
-            if r is not None:
-                p = r.params
-                seeds[i], counts[i] = p.seed % 2**32, len(r.generated)
-                temps[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
-        return fetch(sample_rows(logits, seeds, counts, temps, top_k, top_p))
-
     def _emit_token(self, req: Request, token: int):
         event = req.accept(token, self.eos_id)
         if self.metrics:
@@ -225,18 +239,22 @@ class Engine:
             req.emit(event)
 
     def _run_extend(self):
-        """The next prompt chunk of up to `rows` prefilling slots per batch shard."""
+        """The next prompt chunk of the oldest prefilling slots, as many per batch shard as fit the
+        budget (rows x the longest chunk, both rounded up to a compiled bucket)."""
         picked: list[list[Request]] = [[] for _ in range(self.shards)]
         order = sorted((r for r in self.slot_req if r is not None and r.prefilled < len(r.prompt)),
                        key=lambda r: r.scheduled)
+        take, length, rows = {}, 0, 0
         for r in order:
             shard = r.slot // self.per_shard
-            if len(picked[shard]) < self.rows:
-                picked[shard].append(r)
-        rows = pow2_at_least(max(len(p) for p in picked))
-        rows = min(rows, self.rows)
-        take = {r.id: min(self.chunk, len(r.prompt) - r.prefilled) for p in picked for r in p}
-        length = min(pow2_at_least(max(take.values()), MIN_CHUNK), self.chunk)
+            n = min(self.chunk, len(r.prompt) - r.prefilled)
+            t = max(length, bucket(n, MIN_CHUNK, self.chunk))
+            k = max(rows, len(picked[shard]) + 1)
+            if take and k > self._max_rows(t):
+                continue  # a later, shorter chunk may still fit
+            picked[shard].append(r)
+            take[r.id], length, rows = n, t, k
+        rows = bucket(rows, 1, self._max_rows(length))
         b = rows * self.shards
         tokens = np.zeros((b, length), np.int32)
         counts, starts, cache_rows = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
@@ -249,18 +267,18 @@ class Engine:
                 row_req[i] = r
         fn = self._compiled_extend(rows, length)
         lay = self.rs.layout
-        logits, self.cache, _ = fn(self.params, put(self.mesh, lay, "tokens", tokens),
-                                   *(put(self.mesh, lay, "lengths", a) for a in (counts, starts, cache_rows)),
-                                   self.cache)
+        done = [r if r is not None and r.prefilled + take[r.id] == len(r.prompt) else None for r in row_req]
+        sampled, self.cache = fn(self.params, put(self.mesh, lay, "tokens", tokens),
+                                 *(put(self.mesh, lay, "lengths", a) for a in (counts, starts, cache_rows)),
+                                 self.cache, *_sampling_rows(done))
         self.steps["extend"] += 1
         for r in filter(None, row_req):
             r.prefilled += take[r.id]
-        done = [r if r is not None and r.prefilled == len(r.prompt) else None for r in row_req]
         if any(done):
-            tokens = self._sample(logits, done)
+            sampled = fetch(sampled)
             for i, r in enumerate(done):
                 if r is not None:
-                    self._emit_token(r, int(tokens[i]))
+                    self._emit_token(r, int(sampled[i]))
 
     def _run_decode(self):
         reqs = [r if r is not None and r.decoding else None for r in self.slot_req]
@@ -271,10 +289,11 @@ class Engine:
                 tokens[i, 0] = r.generated[-1]
                 pos[i] = len(r.prompt) + len(r.generated) - 1
         lay = self.rs.layout
-        logits, self.cache, _ = self._compiled_decode()(
-            self.params, put(self.mesh, lay, "tokens", tokens), put(self.mesh, lay, "lengths", pos), self.cache)
+        sampled, self.cache = self._compiled_decode()(
+            self.params, put(self.mesh, lay, "tokens", tokens), put(self.mesh, lay, "lengths", pos), self.cache,
+            *_sampling_rows(reqs))
         self.steps["decode"] += 1
-        sampled = self._sample(logits, reqs)
+        sampled = fetch(sampled)
         for i, r in enumerate(reqs):
             if r is not None:
                 self._emit_token(r, int(sampled[i]))
@@ -283,3 +302,17 @@ class Engine:
         if self.metrics:
             running = sum(r is not None for r in self.slot_req)
             self.metrics.engine_state(self.index, running, len(self.waiting), running / self.slots)
+
+
+def _sampling_rows(reqs: list[Request | None]) -> tuple[np.ndarray, ...]:
+    """sample_rows' per-row inputs (seed, tokens drawn so far, temperature, top_k, top_p); rows
+    without a request are greedy and ignored."""
+    n = len(reqs)
+    seeds, counts = np.zeros(n, np.uint32), np.zeros(n, np.int32)
+    temps, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
+    for i, r in enumerate(reqs):
+        if r is not None:
+            p = r.params
+            seeds[i], counts[i] = p.seed % 2**32, len(r.generated)
+            temps[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+    return seeds, counts, temps, top_k, top_p

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import httpx
 import numpy as np
 
 from moejax.errors import UserError
@@ -87,7 +86,7 @@ def _error_message(body: bytes) -> str:
         return body.decode("utf-8", "replace").strip()[:300] or "(empty body)"
 
 
-async def _request(client: httpx.AsyncClient, url: str, body: dict, prompt_tokens: int, t0: float) -> RequestResult:
+async def _request(client: "httpx.AsyncClient", url: str, body: dict, prompt_tokens: int, t0: float) -> RequestResult:
     """Send one streaming completion and time its chunks. Output tokens are counted from the
     chunks' token_ids when the server returns them, else taken from usage.completion_tokens, else
     one per token-carrying chunk."""
@@ -154,6 +153,8 @@ async def run_load(url: str, model: str, workload: list[tuple[list[int], int]], 
     all at once) and at most `concurrency` are in flight (None: no cap). `progress(result)` is called
     as each request finishes. After `timeout_s` the requests still open are cancelled and recorded
     as failed. Returns the results in workload order and the run's wall time in seconds."""
+    import httpx  # here, not at the top: the statistics also run where httpx is missing (peer_cb)
+
     rate = math.inf if request_rate is None else float(request_rate)
     if not rate > 0:
         raise UserError(f"request rate {request_rate} must be > 0 (inf: all at once)")
