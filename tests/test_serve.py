@@ -5,7 +5,6 @@ invariance against the generation loop infer.py runs, dp replicas, and a drained
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,32 +17,20 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import REPO, setup
+from moejax.serving.harness import ServerProcess
 
 CONFIG = "configs/tiny.yaml"
 MAX_LEN = 128
 pytestmark = pytest.mark.slow
 
 
-class Server:
-    """serve.py in a subprocess; `url` once it printed that it serves."""
+class Server(ServerProcess):
+    """serve.py on the tiny config in float32 (moejax/serving/harness.py), with /metrics readers."""
 
     def __init__(self, mesh: str, *flags: str):
-        env = {**os.environ, "XLA_FLAGS": "", "MOEJAX_CACHE_DIR": ""}
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "scripts", "serve.py"), "--mesh", mesh, "--config", CONFIG,
-             "--dtype", "float32", "--port", "0", "--max-len", str(MAX_LEN), "--prefill-chunk", "32", "--prefill-budget", "32", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-        self.lines, self.signalled = [], False
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"serve.py exited: {self.proc.wait()} {self.proc.stderr.read()[-3000:]}")
-            self.lines.append(line)
-            if line.startswith("serving "):
-                self.url = line.split(" at ")[1].strip()
-                return
-        raise AssertionError("serve.py did not start in 300 s")
+        super().__init__("--mesh", mesh, "--config", CONFIG, "--dtype", "float32", "--max-len", str(MAX_LEN),
+                         "--prefill-chunk", "32", "--prefill-budget", "32", *flags, startup_s=300,
+                         env={"XLA_FLAGS": "", "MOEJAX_CACHE_DIR": ""})
 
     def metrics(self) -> dict:
         """{(name, labels as a sorted tuple): value} from /metrics."""
@@ -54,17 +41,6 @@ class Server:
     def total(self, name: str, **labels) -> float:
         return sum(v for (n, lab), v in self.metrics().items()
                    if n == name and all(dict(lab).get(k) == w for k, w in labels.items()))
-
-    def terminate(self):
-        self.signalled = True
-        self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM (unless sent already) and wait for the exit."""
-        if self.proc.poll() is None and not self.signalled:
-            self.terminate()
-        out, err = self.proc.communicate(timeout=120)
-        return self.proc.returncode, "".join(self.lines) + out + err
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +243,7 @@ def test_dp_replicas_serve_and_sigterm_drains(reference):
                 if line.startswith("data: {"):
                     ids += json.loads(line[6:])["choices"][0]["token_ids"]
                     if len(ids) == 1:
-                        s.proc.send_signal(signal.SIGTERM)
+                        s.terminate()
                 done = done or line == "data: [DONE]"
         assert done and len(ids) == 80
     finally:

@@ -181,11 +181,11 @@ class Engine:
         """One iteration; False when there was nothing to do."""
         self._take_inbox()
         self._admit()
-        busy = False
-        if any(r is not None and r.prefilled < len(r.prompt) for r in self.slot_req):
+        busy = prefilling = any(r is not None and r.prefilled < len(r.prompt) for r in self.slot_req)
+        if prefilling:
             self._run_extend()
-            busy = True
-        if any(r is not None and r.decoding for r in self.slot_req):
+        # static batching decodes a batch once all of it is prefilled, as infer.py does
+        if not (self.static and prefilling) and any(r is not None and r.decoding for r in self.slot_req):
             self._run_decode()
             busy = True
         self._publish()

@@ -41,7 +41,7 @@ class Event:
 
 class StopText:
     """Incremental UTF-8 text of byte tokens with stop strings: `add` returns the text that is now
-    safe to show, holding back a tail that could still start a stop string; `hit` is set when a
+    safe to show, holding back the longest tail that begins a stop string; `hit` is set when a
     stop string appears, and the text ends before it (OpenAI's convention)."""
 
     def __init__(self, stop: tuple[str, ...]):
@@ -53,6 +53,8 @@ class StopText:
         self.hit = False
 
     def add(self, token_id: int) -> str:
+        if self.hit:  # the text ended at a stop string
+            return ""
         if 0 <= token_id < 256:
             piece = self.decoder.decode(bytes([token_id]))
         else:  # a model with a larger vocabulary (random weights) emits ids no byte names
@@ -70,9 +72,19 @@ class StopText:
             at = self.text.find(s, start)
             if at >= 0:
                 self.text, self.hit, final = self.text[:at], True, True
-        end = len(self.text) if final else max(self.shown, len(self.text) - self.hold)
+        end = len(self.text) if final else max(self.shown, len(self.text) - self._open_prefix())
         out, self.shown = self.text[self.shown:end], end
         return out
+
+    def _open_prefix(self) -> int:
+        """Length of the longest end of the text that begins some stop string (held back)."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
 
 
 class Request:
