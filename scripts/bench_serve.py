@@ -43,6 +43,10 @@ def parse_args(argv):
     ap.add_argument("--timeout", type=float, default=600.0,
                     help="seconds for the whole run; requests still open then count as failed")
     ap.add_argument("--json", metavar="FILE", help="also write the JSON summary to FILE")
+    ap.add_argument("--half-peak", action="store_true",
+                    help="instead: TTFT of the idle server (--idle-requests one at a time), the peak request "
+                         "rate (all requests at once), and TTFT under Poisson arrivals at half the peak rate")
+    ap.add_argument("--idle-requests", type=int, default=16)
     return ap.parse_args(argv)
 
 
@@ -102,6 +106,8 @@ def run(args) -> dict:
                         f"max_model_len {max_len}")
 
     workload = make_workload(args.num_requests, input_len, output_len, args.vocab_size, args.seed)
+    if args.half_peak:
+        return half_peak(args, url, model, workload)
     from tqdm import tqdm
 
     rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
@@ -129,6 +135,23 @@ def run(args) -> dict:
         except OSError as e:
             raise UserError(f"--json {args.json}: cannot write ({e.strerror})") from None
     return report
+
+
+def half_peak(args, url: str, model: str, workload) -> dict:
+    from moejax.serving.harness import half_peak_latency
+
+    if not 1 <= args.idle_requests <= len(workload):
+        raise UserError(f"--idle-requests {args.idle_requests}: need 1..{len(workload)} (--num-requests)")
+    rep = half_peak_latency(url, model, workload, args.idle_requests, args.seed)
+    print(f"p99 TTFT at half the peak rate / idle p99 TTFT: {rep['p99_ttft_half_over_idle_p99']:.2f} "
+          f"(/ idle median: {rep['p99_ttft_half_over_idle_median']:.2f})")
+    rep.update({"url": url, "model": model, "num_requests": len(workload), "input_len": args.input_len,
+                "output_len": args.output_len, "seed": args.seed})
+    print(json.dumps(rep))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep, f, indent=1)
+    return rep
 
 
 def main(argv=None) -> int:

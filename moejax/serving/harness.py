@@ -103,3 +103,22 @@ def alternate(runners: dict[str, Callable[[], dict]], rounds: int, progress=prin
         out[name]["median"] = {k: float(np.median([run[k] for run in runs])) for k in runs[0]
                                if isinstance(runs[0][k], (int, float)) and not isinstance(runs[0][k], bool)}
     return out
+
+
+def half_peak_latency(url: str, model: str, workload, idle_requests: int = 16, seed: int = 0,
+                      progress=print) -> dict:
+    """TTFT of an idle server (the first `idle_requests` requests one at a time), the peak request
+    rate (the whole workload sent at once), and TTFT under Poisson arrivals at half that rate."""
+    run = lambda wl, **kw: summarize(*asyncio.run(run_load(url, model, wl, seed=seed, **kw)))  # noqa: E731
+    run(workload[:4], concurrency=1)  # warm the server's programs and this client up, untimed
+    idle = run(workload[:idle_requests], concurrency=1)
+    progress(f"idle: TTFT p50 {idle['median_ttft_ms']:.0f} ms, p99 {idle['p99_ttft_ms']:.0f} ms")
+    peak = run(workload)
+    rate = peak["request_throughput"]
+    progress(f"peak (all {len(workload)} at once): {rate:.2f} req/s, {peak['output_throughput']:.0f} output tok/s")
+    half = run(workload, request_rate=rate / 2)
+    progress(f"half peak ({rate / 2:.2f} req/s, Poisson): TTFT p50 {half['median_ttft_ms']:.0f} ms, "
+             f"p99 {half['p99_ttft_ms']:.0f} ms")
+    return {"idle": idle, "peak": peak, "half_peak": half, "peak_request_rate": rate,
+            "p99_ttft_half_over_idle_p99": half["p99_ttft_ms"] / idle["p99_ttft_ms"],
+            "p99_ttft_half_over_idle_median": half["p99_ttft_ms"] / idle["median_ttft_ms"]}
