@@ -258,3 +258,35 @@ def test_bad_flags_exit_2():
         r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "serve.py"), *flags], capture_output=True,
                            text=True, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_two_processes_serve_their_own_replicas(reference):
+    """--coordinator: each process runs the engine of its own dp replica on port + process id."""
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        coord = sk.getsockname()[1]
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]  # process i listens on port + i
+    procs = []
+    try:
+        starts = [threading.Thread(target=lambda i=i: procs.append(Server(
+            "2x1x2x2", "--slots", "4", "--port", str(port), "--coordinator", f"127.0.0.1:{coord}",
+            "--num-processes", "2", "--process-id", str(i)))) for i in range(2)]
+        for t in starts:
+            t.start()
+        for t in starts:
+            t.join()
+        assert sorted(p.url for p in procs) == [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"]
+        for p in procs:
+            assert greedy(p, PROMPTS[1], 8) == reference(PROMPTS[1], 8)
+            engines = {dict(lab)["engine"] for (n, lab), v in p.metrics().items()
+                       if n == "moejax:generation_tokens_total" and v > 0}
+            assert engines == {p.url.endswith(str(port + 1)) and "1" or "0"}  # its own replica only
+    finally:
+        for p in procs:
+            p.terminate()
+        results = [p.stop() for p in procs]
+    assert [code for code, _ in results] == [0, 0], [out[-1500:] for _, out in results]
