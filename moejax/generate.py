@@ -85,6 +85,30 @@ class Generator:
         one = put(mesh, lay, "tokens", np.zeros((b, 1), np.int32))
         self.decode = model.build(rs, mesh, "decode").lower(params, one, lengths, cache).compile()
         self.compile_s = time.perf_counter() - t0
+        self._warmed: list[dict] = []  # sampling settings `_warm` has run
+
+    def _warm(self, opts: dict):
+        """Run every operation `generate` times once, untimed, on a batch of zero tokens in a cache
+        of its own: the sampler and the small helpers compile on their first call, and the first
+        call of a compiled program (and of each branch it takes) runs slower, which timings must
+        not include."""
+        if opts in self._warmed:
+            return
+        mesh, lay, b, t = self.mesh, self.rs.layout, self.batch, self.prompt_len
+        cache = model.init_cache(self.rs, mesh, b, self.max_len)
+        logits, cache, stats = self.prefill(self.params, put(mesh, lay, "tokens", np.zeros((b, t), np.int32)),
+                                            put(mesh, lay, "lengths", np.full((b,), t, np.int32)), cache)
+        key, sub = jax.random.split(jax.random.key(0))
+        fetch(sample(logits, sub, **opts))
+        logits, cache, more = self.decode(self.params, put(mesh, lay, "tokens", np.zeros((b, 1), np.int32)),
+                                          put(mesh, lay, "lengths", np.full((b,), min(t, self.max_len - 1), np.int32)),
+                                          cache)
+        key, sub = jax.random.split(key)
+        fetch(sample(logits, sub, **opts))
+        totals = jax.tree.map(lambda a, c: a + c, stats, more)
+        moe_summary(fetch(totals["load"]), fetch(totals["served_load"]), int(fetch(totals["dropped"]).sum()),
+                    int(fetch(totals["rerouted"]).sum()))
+        self._warmed.append(opts)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, eos_id: int | None,
                  progress=None, keep_logits: bool = False) -> dict:
@@ -97,9 +121,10 @@ class Generator:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
-        cache = model.init_cache(rs, mesh, self.batch, self.max_len)
         key = jax.random.key(sampling.seed)
         opts = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+        self._warm(opts)
+        cache = model.init_cache(rs, mesh, self.batch, self.max_len)
 
         t0 = time.perf_counter()
         logits, cache, stats = self.prefill(self.params, put(mesh, lay, "tokens", tokens),

@@ -61,8 +61,10 @@ def sample_rows(logits_BV, seeds_B, counts_B, temperature_B, top_k_B, top_p_B):
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     # keep the smallest prefix whose mass reaches top_p (always at least the best token)
     cutoff_idx_B = jnp.maximum(jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p_B[:, None], axis=-1) - 1, 0)
-    cutoff_B = jnp.maximum(jnp.take_along_axis(sorted_BV, cutoff_idx_B[:, None], axis=-1),
-                           jnp.take_along_axis(sorted_BV, k_B[:, None] - 1, axis=-1))
+    kth_B = jnp.take_along_axis(sorted_BV, k_B[:, None] - 1, axis=-1)
+    nucleus_B = jnp.take_along_axis(sorted_BV, cutoff_idx_B[:, None], axis=-1)
+    # top_p 1 cuts nothing (a float32 cumulative sum can reach 1 before the tail)
+    cutoff_B = jnp.where(top_p_B[:, None] >= 1, kth_B, jnp.maximum(nucleus_B, kth_B))
     x_BV = jnp.where(x_BV < cutoff_B, -jnp.inf, x_BV)
     keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counts_B)
     drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, x_BV).astype(jnp.int32)

@@ -50,19 +50,11 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def parse_range(flag: str, text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in text.split(","))
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected LO,HI, e.g. 16,512") from None
-    return lo, hi
-
-
 def run(args):
     from contextlib import ExitStack
 
     from moejax.serving.harness import REPO, ServerProcess, alternate, command_runner, server_runner
-    from moejax.serving.loadgen import make_workload
+    from moejax.serving.loadgen import make_workload, parse_range
 
     inp, outp = parse_range("--input-len", args.input_len), parse_range("--output-len", args.output_len)
     if args.rounds < 1:

@@ -50,17 +50,6 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def parse_range(flag: str, text: str) -> tuple[int, int]:
-    parts = text.split(",")
-    try:
-        lo, hi = (int(p) for p in parts)
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected LO,HI, two integers, e.g. 16,512") from None
-    if not 1 <= lo <= hi:
-        raise UserError(f"{flag} {text}: need 1 <= LO <= HI")
-    return lo, hi
-
-
 def served_models(url: str, timeout_s: float) -> list[dict]:
     """The entries of GET URL/v1/models; a server that cannot be reached is a UserError."""
     import httpx
@@ -78,7 +67,7 @@ def served_models(url: str, timeout_s: float) -> list[dict]:
 
 
 def run(args) -> dict:
-    from moejax.serving.loadgen import format_table, make_workload, run_load, summarize
+    from moejax.serving.loadgen import format_table, make_workload, parse_range, run_load, summarize
 
     url = args.url.rstrip("/")
     if not url.startswith(("http://", "https://")):

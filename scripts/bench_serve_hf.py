@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moejax.cli import ArgumentParser, guarded  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
+from moejax.serving import loadgen  # noqa: E402  (no jax, no httpx needed here)
 
 
 def parse_args(argv):
@@ -54,19 +55,9 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def parse_range(flag: str, text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(p) for p in text.split(","))
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected LO,HI, two integers, e.g. 16,512") from None
-    if not 1 <= lo <= hi:
-        raise UserError(f"{flag} {text}: need 1 <= LO <= HI")
-    return lo, hi
-
-
 def run(args) -> dict:
-    input_len = parse_range("--input-len", args.input_len)
-    output_len = parse_range("--output-len", args.output_len)
+    input_len = loadgen.parse_range("--input-len", args.input_len)
+    output_len = loadgen.parse_range("--output-len", args.output_len)
     for flag, v in (("--num-requests", args.num_requests), ("--concurrency", args.concurrency),
                     ("--threads", args.threads), ("--page-size", args.page_size), ("--num-blocks", args.num_blocks),
                     ("--max-batch-tokens", args.max_batch_tokens)):
@@ -78,7 +69,6 @@ def run(args) -> dict:
     import torch
 
     from moejax import peer_cb
-    loadgen = peer_cb.loadgen
     if args.threads:
         torch.set_num_threads(args.threads)
     model = peer_cb.load_model(args.hf_dir, attn=args.attn)

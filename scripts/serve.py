@@ -76,6 +76,10 @@ def run(args):
         raise UserError(f"--prefill-chunk {args.prefill_chunk} must be a power of two >= 16")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} must be in [0, 65535]")
+    if args.drain_timeout < 0:
+        raise UserError(f"--drain-timeout {args.drain_timeout} must be >= 0 seconds")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UserError("--served-model-name is empty")
     from moejax.config import load_config
     from moejax.rules import load_layout
 
@@ -158,9 +162,11 @@ def run(args):
     # signal to the handlers it found: make those no-ops so that the engines stop cleanly here
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    server = Server(config)
     try:
-        server = Server(config)
         server.run()  # returns after SIGINT / SIGTERM, once open requests finished or the drain timed out
+    except SystemExit:  # uvicorn exits when it cannot bind
+        pass
     finally:
         router.stop()
     if not server.started:

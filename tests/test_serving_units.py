@@ -110,3 +110,14 @@ def test_static_engine_in_process():
         [gen.generate([p], 6, Sampling(), None)["generated_ids"][0] for p in prompts]
     assert eng.steps["extend"] >= 3  # the 70-token prompt alone takes 3 chunks of 32
     assert eng.steps["decode"] == 2 * 5  # two batches of two, each decoding 5 steps after its prefill
+
+
+def test_a_stopped_engine_answers_new_requests_at_once():
+    rs, m, params = setup("configs/tiny.yaml", "1x1x1x1")
+    eng = Engine(rs, m, params, slots=2, max_len=32, chunk=16)
+    eng.start()
+    eng.stop()
+    eng.thread.join(timeout=30)
+    events = []
+    eng.submit(Request([1, 2], SamplingParams(), events.append))
+    assert [(e.finish_reason, e.error) for e in events] == [("abort", "the server is shutting down")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import secrets
 import time
 
@@ -23,8 +24,10 @@ from moejax.serving.request import Request, SamplingParams
 from moejax.tokenizer import encode
 
 # fields OpenAI defines that this server does not implement: accepted only at their default
-UNSUPPORTED = {"logprobs": None, "echo": False, "suffix": None, "best_of": None, "logit_bias": None,
-               "presence_penalty": 0, "frequency_penalty": 0, "min_p": 0}
+UNSUPPORTED = {"logprobs": (None,), "echo": (False, None), "suffix": (None, ""), "best_of": (None, 1),
+               "logit_bias": (None, {}), "presence_penalty": (0, None), "frequency_penalty": (0, None),
+               "min_p": (0, None)}
+GREEDY_BELOW = 1e-5  # a smaller temperature is greedy (vLLM's rule): dividing by it overflows
 
 
 class ApiError(Exception):
@@ -34,8 +37,8 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, param=None, code=None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
-            503: "service_unavailable"}.get(status, "server_error")
+    kind = {429: "rate_limit_error", 503: "service_unavailable"}.get(
+        status, "invalid_request_error" if 400 <= status < 500 else "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status)
 
@@ -57,8 +60,8 @@ def _number(body: dict, name: str, default, lo, hi, integer=False, lo_open=False
     if v is None:
         return default
     kind = int if integer else (int, float)
-    if isinstance(v, bool) or not isinstance(v, kind):
-        raise _bad(f"{name} {v!r} must be {'an integer' if integer else 'a number'}", name)
+    if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v):
+        raise _bad(f"{name} {v!r} must be {'an integer' if integer else 'a finite number'}", name)
     if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
         low = f"> {lo}" if lo_open else f">= {lo}"
         raise _bad(f"{name} {v!r} must be {low}" + (f" and <= {hi}" if hi is not None else ""), name)
@@ -88,7 +91,11 @@ def _prompts(v, vocab: int) -> list[list[int]]:
             if vocab < 256:
                 raise _bad(f"text prompts need the 256 byte tokens; this model's vocabulary is {vocab}: "
                            "send token ids", "prompt")
-            out.append(_token_list(encode(p, vocab), "prompt", vocab))
+            try:
+                ids = encode(p, vocab)
+            except UnicodeEncodeError as e:
+                raise _bad(f"prompt is not valid Unicode text ({e.reason} at character {e.start})", "prompt") from None
+            out.append(_token_list(ids, "prompt", vocab))
         elif isinstance(p, list):
             out.append(_token_list(p, "prompt", vocab))
         else:
@@ -107,12 +114,13 @@ def parse_completion(body, served: ServedModel) -> tuple[list[list[int]], int, S
     if "prompt" not in body:
         raise ApiError(400, "prompt is required", "prompt", "missing")
     prompts = _prompts(body["prompt"], served.vocab_size)
-    for name, default in UNSUPPORTED.items():
-        if body.get(name, default) not in (default, None):
-            raise _bad(f"{name} {body[name]!r} is not supported by this server (leave it at {default!r})", name)
+    for name, neutral in UNSUPPORTED.items():
+        if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in neutral):
+            raise _bad(f"{name} {body[name]!r} is not supported by this server (leave it out or at "
+                       f"{neutral[0]!r})", name)
     max_tokens = _number(body, "max_tokens", 16, 1, None, integer=True)
     n = _number(body, "n", 1, 1, 16, integer=True)
-    top_k = _number(body, "top_k", 0, -1, None, integer=True)
+    top_k = _number(body, "top_k", 0, -1, None, integer=True)  # -1 or 0: off; above the vocabulary: all
     seed = _number(body, "seed", None, -2**63, 2**64 - 1, integer=True)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
@@ -136,9 +144,10 @@ def parse_completion(body, served: ServedModel) -> tuple[list[list[int]], int, S
     if longest + max_tokens > served.max_len:
         raise _bad(f"prompt of {longest} tokens + max_tokens {max_tokens} = {longest + max_tokens} exceeds this "
                    f"server's context of {served.max_len} tokens", "max_tokens")
+    temperature = _number(body, "temperature", 1.0, 0, 2)
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2), top_p=_number(
-            body, "top_p", 1.0, 0, 1, lo_open=True), top_k=max(top_k, 0),
+        max_tokens=max_tokens, temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+        top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True), top_k=min(max(top_k, 0), served.vocab_size),
         seed=secrets.randbits(63) if seed is None else seed, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
         ignore_eos=options["ignore_eos"])
     return prompts, n, params, options
@@ -155,13 +164,20 @@ def create_app(router: Router, metrics, served: ServedModel) -> Starlette:
         except ApiError as e:
             return error_response(e.status, e.message, e.param, e.code)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(choice: int, ev):  # called on an engine thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (choice, ev))
+            except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
+                pass
+
         subs = []
         try:
             for i, prompt in enumerate(prompts):
                 for j in range(n):
                     p = dataclasses.replace(params, seed=params.seed + j) if n > 1 else params
                     choice = i * n + j
-                    req = Request(prompt, p, lambda ev, c=choice: loop.call_soon_threadsafe(events.put_nowait, (c, ev)))
+                    req = Request(prompt, p, lambda ev, c=choice: deliver(c, ev))
                     subs.append((req, router.submit(req)))
         except (QueueFull, EngineDead) as e:
             for req, engine in subs:
@@ -213,13 +229,18 @@ def create_app(router: Router, metrics, served: ServedModel) -> Starlette:
                                      headers={"Cache-Control": "no-cache"})
 
         texts, ids, reasons = [""] * len(subs), [[] for _ in subs], [None] * len(subs)
+        checked = time.monotonic()
         try:
             while None in reasons:
                 try:
                     c, ev = await asyncio.wait_for(events.get(), timeout=1.0)
                 except TimeoutError:
+                    c = ev = None
+                if time.monotonic() - checked > 1.0:  # a client that went away frees its slots
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         return Response(status_code=499)
+                if ev is None:
                     continue
                 if ev.error:
                     return error_response(503, f"the engine stopped while serving the request: {ev.error}")

@@ -20,6 +20,7 @@ Nothing crosses replicas: each engine has its own mesh, parameters, cache and th
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -70,7 +71,7 @@ class Engine:
         self.chunk = max(MIN_CHUNK, pow2_at_least(min(chunk, max_len)))
         self.per_shard = slots // self.shards
         self.budget = max(budget, self.chunk)
-        self.rs_extend = model.RunSpec(**{**rs.__dict__, "microbatches": 1})
+        self.rs_extend = dataclasses.replace(rs, microbatches=1)
         self.cache = model.init_cache(rs, mesh, slots, max_len)
         self.eos_id = rs.cfg.eos_token_id
         self._decode = None
@@ -81,6 +82,7 @@ class Engine:
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._stop = False
+        self._closed = False  # the thread has ended (set under _wake)
         self.dead: str | None = None  # the error that stopped the thread
         self.thread = threading.Thread(target=self._loop, name=f"moejax-engine-{index}", daemon=True)
         self.steps = {"extend": 0, "decode": 0}
@@ -160,8 +162,13 @@ class Engine:
 
     def _post(self, item):
         with self._wake:
-            self._inbox.append(item)
-            self._wake.notify()
+            if not self._closed:
+                self._inbox.append(item)
+                self._wake.notify()
+                return
+        kind, req = item
+        if kind == "add":  # the thread has ended: nothing will serve it
+            req.emit(Event([], "", "abort", error=self.dead or "the server is shutting down"))
 
     # ---- the engine thread ------------------------------------------------------------------
     def _loop(self):
@@ -175,8 +182,11 @@ class Engine:
             self.dead = f"{type(e).__name__}: {e}"
             log.error("engine %d stopped: %s", self.index, traceback.format_exc())
         reason = self.dead or "the server is shutting down"
+        with self._wake:  # from here on _post answers new requests itself
+            self._closed = True
+            inbox, self._inbox = list(self._inbox), collections.deque()
         for req in [r for r in self.slot_req if r is not None] + list(self.waiting) + \
-                [r for kind, r in self._inbox if kind == "add"]:
+                [r for kind, r in inbox if kind == "add"]:
             req.emit(Event([], "", "abort", error=reason))
         self._publish()
 
@@ -317,5 +327,5 @@ def _sampling_rows(reqs: list[Request | None]) -> tuple[np.ndarray, ...]:
         if r is not None:
             p = r.params
             seeds[i], counts[i] = p.seed % 2**32, len(r.generated)
-            temps[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+            temps[i], top_k[i], top_p[i] = p.temperature, min(p.top_k, 2**31 - 1), p.top_p
     return seeds, counts, temps, top_k, top_p

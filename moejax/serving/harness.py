@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -24,9 +25,10 @@ class ServerProcess:
     """scripts/serve.py with `flags` on 127.0.0.1, port 0; `url` once it printed that it serves."""
 
     def __init__(self, *flags: str, startup_s: float = 600, env: dict | None = None):
+        self.stderr = tempfile.TemporaryFile("w+")  # a pipe nobody reads would fill and block the server
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(REPO, "scripts", "serve.py"), "--host", "127.0.0.1", "--port", "0", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+            stdout=subprocess.PIPE, stderr=self.stderr, text=True, cwd=REPO, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self.signalled = False
         deadline = time.time() + startup_s
@@ -34,7 +36,7 @@ class ServerProcess:
             line = self.proc.stdout.readline()
             if not line:
                 raise UserError(f"serve.py {' '.join(flags)} exited with {self.proc.wait()}: "
-                                f"{self.proc.stderr.read()[-2000:].strip()}")
+                                f"{self.errors()[-2000:].strip()}")
             self.lines.append(line)
             if line.startswith("serving "):
                 self.model, self.url = line[len("serving "):].strip().split(" at ")
@@ -51,11 +53,16 @@ class ServerProcess:
         if self.proc.poll() is None and not self.signalled:
             self.terminate()
         try:
-            out, err = self.proc.communicate(timeout=timeout_s)
+            out, _ = self.proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, err = self.proc.communicate()
-        return self.proc.returncode, "".join(self.lines) + out + err
+            out, _ = self.proc.communicate()
+        return self.proc.returncode, "".join(self.lines) + out + self.errors()
+
+    def errors(self) -> str:
+        """What the server wrote to stderr so far."""
+        self.stderr.seek(0)
+        return self.stderr.read()
 
     def __enter__(self):
         return self

@@ -49,6 +49,17 @@ def _check_range(name: str, lo_hi: tuple[int, int]) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+def parse_range(flag: str, text: str) -> tuple[int, int]:
+    """A command-line LO,HI range of lengths."""
+    try:
+        lo, hi = (int(p) for p in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected LO,HI, two integers, e.g. 16,512") from None
+    if not 1 <= lo <= hi:
+        raise UserError(f"{flag} {text}: need 1 <= LO <= HI")
+    return lo, hi
+
+
 def make_workload(num_requests: int, input_len: tuple[int, int] = (16, 512), output_len: tuple[int, int] = (8, 128),
                   vocab_size: int = 256, seed: int = 0) -> list[tuple[list[int], int]]:
     """`num_requests` (prompt token ids, max_tokens) pairs; both lengths uniform over their inclusive

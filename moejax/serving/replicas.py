@@ -70,9 +70,6 @@ class Router:
         errors = [e.dead for e in self.engines if e.dead]
         return errors[0] if len(errors) == len(self.engines) else None
 
-    def slots(self) -> int:
-        return sum(e.slots for e in self.engines)
-
     def stop(self):
         for e in self.engines:
             e.stop()
@@ -89,7 +86,3 @@ def check_slots(slots: int, rs: model.RunSpec) -> int:
                         f"at least {least}")
     return slots
 
-
-def replica_params(stacked_of, rs: model.RunSpec, mesh) -> dict:
-    """Serving parameters on one replica's mesh; stacked_of(mesh) loads or draws the stacked ones."""
-    return model.serving_params(stacked_of(mesh), rs, mesh)

@@ -9,7 +9,6 @@ import itertools
 import time
 from typing import Callable
 
-FINISH_REASONS = ("stop", "length", "abort")
 _ids = itertools.count()
 
 
