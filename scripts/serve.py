@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -107,6 +108,13 @@ def run(args):
     use_compile_cache()
     if dist:
         jax.distributed.initialize(coordinator_address=dist[0], num_processes=dist[1], process_id=dist[2])
+    port = args.port + (jax.process_index() if dist and args.port else 0)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # before compiling: a port in use is found in a second, not after minutes
+        sock.bind((args.host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{port}: {e.strerror}") from None
     from moejax import model
     from moejax.pipeline import default_microbatches
     from moejax.serving.api import ServedModel, create_app
@@ -147,7 +155,6 @@ def run(args):
     router = Router(engines, args.max_waiting)
     for eng in engines:
         eng.start()
-    port = args.port + (jax.process_index() if dist and args.port else 0)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -164,13 +171,10 @@ def run(args):
         signal.signal(sig, lambda *_: None)
     server = Server(config)
     try:
-        server.run()  # returns after SIGINT / SIGTERM, once open requests finished or the drain timed out
-    except SystemExit:  # uvicorn exits when it cannot bind
-        pass
+        server.run(sockets=[sock])  # returns after SIGINT / SIGTERM, once running requests finish (or the drain
+        # timeout passes)
     finally:
         router.stop()
-    if not server.started:
-        raise UserError(f"could not listen on {args.host}:{port} (in use, or not an address of this machine)")
     print("stopped", flush=True)
 
 

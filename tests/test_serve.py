@@ -263,7 +263,14 @@ def test_dp_replicas_serve_and_sigterm_drains(reference):
 
 
 def test_bad_flags_exit_2():
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
     for flags, needle in ((["--slots", "3", "--mesh", "1x1x1x2"], "--slots 3"),
+                          (["--port", str(port), "--config", CONFIG], f"cannot listen on 127.0.0.1:{port}"),
                           (["--prefill-chunk", "20"], "--prefill-chunk 20"),
                           (["--max-len", "4096", "--config", CONFIG], "--max-len 4096")):
         r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "serve.py"), *flags], capture_output=True,
