@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU (H100/H200, JAX already installed): correctness first, then the
-# benchmark points of issue 7 in order of importance (each point's JSON lands in $OUT as it ends, so
+# benchmark points of issues 7 and 14 in order of importance (each point's JSON lands in $OUT as it ends, so
 # a run cut short keeps what finished). About 6 minutes on an H200.
 #   bash scripts/bench_gpu.sh            # OUT defaults to /tmp/moejax-gpu
 set -uo pipefail
@@ -53,3 +53,20 @@ point seed-prefill-8x1024 --config seed --batch 8 --prompt-len 1024 --decode-ste
 # 4. the kernel rates behind those figures: HBM read, weight streaming of 1-8 row matmuls, matmuls
 echo "== kernels"
 timeout 60 python scripts/bench_kernels.py --weight-mb 1024 --repeats 5 --json "$OUT/kernels.json" 2>&1 | grep -v '^timing'
+
+# 5. the server (issue 14): seed-10b, random weights, 64 slots, at concurrency 64 (output tokens/s, p99 TTFT);
+#    needs starlette, uvicorn, prometheus_client and httpx (pyproject pins them) beside the preinstalled JAX
+echo "== serve seed-10b, concurrency 64"
+timeout 240 python - "$OUT" <<'EOF2' 2>&1 | tail -3
+import json, sys, asyncio
+from moejax.serving.harness import ServerProcess
+from moejax.serving.loadgen import make_workload, run_load, summarize
+with ServerProcess("--config", "configs/seed-10b.yaml", "--dtype", "bfloat16", "--slots", "64", "--max-len", "640",
+                   "--max-waiting", "256") as s:
+    wl = make_workload(256, (16, 512), (8, 128), seed=0)
+    asyncio.run(run_load(s.url, s.model, [(p, 4) for p, _ in wl[:64]], concurrency=64))  # warmup, untimed
+    m = summarize(*asyncio.run(run_load(s.url, s.model, wl, concurrency=64)))
+json.dump(m, open(sys.argv[1] + "/serve-10b-c64.json", "w"), indent=1)
+print(f"seed-10b served at concurrency 64: {m['output_throughput']:.0f} output tok/s, TTFT p50 "
+      f"{m['median_ttft_ms']:.0f} ms p99 {m['p99_ttft_ms']:.0f} ms, TPOT p50 {m['median_tpot_ms']:.1f} ms")
+EOF2
