@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -70,8 +71,13 @@ def padded_batch(rs: model.RunSpec, batch: int) -> int:
 class Generator:
     """Compiled prefill + decode for one (RunSpec, mesh, batch, max length)."""
 
-    def __init__(self, rs: model.RunSpec, mesh, params, batch: int, prompt_len: int, max_len: int):
+    def __init__(self, rs: model.RunSpec, mesh, params, batch: int, prompt_len: int, max_len: int,
+                 decode_chunk: int = 0):
+        """decode_chunk K > 0: decode K steps per dispatch in one compiled loop on the device
+        (sampling there too), reading the new tokens back once per K steps."""
         self.rs, self.mesh, self.params = rs, mesh, params
+        self.decode_chunk = decode_chunk
+        self._chunks: dict = {}  # (sampling, eos, max new tokens) -> jitted K-step loop
         self.batch = padded_batch(rs, batch)
         self.prompt_len = prompt_len
         self.max_len = max_len
@@ -87,12 +93,12 @@ class Generator:
         self.compile_s = time.perf_counter() - t0
         self._warmed: list[dict] = []  # sampling settings `_warm` has run
 
-    def _warm(self, opts: dict):
+    def _warm(self, opts: dict, eos_id: int | None, max_new: int):
         """Run every operation `generate` times once, untimed, on a batch of zero tokens in a cache
         of its own: the sampler and the small helpers compile on their first call, and the first
         call of a compiled program (and of each branch it takes) runs slower, which timings must
         not include."""
-        if opts in self._warmed:
+        if (opts, eos_id, max_new) in self._warmed:
             return
         mesh, lay, b, t = self.mesh, self.rs.layout, self.batch, self.prompt_len
         cache = model.init_cache(self.rs, mesh, b, self.max_len)
@@ -106,9 +112,48 @@ class Generator:
         key, sub = jax.random.split(key)
         fetch(sample(logits, sub, **opts))
         totals = jax.tree.map(lambda a, c: a + c, stats, more)
+        if self.decode_chunk:  # compiled here, run on rows that are all done (it writes nothing)
+            ints = put(mesh, lay, "lengths", np.zeros((b,), np.int32))
+            all_done = put(mesh, lay, "lengths", np.ones((b,), bool))
+            out = self._chunk_fn(opts, eos_id, max_new)(self.params, ints, ints, all_done, 0,
+                                                        np.asarray(jax.random.key_data(key)), cache)
+            fetch(out[0]), fetch(out[1]), fetch(out[3])
+            totals = jax.tree.map(lambda a, c: a + c, totals, out[6])
         moe_summary(fetch(totals["load"]), fetch(totals["served_load"]), int(fetch(totals["dropped"]).sum()),
                     int(fetch(totals["rerouted"]).sum()))
-        self._warmed.append(opts)
+        self._warmed.append((opts, eos_id, max_new))
+
+    def _chunk_fn(self, opts: dict, eos_id: int | None, max_new: int):
+        """K decode steps in one jit: lax.scan over `model.build("decode")` and `sample`, with the
+        host loop's rules (a row is done after EOS or max_new tokens; a done row writes nothing)."""
+        key_ = (tuple(sorted(opts.items())), eos_id, max_new)
+        if key_ in self._chunks:
+            return self._chunks[key_]
+        decode = model.build(self.rs, self.mesh, "decode")
+        eos = -1 if eos_id is None else eos_id
+
+        def run(params, tok_B, lengths_B, done_B, step0, key_data, cache):
+            # the key travels as its raw data: a key that came out of this program carries the
+            # mesh in its type, and the next call would compile the program again
+            key = jax.random.wrap_key_data(key_data)
+            def body(carry, i):
+                tok_B, done_B, key, cache = carry
+                step = step0 + i
+                active = step + 1 < max_new  # the host loop's `steps + 1 < max_new_tokens`
+                was_done_B = done_B | ~active
+                pos_B = jnp.where(was_done_B, -1, lengths_B + step)
+                logits, cache, stats = decode(params, tok_B[:, None], pos_B, cache)
+                key, sub = jax.random.split(key)
+                nxt_B = sample(logits, sub, **opts)
+                done_B = was_done_B | (nxt_B == eos) | (step + 2 >= max_new)
+                return (jnp.where(was_done_B, tok_B, nxt_B), done_B, key, cache), (nxt_B, ~was_done_B, stats)
+
+            (tok_B, done_B, key, cache), (toks_KB, new_KB, stats) = jax.lax.scan(
+                body, (tok_B, done_B, key, cache), jnp.arange(self.decode_chunk))
+            return toks_KB, new_KB, tok_B, done_B, jax.random.key_data(key), cache, jax.tree.map(lambda a: a.sum(0), stats)
+
+        self._chunks[key_] = jax.jit(run, donate_argnums=(6,))
+        return self._chunks[key_]
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, eos_id: int | None,
                  progress=None, keep_logits: bool = False) -> dict:
@@ -123,7 +168,7 @@ class Generator:
             lengths[i] = len(p)
         key = jax.random.key(sampling.seed)
         opts = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-        self._warm(opts)
+        self._warm(opts, eos_id, max_new_tokens)
         cache = model.init_cache(rs, mesh, self.batch, self.max_len)
 
         t0 = time.perf_counter()
@@ -139,6 +184,28 @@ class Generator:
                         + [True] * (self.batch - n))
         t1 = time.perf_counter()
         steps = 0
+        if self.decode_chunk:
+            if keep_logits:
+                raise ValueError("keep_logits needs the host decode loop (decode_chunk=0)")
+            run = self._chunk_fn(opts, eos_id, max_new_tokens)
+            tok = put(mesh, lay, "lengths", nxt.astype(np.int32))
+            done_dev = put(mesh, lay, "lengths", done)
+            len_dev = put(mesh, lay, "lengths", lengths)
+            key_data = np.asarray(jax.random.key_data(key))
+            while not done.all() and steps + 1 < max_new_tokens:
+                toks, new, tok, done_dev, key_data, cache, stats = run(self.params, tok, len_dev, done_dev, steps,
+                                                                       key_data, cache)
+                key_data = fetch(key_data)
+                totals = jax.tree.map(lambda a, b: a + b, totals, stats)
+                toks, new = fetch(toks), fetch(new)
+                for k in range(self.decode_chunk):
+                    for i in range(n):
+                        if new[k, i]:
+                            out[i].append(int(toks[k, i]))
+                steps += self.decode_chunk
+                done = fetch(done_dev).astype(bool)
+                if progress:
+                    progress(min(steps, max_new_tokens - 1), max_new_tokens - 1, time.perf_counter() - t1)
         while not done.all() and steps + 1 < max_new_tokens:
             pos = np.where(done, -1, lengths + steps).astype(np.int32)
             logits, cache, stats = self.decode(self.params, put(mesh, lay, "tokens", nxt[:, None].astype(np.int32)),

@@ -47,6 +47,9 @@ def parse_args(argv):
                          "(ragged_dot); auto = batched on GPU, buffers on CPU")
     ap.add_argument("--microbatches", type=int,
                     help="pipeline microbatches M (default 2 x pp, bounded by the batch; 1 when pp = 1 or on CPU)")
+    ap.add_argument("--decode-chunk", type=int,
+                    help="decode K steps per dispatch in one compiled loop on the device, sampling there too "
+                         "(default 16 on GPU; 0 on CPU: the host loop, one dispatch a step)")
     ap.add_argument("--batch", type=int, help="batch for --plan's KV-cache figure (default: number of prompts)")
     ap.add_argument("--plan", action="store_true", help="print the placement report only (shapes, no weights)")
     ap.add_argument("--json", action="store_true", help="also print one JSON object as the last stdout line")
@@ -104,6 +107,8 @@ def run(args) -> dict:
         if v is not None and v < 1:
             raise UserError(f"{name} {v} must be >= 1")
 
+    if args.decode_chunk is not None and args.decode_chunk < 0:
+        raise UserError(f"--decode-chunk {args.decode_chunk} must be >= 0 (0: one dispatch a step)")
     if args.plan:
         from moejax.plan import format_placement, placement
 
@@ -165,7 +170,8 @@ def run(args) -> dict:
         stacked = model.init_params(cfg, args.seed, dtype, mesh, layout)
     params = model.serving_params(stacked, rs, mesh)
     prompt_len = min(round_up(longest, 8), max_len)
-    gen = Generator(rs, mesh, params, len(prompts), prompt_len, max_len)
+    chunk = args.decode_chunk if args.decode_chunk is not None else (0 if backend == "cpu" else 16)
+    gen = Generator(rs, mesh, params, len(prompts), prompt_len, max_len, decode_chunk=chunk)
     say(f"compiled prefill + decode in {gen.compile_s:.1f} s (batch {gen.batch} padded from {len(prompts)}, "
         f"{micro} microbatch(es), capacity policy {args.capacity_policy}, MoE kernel {rs.kernel})")
 
@@ -189,7 +195,7 @@ def run(args) -> dict:
     rep.update({k: v for k, v in res.items()})
     rep.update({"weights": args.ckpt or f"random (seed {args.seed})", "process_index": jax.process_index(),
                 "process_count": jax.process_count(),
-                "compile_s": gen.compile_s, "capacity_policy": args.capacity_policy,
+                "compile_s": gen.compile_s, "decode_chunk": chunk, "capacity_policy": args.capacity_policy,
                 "capacity_factor": rs.capacity_factor, "moe_kernel": rs.kernel, "microbatches": micro,
                 "batch_padded": gen.batch})
     return rep

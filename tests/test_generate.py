@@ -188,3 +188,20 @@ def test_timings_exclude_first_call_costs(temperature):
     # bounds wide enough for a busy 2-core machine (10 ms of slack), narrow enough for the 13x
     assert first["ttft_s"] < 3 * second["ttft_s"] + 0.01
     assert first["decode_s"] < 3 * second["decode_s"] + 0.01
+
+
+@pytest.mark.slow
+def test_on_device_decode_loop_equals_the_host_loop(mesh="1x2x2x2"):
+    """decode_chunk K: K steps per dispatch, sampled on the device; the same tokens as the step-by-step
+    loop, with sampling, an EOS that stops one row early, and a length that is not a multiple of K."""
+    rs, m, params = setup("configs/tiny.yaml", mesh)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    host = Generator(rs, m, params, 3, 8, 32)
+    dev = Generator(rs, m, params, 3, 8, 32, decode_chunk=4)
+    greedy, sampled = Sampling(), Sampling(0.8, 10, 0.9, 3)
+    eos = host.generate(prompts, 11, sampled, None)["generated_ids"][1][4]  # ends row 1 early (maybe others)
+    for sampling, eos_id in ((greedy, None), (sampled, eos)):
+        a, b = host.generate(prompts, 11, sampling, eos_id), dev.generate(prompts, 11, sampling, eos_id)
+        assert a["generated_ids"] == b["generated_ids"]
+        assert a["moe"] == b["moe"]
+    assert len(a["generated_ids"][1]) == 5 and a["generated_ids"][1][-1] == eos
