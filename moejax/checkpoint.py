@@ -189,6 +189,20 @@ def check_config(requested: ModelConfig, stored: ModelConfig) -> None:
                             f"{b!r} in the checkpoint (drop --config to use the checkpoint's)")
 
 
+def serving_config(ckpt: str | None, config: str | None, default: str = "configs/seed.yaml") -> ModelConfig:
+    """The config a command serves: the checkpoint's (a --config given beside it must match), else
+    `config`'s, else `default`'s."""
+    from moejax.config import load_config
+
+    if ckpt is None:
+        return load_config(config or default)
+    meta, _ = read_meta(ckpt)
+    cfg = config_of(meta)
+    if config:
+        check_config(load_config(config), cfg)
+    return cfg
+
+
 def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step: int | None = None):
     """(config, stacked params on `mesh` under `layout`, meta). `dtype` casts after reading.
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import math
 import os
 import sys
@@ -67,7 +66,7 @@ def served_models(url: str, timeout_s: float) -> list[dict]:
 
 
 def run(args) -> dict:
-    from moejax.serving.loadgen import format_table, make_workload, parse_range, run_load, summarize
+    from moejax.serving.loadgen import emit_report, format_table, make_workload, parse_range, run_load, summarize
 
     url = args.url.rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -116,18 +115,13 @@ def run(args) -> dict:
                    "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
                    "input_len": list(input_len), "output_len": list(output_len), "seed": args.seed,
                    "errors": dict(errors)})
-    print(json.dumps(report))
-    if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
-        except OSError as e:
-            raise UserError(f"--json {args.json}: cannot write ({e.strerror})") from None
+    emit_report(report, args.json)
     return report
 
 
 def half_peak(args, url: str, model: str, workload) -> dict:
     from moejax.serving.harness import half_peak_latency
+    from moejax.serving.loadgen import emit_report
 
     if not 1 <= args.idle_requests <= len(workload):
         raise UserError(f"--idle-requests {args.idle_requests}: need 1..{len(workload)} (--num-requests)")
@@ -136,10 +130,7 @@ def half_peak(args, url: str, model: str, workload) -> dict:
           f"(/ idle median: {rep['p99_ttft_half_over_idle_median']:.2f})")
     rep.update({"url": url, "model": model, "num_requests": len(workload), "input_len": args.input_len,
                 "output_len": args.output_len, "seed": args.seed})
-    print(json.dumps(rep))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rep, f, indent=1)
+    emit_report(rep, args.json)
     return rep
 
 

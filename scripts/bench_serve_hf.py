@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
 import sys
 import time
@@ -124,13 +123,7 @@ def run(args) -> dict:
     if check is not None:
         report["parity"] = {"match": not check["mismatched"], "requests": len(check["requests"]),
                             "tokens": check["tokens"], "mismatched": check["mismatched"]}
-    print(json.dumps(report))
-    if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
-        except OSError as e:
-            raise UserError(f"--json {args.json}: cannot write ({e.strerror})") from None
+    loadgen.emit_report(report, args.json)
     return report
 
 

@@ -87,19 +87,11 @@ def run(args) -> dict:
         if shape.size % nproc:
             raise UserError(f"mesh {shape} ({shape.size} devices) does not split over {nproc} processes")
         provisioned = provision_host_devices(shape.size // nproc, exact=bool(multi))
-    from moejax.config import load_config
+    from moejax.checkpoint import serving_config
     from moejax.rules import load_layout
 
     layout = load_layout(args.layout)
-    if args.ckpt:
-        from moejax import checkpoint
-
-        meta, _ = checkpoint.read_meta(args.ckpt)
-        cfg = checkpoint.config_of(meta)
-        if args.config:
-            checkpoint.check_config(load_config(args.config), cfg)
-    else:
-        cfg = load_config(args.config or "configs/seed.yaml")
+    cfg = serving_config(args.ckpt, args.config)
     layout.validate(cfg, shape)
     dtype = args.dtype or cfg.param_dtype
     for name, v in (("--max-new-tokens", args.max_new_tokens), ("--microbatches", args.microbatches),

@@ -81,22 +81,13 @@ def run(args):
         raise UserError(f"--drain-timeout {args.drain_timeout} must be >= 0 seconds")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
-    from moejax.config import load_config
+    from moejax.checkpoint import serving_config
     from moejax.rules import load_layout
 
     layout = load_layout(args.layout)
-    if args.ckpt:
-        from moejax import checkpoint
-
-        meta, _ = checkpoint.read_meta(args.ckpt)
-        cfg = checkpoint.config_of(meta)
-        if args.config:
-            checkpoint.check_config(load_config(args.config), cfg)
-        name = os.path.basename(os.path.normpath(args.ckpt))
-    else:
-        config = args.config or "configs/seed.yaml"
-        cfg = load_config(config)
-        name = os.path.splitext(os.path.basename(config))[0]
+    cfg = serving_config(args.ckpt, args.config)
+    name = (os.path.basename(os.path.normpath(args.ckpt)) if args.ckpt
+            else os.path.splitext(os.path.basename(args.config or "configs/seed.yaml"))[0])
     layout.validate(cfg, shape)
     max_len = args.max_len or min(cfg.max_seq_len, 2048)
     if max_len > cfg.max_seq_len:

@@ -17,11 +17,14 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from moejax.errors import UserError
+
+if TYPE_CHECKING:
+    import httpx
 
 METRICS = (("ttft", "Time to First Token", "TTFT"), ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
            ("itl", "Inter-token Latency", "ITL"), ("e2el", "End-to-end Latency", "E2EL"))
@@ -97,7 +100,7 @@ def _error_message(body: bytes) -> str:
         return body.decode("utf-8", "replace").strip()[:300] or "(empty body)"
 
 
-async def _request(client: "httpx.AsyncClient", url: str, body: dict, prompt_tokens: int, t0: float) -> RequestResult:
+async def _request(client: httpx.AsyncClient, url: str, body: dict, prompt_tokens: int, t0: float) -> RequestResult:
     """Send one streaming completion and time its chunks. Output tokens are counted from the
     chunks' token_ids when the server returns them, else taken from usage.completion_tokens, else
     one per token-carrying chunk."""
@@ -267,3 +270,14 @@ def format_table(summary: dict) -> str:
             lines.append(row(f"{name} {short} (ms):", summary[f"{stat}_{key}_ms"]))
     lines.append("=" * 50)
     return "\n".join(lines)
+
+
+def emit_report(report: dict, path: str | None) -> None:
+    """The report as the last stdout line (JSON), and into `path` when given."""
+    print(json.dumps(report))
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump(report, f, indent=1)
+        except OSError as e:
+            raise UserError(f"--json {path}: cannot write ({e.strerror})") from None
