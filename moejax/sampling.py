@@ -10,6 +10,8 @@ import jax.numpy as jnp
 
 from moejax.errors import UserError
 
+GREEDY_BELOW = 1e-5  # a smaller temperature is greedy (vLLM's rule): below ~1e-38 the logits overflow to inf
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -29,7 +31,7 @@ class Sampling:
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
 def sample(logits_BV, key, *, temperature: float, top_k: int, top_p: float):
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV.astype(jnp.float32) / temperature
     if top_k > 0:
@@ -54,7 +56,8 @@ def sample_rows(logits_BV, seeds_B, counts_B, temperature_B, top_k_B, top_p_B):
     logits_BV = logits_BV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     v = logits_BV.shape[-1]
-    x_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    sampled_B = temperature_B >= GREEDY_BELOW
+    x_BV = logits_BV / jnp.where(sampled_B, temperature_B, 1.0)[:, None]
     sorted_BV = -jnp.sort(-x_BV, axis=-1)
     k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
     sorted_BV = jnp.where(jnp.arange(v)[None, :] < k_B[:, None], sorted_BV, -jnp.inf)
@@ -68,4 +71,4 @@ def sample_rows(logits_BV, seeds_B, counts_B, temperature_B, top_k_B, top_p_B):
     x_BV = jnp.where(x_BV < cutoff_B, -jnp.inf, x_BV)
     keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counts_B)
     drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, x_BV).astype(jnp.int32)
-    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
+    return jnp.where(sampled_B, drawn_B, greedy_B)

@@ -111,17 +111,18 @@ def run(args):
     from moejax.serving.api import ServedModel, create_app
     from moejax.serving.engine import Engine
     from moejax.serving.metrics import Metrics
-    from moejax.serving.replicas import Router, check_slots, replica_meshes, replica_spec
+    from moejax.serving.replicas import Router, check_slots, replica_meshes
 
     dtype = args.dtype or cfg.param_dtype
     if jax.default_backend() == "cpu" and dtype == "float16" and not args.dtype:
         dtype = "bfloat16"
         print("computing in bfloat16: XLA:CPU has no native float16 matmul (pass --dtype float16 to insist)")
-    batch_shards = layout.shards("batch", dataclasses.replace(shape, dp=1))
+    replica = dataclasses.replace(shape, dp=1)  # what each engine runs on
+    batch_shards = layout.shards("batch", replica)
     micro = args.microbatches or default_microbatches(shape.pp, args.slots, batch_shards)
     policy_cf = {"dropless": 2.0, "drop": 1.25, "reroute": 1.25}[args.capacity_policy]
-    rs = replica_spec(model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy,
-                                    args.capacity_factor or policy_cf, micro, args.moe_kernel))
+    rs = model.RunSpec(cfg, layout, replica, dtype, args.capacity_policy, args.capacity_factor or policy_cf, micro,
+                       args.moe_kernel)
     check_slots(args.slots, rs)
     served = ServedModel(args.served_model_name or name, max_len, cfg.vocab_size)
     metrics = Metrics(served.id, shape.dp, args.slots)

@@ -302,7 +302,8 @@ def test_two_processes_serve_their_own_replicas(reference):
             assert greedy(p, PROMPTS[1], 8) == reference(PROMPTS[1], 8)
             engines = {dict(lab)["engine"] for (n, lab), v in p.metrics().items()
                        if n == "moejax:generation_tokens_total" and v > 0}
-            assert engines == {p.url.endswith(str(port + 1)) and "1" or "0"}  # its own replica only
+            own = "1" if p.url.endswith(f":{port + 1}") else "0"  # process i serves replica i only
+            assert engines == {own}
     finally:
         for p in procs:
             p.terminate()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import setup
-from moejax.sampling import sample_rows
+from moejax.sampling import sample, sample_rows
 from moejax.serving.engine import Engine, bucket, buckets
 from moejax.serving.request import Request, SamplingParams, StopText
 
@@ -57,6 +57,9 @@ def test_sample_rows():
     best = np.asarray(np.argmax(logits, -1))
     n = 6
     assert (np.asarray(sample_rows(logits, *rows(n, temps=np.zeros(n, np.float32)))) == best).all()
+    tiny = np.full(n, 1e-42, np.float32)  # below GREEDY_BELOW: greedy (logits / 1e-42 overflow to inf)
+    assert (np.asarray(sample_rows(logits, *rows(n, temps=tiny))) == best).all()
+    assert (np.asarray(sample(logits, jax.random.key(0), temperature=1e-42, top_k=0, top_p=1.0)) == best).all()
     assert (np.asarray(sample_rows(logits, *rows(n, top_k=np.ones(n, np.int32)))) == best).all()
     assert (np.asarray(sample_rows(logits, *rows(n, top_p=np.full(n, 1e-6, np.float32)))) == best).all()
     # a row's draw depends on its own seed and count only, not on its neighbours

@@ -27,7 +27,6 @@ from moejax.tokenizer import encode
 UNSUPPORTED = {"logprobs": (None,), "echo": (False, None), "suffix": (None, ""), "best_of": (None, 1),
                "logit_bias": (None, {}), "presence_penalty": (0, None), "frequency_penalty": (0, None),
                "min_p": (0, None)}
-GREEDY_BELOW = 1e-5  # a smaller temperature is greedy (vLLM's rule): dividing by it overflows
 
 
 class ApiError(Exception):
@@ -144,10 +143,9 @@ def parse_completion(body, served: ServedModel) -> tuple[list[list[int]], int, S
     if longest + max_tokens > served.max_len:
         raise _bad(f"prompt of {longest} tokens + max_tokens {max_tokens} = {longest + max_tokens} exceeds this "
                    f"server's context of {served.max_len} tokens", "max_tokens")
-    temperature = _number(body, "temperature", 1.0, 0, 2)
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=0.0 if temperature < GREEDY_BELOW else temperature,
-        top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True), top_k=min(max(top_k, 0), served.vocab_size),
+        max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
+        top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True), top_k=max(top_k, 0),
         seed=secrets.randbits(63) if seed is None else seed, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
         ignore_eos=options["ignore_eos"])
     return prompts, n, params, options
