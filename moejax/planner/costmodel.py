@@ -1,0 +1,333 @@
+"""The cost model: what one device does in a prefill or a decode step, and how long it takes.
+
+Work per device follows the program in model.py / moe.py / pipeline.py (shapes from the rules
+table): per pipeline step each device runs its L/pp layers on one microbatch (attention on its
+heads, the MoE on its tokens) and then the stages pass activations on; once per program every stage
+embeds and applies the head to its rows. Time of a step on a GPU:
+
+    max(FLOPs / (peak x matmul), bytes / (HBM x bandwidth), layers x layer_overhead)
+      + MoE layers that size their dropless round at run time x round_overhead
+      + sum over collectives of (latency + bytes on the wire / link bandwidth)
+
+and a prefill is (M + P - 1) such steps. Simulated CPU devices share the host's cores (`shared_host`):
+stages never overlap, bubble steps are skipped, so the time is the sum of every device's steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from moejax.config import ModelConfig, dtype_bytes
+from moejax.mesh import AXES, MeshShape
+from moejax.moe import MoeSpec
+from moejax.rules import Layout
+from moejax.planner.specs import Fractions, MachineSpec
+
+KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+F32 = 4
+# Activation traffic per layer, beyond weights and cache (estimates from the program, not fitted):
+ACT_BYTES_PER_TOKEN_D = 64  # per token and model dimension: ~16 float32 passes (norms, q/k/v/o,
+# residuals, dispatch gather, combine)
+
+
+def act_bytes_per_row_f(b: int) -> int:
+    """Per computed expert row and FFN element: gate and up written in float32 and read back to be
+    cast (2 x (4 + 4 + b)), SwiGLU reads two and writes one (3 b), the down matmul reads it (b)."""
+    return 2 * (2 * F32 + b) + 3 * b + b
+
+
+# Executed expert rows over top-k rows in prefill when the user gives none: the batched kernel's
+# buffer holds the fullest queue rounded up to 1.25/1.5/2 x the mean, and a trained router keeps
+# the fullest queue near 1.25-1.5x (moe.TRAIN_FRACTIONS); the buffers kernel computes m/2 .. 3m/2
+# row steps, ~1.13x under near-even routing (docs/PERFORMANCE.md). Random weights route worse.
+DEFAULT_EXPERT_ROWS_FACTOR = {"batched": 1.5, "buffers": 1.13}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    batch: int  # B sequences over the whole mesh
+    prompt_len: int  # T
+    context: int  # cache positions a decode step attends to
+    dtype: str = "bfloat16"
+    kernel: str = "batched"  # MoE kernel: batched (GPU default) or buffers (CPU default)
+    microbatches: int | None = None  # None: 2 x pp bounded by the rows per batch shard
+    capacity_factor: float = 2.0
+    expert_rows_factor: float | None = None  # executed / top-k expert rows in prefill
+    skip_padding_attention: bool = False  # CPU: a device whose rows are all padding skips attention
+
+    @property
+    def rows_factor(self) -> float:
+        return self.expert_rows_factor or DEFAULT_EXPERT_ROWS_FACTOR[self.kernel]
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    name: str
+    kind: str  # one of KINDS
+    axes: tuple  # mesh axes of the group
+    group: int  # devices in the group
+    nbytes: int  # the result buffer per device (tuples summed), as HLO shapes count it
+    calls: int  # calls per pipeline step (per_step) or per program
+    per_step: bool
+
+    def wire_bytes(self) -> float:
+        """Bytes one device sends for one call (ring algorithms)."""
+        g = self.group
+        if g == 1:
+            return 0.0
+        factor = {"all-reduce": 2 * (g - 1) / g, "all-gather": (g - 1) / g, "reduce-scatter": g - 1,
+                  "all-to-all": (g - 1) / g, "collective-permute": 1.0}[self.kind]
+        return factor * self.nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Per-device shapes of one phase (prefill or decode) on one layout."""
+
+    phase: str
+    micro: int  # M
+    b_pad: int  # the batch padded to batch shards x M
+    b_loc: int  # rows per batch shard
+    mb: int  # rows per microbatch
+    t: int  # new tokens per row
+    n: int  # tokens a device's attention sees per step (mb x t)
+    n_pad: int
+    moe_tokens: int  # N: tokens a device routes per step
+    valid_frac: float  # real rows / padded rows
+    attention_active: float  # share of devices that run attention (CPU padding skip)
+    layers_local: int
+    moe: MoeSpec
+    rows: int  # buffer rows per (source, expert) of one exchange round
+
+
+def default_microbatches(pp: int, batch: int, batch_shards: int) -> int:
+    """The GPU rule of `pipeline.default_microbatches` (that function answers for the backend it
+    runs on, and the planner runs on a CPU for a GPU target)."""
+    return 1 if pp == 1 else max(1, min(2 * pp, -(-batch // batch_shards)))
+
+
+def shapes(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, phase: str) -> Shapes:
+    shards = layout.shards("batch", mesh)
+    micro = wl.microbatches or default_microbatches(mesh.pp, wl.batch, shards)
+    mult = shards * micro
+    b_pad = -(-wl.batch // mult) * mult
+    b_loc = b_pad // shards
+    mb = b_loc // micro
+    t = wl.prompt_len if phase == "prefill" else 1
+    n = mb * t
+    tp = mesh.tp
+    n_pad = -(-n // tp) * tp
+    ffn = layout.mesh_axes("expert_ffn")
+    ffn_axis = ffn[0] if ffn and tp > 1 else None
+    moe_tokens = n_pad if ffn_axis or tp == 1 else n_pad // tp
+    spec = MoeSpec(num_experts=cfg.num_experts, top_k=cfg.experts_per_token, policy="dropless",
+                   capacity_factor=wl.capacity_factor, expert_axes=layout.mesh_axes("experts"),
+                   expert_shards=layout.shards("experts", mesh), ffn_axis=ffn_axis,
+                   ffn_shards=layout.shards("expert_ffn", mesh), round_axes=tuple(a for a in AXES if a != "pp"),
+                   kernel=wl.kernel)
+    active = 1.0
+    if wl.skip_padding_attention:
+        active = min(1.0, -(-wl.batch // b_loc) / shards)
+    return Shapes(phase=phase, micro=micro, b_pad=b_pad, b_loc=b_loc, mb=mb, t=t, n=n, n_pad=n_pad,
+                  moe_tokens=moe_tokens, valid_frac=wl.batch / b_pad, attention_active=active,
+                  layers_local=cfg.num_layers // mesh.pp, moe=spec, rows=spec.buffer_rows(moe_tokens))
+
+
+def decides_round(s: Shapes) -> bool:
+    """Whether each MoE layer sizes its dropless exchange at run time (pmax, then a loop or switch)."""
+    return s.moe.kernel != "ragged" and s.rows < s.moe_tokens
+
+
+def collectives(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Shapes) -> list[Collective]:
+    """Every collective the compiled program issues, with its per-device result bytes: per pipeline
+    step (the layers are unrolled, so `calls` counts each layer) or once per program."""
+    b, D, E, L = dtype_bytes(wl.dtype), cfg.d_model, cfg.num_experts, s.layers_local
+    tp, spec, out = mesh.tp, s.moe, []
+    group = lambda axes: math.prod(getattr(mesh, a) for a in axes)
+
+    def add(name, kind, axes, nbytes, calls, per_step):
+        out.append(Collective(name, kind, tuple(axes), group(axes), int(nbytes), calls, per_step))
+
+    if tp > 1 and "tp" in layout.mesh_axes("vocab"):
+        add("embedding rows (psum over tp)", "all-reduce", ("tp",), s.b_loc * s.t * D * b, 1, False)
+    if tp > 1:
+        add("attention output (psum_scatter over tp)", "reduce-scatter", ("tp",), s.n_pad // tp * D * F32, L, True)
+    if spec.ffn_axis:
+        add("tokens to the expert FFN slices (all_gather over tp)", "all-gather", ("tp",), s.n_pad * D * b, L, True)
+        add("token mask (all_gather over tp)", "all-gather", ("tp",), s.n_pad, L, True)
+    if decides_round(s):
+        add("fullest expert queue (pmax)", "all-reduce", spec.round_axes, 4, L, True)
+    if spec.expert_shards > 1:
+        rows = exchanged_rows(wl, s)
+        back = F32 if spec.ffn_axis else b
+        add("expert dispatch (all_to_all)", "all-to-all", spec.expert_axes, E * rows * D * b, L, True)
+        if spec.kernel == "buffers":
+            add("rows per expert (all_to_all)", "all-to-all", spec.expert_axes, E * 4, L, True)
+        add("expert outputs back (all_to_all)", "all-to-all", spec.expert_axes, E * rows * D * back, L, True)
+    if spec.ffn_axis:
+        add("expert partial sums (psum_scatter over tp)", "reduce-scatter", ("tp",), s.n_pad // tp * D * F32, L, True)
+    if tp > 1:
+        add("tokens back to every tp rank (all_gather over tp)", "all-gather", ("tp",), s.n_pad * D * b, L, True)
+    if mesh.pp > 1:
+        add("activations to the next stage (ppermute)", "collective-permute", ("pp",), s.mb * s.t * D * b, 1, True)
+        add("last stage's outputs to every stage (psum over pp)", "all-reduce", ("pp",), s.micro * s.mb * D * b,
+            1, False)
+    token_axes = layout.token_axes()
+    add("MoE statistics (psum over token axes)", "all-reduce", token_axes, 4 * L * (3 * E + 5), 1, False)
+    return out
+
+
+def exchanged_rows(wl: Workload, s: Shapes) -> int:
+    """Rows per (source, expert) in one executed exchange. The buffers kernel sends fixed rounds of
+    `rows`; the batched kernel one buffer sized to the fullest queue (the rows factor x the mean)
+    unless N <= 64 tokens, which take N rows."""
+    if s.moe.kernel == "batched" and s.rows < s.moe_tokens:
+        mean = s.moe_tokens * s.moe.top_k / s.moe.num_experts
+        return min(s.moe_tokens, math.ceil(wl.rows_factor * mean))
+    return s.rows
+
+
+def hlo_bytes_by_kind(colls: list[Collective]) -> dict[str, int]:
+    """What the compiled HLO text shows: each collective once per call site (loops are not unrolled
+    in the text: the pipeline scan and the dropless round loop appear once)."""
+    got = {k: 0 for k in KINDS}
+    for c in colls:
+        got[c.kind] += c.nbytes * c.calls
+    return got
+
+
+@dataclasses.dataclass
+class Work:
+    """One device's work in one pipeline step (its layers on one microbatch), plus once per program."""
+
+    flops: dict  # part -> FLOPs per step
+    flops_program: dict  # head, once
+    bytes: dict  # part -> bytes read or written per step
+    bytes_program: dict
+    expert_rows: float  # computed expert rows per step
+
+
+def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Shapes,
+         rows_factor: float | None = None, context: float | None = None) -> Work:
+    """Executed work per device. `rows_factor` overrides the executed/top-k expert rows (1.0 gives
+    the analytic top-k work); decode attends to `context` positions (default: the workload's)."""
+    b = dtype_bytes(wl.dtype)
+    D, H, G, K, F, E, k, V = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.expert_ffn,
+                              cfg.num_experts, cfg.experts_per_token, cfg.vocab_size)
+    L, tp = s.layers_local, mesh.tp
+    lp = cfg.layer_params()
+    heads_local, kv_local = H // layout.shards("heads", mesh), G // layout.shards("kv_heads", mesh)
+    f_local = F // layout.shards("expert_ffn", mesh)
+    e_local = E // layout.shards("experts", mesh)
+    act = s.attention_active
+    ctx = (s.t + 1) / 2 if s.phase == "prefill" else (context if context is not None else wl.context)
+    attn_weights = (lp["wq"] + lp["wk"] + lp["wv"] + lp["wo"]) // layout.shards("heads", mesh)
+    valid_tokens = s.moe_tokens * s.valid_frac  # padding tokens are not routed
+    factor = rows_factor if rows_factor is not None else (wl.rows_factor if s.phase == "prefill" else 1.0)
+    if s.moe.kernel == "batched" and s.rows >= s.moe_tokens:  # N-row buffers: every slot computes
+        rows = e_local * s.moe.expert_shards * s.moe_tokens
+        experts_read = e_local
+    else:
+        rows = valid_tokens * k * factor
+        experts_read = e_local if s.moe.kernel == "batched" else e_local * expert_hit_rate(cfg, layout, mesh, wl, s)
+    flops = {
+        "attention projections": 2 * s.n * attn_weights * act * L,
+        "attention scores": 4 * s.n * ctx * heads_local * K * act * L,
+        "router": 2 * valid_tokens * D * E * L,
+        "experts": 2 * 3 * D * f_local * rows * L,
+    }
+    emitted = s.b_loc  # last position of each row (prefill) or the new token (decode)
+    v_local = V // layout.shards("vocab", mesh)
+    flops_program = {"head": 2 * emitted * D * v_local}
+    kv_row = 2 * kv_local * K * b  # keys and values of one position of one layer
+    nbytes = {
+        "weights": L * b * (attn_weights * act + lp["router"] + lp["attn_norm"] + lp["moe_norm"]
+                            + experts_read * 3 * D * f_local),
+        "kv cache": L * (s.mb * ctx * kv_row * act if s.phase == "decode" else 0) + L * s.n * kv_row * act,
+        "activations": L * (s.n * D * ACT_BYTES_PER_TOKEN_D + rows * f_local * act_bytes_per_row_f(b)),
+    }
+    bytes_program = {"head weights": D * v_local * b, "logits": emitted * v_local * F32}
+    return Work(flops, flops_program, nbytes, bytes_program, rows)
+
+
+def expert_hit_rate(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Shapes) -> float:
+    """Share of experts that receive a row in one step (the buffers kernel reads no weights of an
+    idle expert), averaged over all-to-all groups under uniform random routing. Rows fill the batch
+    shards in order, so a group whose shards hold only padding reads nothing."""
+    batch_axes = layout.mesh_axes("batch")
+    sizes = [getattr(mesh, a) for a in batch_axes]
+    tokens = {}
+    for i in range(math.prod(sizes)):
+        coords, rest = {}, i
+        for a, n in reversed(list(zip(batch_axes, sizes))):
+            coords[a], rest = rest % n, rest // n
+        real_rows = min(max(wl.batch - i * s.b_loc, 0), s.b_loc)
+        key = tuple(coords[a] for a in batch_axes if a not in layout.mesh_axes("experts"))
+        tokens[key] = tokens.get(key, 0) + real_rows * s.t / s.micro
+    p_idle = 1 - cfg.experts_per_token / cfg.num_experts
+    return sum(1 - p_idle ** n for n in tokens.values()) / len(tokens)
+
+
+def link_bandwidth(spec: MachineSpec, mesh: MeshShape, axes: tuple) -> float:
+    """NVLink when the group lies inside one node (devices are numbered dp-major, ep-minor, as
+    mesh.make_mesh lays them out), else the network."""
+    stride, strides = 1, {}
+    for a in reversed(AXES):
+        strides[a] = stride
+        stride *= getattr(mesh, a)
+    span = max((strides[a] * getattr(mesh, a) for a in axes), default=1)
+    return spec.nvlink_bandwidth_bytes_per_s if span <= spec.gpus_per_node else spec.network_bandwidth_bytes_per_s
+
+
+def collective_seconds(spec: MachineSpec, mesh: MeshShape, c: Collective) -> float:
+    if c.group == 1:
+        return 0.0
+    if spec.shared_host:  # a copy through the host's memory
+        return c.calls * c.wire_bytes() / spec.hbm_bandwidth_bytes_per_s
+    return c.calls * (spec.collective_latency_s + c.wire_bytes() / link_bandwidth(spec, mesh, c.axes))
+
+
+@dataclasses.dataclass
+class PhaseCost:
+    seconds: float  # the whole prefill, or one decode step
+    step: dict  # seconds of one pipeline step by term
+    flops_per_device: float
+    bytes_per_device: float
+    collective_bytes: dict  # kind -> bytes one device's collectives move in the phase (result buffers)
+    steps: int  # pipeline steps (M + P - 1)
+    bubble: float
+    shapes: Shapes
+    work: Work
+
+
+def phase_cost(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, spec: MachineSpec,
+               fr: Fractions, phase: str, context: float | None = None) -> PhaseCost:
+    s = shapes(cfg, layout, mesh, wl, phase)
+    w = work(cfg, layout, mesh, wl, s, context=context)
+    colls = collectives(cfg, layout, mesh, wl, s)
+    flop_rate = spec.peak_matmul_flops_per_s * fr.matmul
+    byte_rate = spec.hbm_bandwidth_bytes_per_s * fr.bandwidth
+    compute = sum(w.flops.values()) / flop_rate
+    memory = sum(w.bytes.values()) / byte_rate
+    launches = s.layers_local * fr.layer_overhead_s
+    rounds = s.layers_local * fr.round_overhead_s if decides_round(s) else 0.0
+    coll_step = sum(collective_seconds(spec, mesh, c) for c in colls if c.per_step)
+    coll_program = sum(collective_seconds(spec, mesh, c) for c in colls if not c.per_step)
+    program = max(sum(w.flops_program.values()) / flop_rate, sum(w.bytes_program.values()) / byte_rate)
+    steps = s.micro + mesh.pp - 1
+    if spec.shared_host:  # every device's steps run one after another; bubble steps are skipped
+        step = {"compute": compute, "memory": memory, "overhead": launches + rounds, "collectives": coll_step}
+        busy = max(compute, memory) + launches + rounds + coll_step
+        seconds = mesh.size * (s.micro * busy + program + coll_program)
+    else:
+        step = {"compute": compute, "memory": memory, "launch floor": launches, "round syncs": rounds,
+                "collectives": coll_step}
+        busy = max(compute, memory, launches) + rounds + coll_step
+        seconds = steps * busy + program + coll_program
+    coll_bytes = {k: 0 for k in KINDS}
+    for c in colls:
+        coll_bytes[c.kind] += c.nbytes * c.calls * (s.micro if c.per_step else 1)
+    flops_dev = s.micro * sum(w.flops.values()) + sum(w.flops_program.values())
+    bytes_dev = s.micro * sum(w.bytes.values()) + sum(w.bytes_program.values())
+    return PhaseCost(seconds, step, flops_dev, bytes_dev, coll_bytes, steps, (mesh.pp - 1) / steps, s, w)
