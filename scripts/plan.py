@@ -2,7 +2,7 @@
 """Plan a layout: every (dp, pp, tp, ep) of N devices under both layouts, with memory, work,
 collectives and predicted times from a cost model calibrated on measured bench.py runs.
 
-    python scripts/plan.py --config seed-10b --devices 128 [--gpu h100|h200|FILE] [--batch B]
+    python scripts/plan.py --config seed-10b --devices 128 [--mesh DPxPPxTPxEP ...] [--gpu h100|h200|FILE] [--batch B]
         [--prompt-len T] [--context S] [--objective throughput|ttft|memory] [--top K]
         [--calibrate bench.json ...] [--plot OUT.png] [--json]
     python scripts/plan.py --calibrate A.json ... --validate B.json ... [--json]
@@ -43,6 +43,7 @@ def parse_args(argv):
     ap = ArgumentParser(__doc__)
     ap.add_argument("--config", default="seed")
     ap.add_argument("--devices", type=int)
+    ap.add_argument("--mesh", action="append", help="DPxPPxTPxEP: evaluate only this mesh (repeatable)")
     ap.add_argument("--gpu", default="h200", help="h100, h200 (gpus/NAME.yaml) or a spec file")
     ap.add_argument("--layout", action="append", help="layouts to consider (default: seed and ep-tp)")
     ap.add_argument("--batch", type=int, default=256, help="sequences in flight over all devices")
@@ -85,14 +86,21 @@ def run_validation(args) -> None:
 
 def run_plan(args) -> None:
     from moejax.config import load_config
+    from moejax.mesh import parse_mesh
     from moejax.planner import calibrate, report
     from moejax.planner.costmodel import Workload
     from moejax.planner.layouts import plan
     from moejax.planner.specs import load_spec
     from moejax.rules import load_layout
 
+    only = [parse_mesh(m) for m in args.mesh or []]
+    if args.devices is None and only:
+        args.devices = only[0].size
     if args.devices is None:
         raise UserError("--devices N is required (the number of GPUs to plan for)")
+    for m in only:
+        if m.size != args.devices:
+            raise UserError(f"--mesh {m} has {m.size} devices, not --devices {args.devices}")
     if args.devices < 1:
         raise UserError(f"--devices {args.devices} must be a positive integer")
     for flag, v in (("--batch", args.batch), ("--prompt-len", args.prompt_len), ("--top", args.top)):
@@ -125,7 +133,7 @@ def run_plan(args) -> None:
                  "has been measured to calibrate them")
     wl = Workload(batch=args.batch, prompt_len=args.prompt_len, context=context, dtype=args.dtype, kernel="batched",
                   microbatches=args.microbatches, expert_rows_factor=args.expert_rows_factor)
-    rows = plan(cfg, layouts, args.devices, wl, spec, fr, args.objective)
+    rows = plan(cfg, layouts, args.devices, wl, spec, fr, args.objective, only)
     print(report.format_plan(cfg, args.devices, wl, spec, fr, rows, args.objective, args.top, notes))
     if args.plot:
         report.plot(rows, args.plot, f"{cfg.name} on {args.devices} x {spec.name}, batch {wl.batch} x {wl.prompt_len}",

@@ -155,7 +155,7 @@ def collectives(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload,
         add("attention output (psum_scatter over tp)", "reduce-scatter", ("tp",), s.n_pad // tp * D * F32, L, True)
     if spec.ffn_axis:
         add("tokens to the expert FFN slices (all_gather over tp)", "all-gather", ("tp",), s.n_pad * D * b, L, True)
-        add("token mask (all_gather over tp)", "all-gather", ("tp",), s.n_pad, L, True)
+        add("token mask (all_gather over tp; one call: XLA merges the layers' identical gathers)", "all-gather", ("tp",), s.n_pad, 1, True)
     if decides_round(s):
         add("fullest expert queue (pmax)", "all-reduce", spec.round_axes, 4, L, True)
     if spec.expert_shards > 1:
@@ -223,10 +223,11 @@ def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Sha
     act = s.attention_active
     ctx = (s.t + 1) / 2 if s.phase == "prefill" else (context if context is not None else wl.context)
     attn_weights = (lp["wq"] + lp["wk"] + lp["wv"] + lp["wo"]) // layout.shards("heads", mesh)
-    valid_tokens = s.moe_tokens * s.valid_frac  # padding tokens are not routed
+    # tokens a device routes, less the padding (neither padded rows nor the rows that pad N to tp are routed)
+    valid_tokens = (s.n if s.moe_tokens == s.n_pad else s.n / tp) * s.valid_frac
     factor = rows_factor if rows_factor is not None else (wl.rows_factor if s.phase == "prefill" else 1.0)
-    if s.moe.kernel == "batched" and s.rows >= s.moe_tokens:  # N-row buffers: every slot computes
-        rows = e_local * s.moe.expert_shards * s.moe_tokens
+    if rows_factor is None and s.moe.kernel == "batched":  # every buffer row computes, filled or not
+        rows = e_local * s.moe.expert_shards * exchanged_rows(wl, s)
         experts_read = e_local
     else:
         rows = valid_tokens * k * factor

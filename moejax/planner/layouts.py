@@ -80,7 +80,9 @@ def evaluate(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, sp
               "kv_batch": pl["kv_batch"], "kv_len": pl["kv_max_len"], "activation_bytes": act,
               "total_bytes": total, "fraction": total / spec.hbm_bytes}
     n, B = mesh.size, wl.batch
+    useful = B * wl.prompt_len * cfg.flops_per_token_prefill(wl.prompt_len)  # bench.py's MFU numerator
     prefill = {"ttft_s": pre.seconds, "prefill_tokens_per_ms_per_device": B * wl.prompt_len / pre.seconds / 1e3 / n,
+               "mfu": useful / (pre.seconds * n * spec.peak_matmul_flops_per_s),
                "flops_per_device": pre.flops_per_device, "bytes_per_device": pre.bytes_per_device,
                "collective_bytes_per_device": pre.collective_bytes, "microbatches": pre.shapes.micro,
                "bubble_fraction": pre.bubble, "step_seconds": pre.step}
@@ -99,13 +101,15 @@ def same_without_tp(a: Layout, b: Layout) -> bool:
 
 
 def plan(cfg: ModelConfig, layouts: list[Layout], devices: int, wl: Workload, spec: MachineSpec, fr: Fractions,
-         objective: str) -> list[Row]:
-    """Every layout of `devices`, ranked: usable and fitting first, by the objective."""
+         objective: str, only: list[MeshShape] | None = None) -> list[Row]:
+    """Every layout of `devices` (or only the meshes in `only`), ranked: usable and fitting first,
+    by the objective."""
     if devices < 1:
         raise UserError(f"--devices {devices} must be a positive integer")
     if objective not in OBJECTIVES:
         raise UserError(f"objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    rows = [evaluate(cfg, lay, mesh, wl, spec, fr) for mesh in meshes_of(devices) for lay in layouts
+    meshes = meshes_of(devices) if not only else only
+    rows = [evaluate(cfg, lay, mesh, wl, spec, fr) for mesh in meshes for lay in layouts
             if mesh.tp > 1 or lay is layouts[0] or not same_without_tp(lay, layouts[0])]
     key = {"throughput": lambda r: -r.decode["tokens_per_s_per_device"],
            "ttft": lambda r: r.prefill["ttft_s"],

@@ -33,7 +33,7 @@ def _gb(x: float) -> str:
 def format_table(rows: list[Row], top: int) -> str:
     head = ("| # | mesh dp x pp x tp x ep | layout | memory GB/dev: params + KV + act = total (% of HBM) | "
             "prefill TFLOP/dev | prefill GB read/dev | prefill collective MB/dev a2a/ag/rs/ar/cp | M | bubble | "
-            "TTFT s | prefill tok/ms/dev | decode tok/s/dev | decode tok/s/replica |")
+            "TTFT s | prefill tok/ms/dev | prefill MFU | decode tok/s/dev | decode tok/s/replica |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     shown = [r for r in rows if r.feasible][:top]
     for i, r in enumerate(shown, 1):
@@ -43,7 +43,7 @@ def format_table(rows: list[Row], top: int) -> str:
         coll = "/".join(f"{p['collective_bytes_per_device'][k] / 1e6:.0f}" for k in KINDS)
         lines.append(f"| {i if r.fits else '-'} | {r.mesh} | {r.layout} | {mem} | {p['flops_per_device'] / 1e12:.2f} | "
                      f"{p['bytes_per_device'] / 1e9:.1f} | {coll} | {p['microbatches']} | {p['bubble_fraction']:.2f} | "
-                     f"{p['ttft_s']:.3f} | {p['prefill_tokens_per_ms_per_device']:.1f} | "
+                     f"{p['ttft_s']:.3f} | {p['prefill_tokens_per_ms_per_device']:.1f} | {p['mfu']:.2f} | "
                      f"{d['tokens_per_s_per_device']:.1f} | {d['tokens_per_s_per_replica']:.0f} |")
     return "\n".join(lines)
 

@@ -1,0 +1,183 @@
+"""The layout planner: its memory and FLOP figures against the placement report and the config's
+analytic counts, its collective bytes against compiled HLO, feasibility, bad input, calibration."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from helpers import REPO, run_script
+
+from moejax.config import load_config
+from moejax.mesh import parse_mesh
+from moejax.plan import placement
+from moejax.rules import load_layout
+from moejax.planner import calibrate
+from moejax.planner.costmodel import Workload, collectives, hlo_bytes_by_kind, phase_cost, shapes, work
+from moejax.planner.layouts import evaluate, meshes_of, plan
+from moejax.planner.specs import Fractions, load_spec
+
+FR = Fractions(matmul=0.5, bandwidth=0.6, layer_overhead_s=1e-4, round_overhead_s=2e-4)
+CPU_RUN = os.path.join(REPO, "docs", "cpu-seed-1x1x1x1-4x2x4x4.json")
+
+
+@pytest.mark.parametrize("config,mesh,layout", [("seed", "4x2x4x4", "seed"), ("seed-10b", "2x2x4x2", "ep-tp"),
+                                                ("tiny", "1x1x1x1", "seed")])
+def test_memory_per_device_is_the_placement_reports(config, mesh, layout):
+    cfg, lay, shape = load_config(config), load_layout(layout), parse_mesh(mesh)
+    wl = Workload(batch=48, prompt_len=64, context=200)
+    row = evaluate(cfg, lay, shape, wl, load_spec("h200"), FR)
+    want = placement(cfg, lay, shape, "bfloat16", 48, 200)["placement"]
+    assert row.memory["params_bytes"] == want["param_bytes_per_device"]
+    assert row.memory["kv_bytes"] == want["kv_bytes_per_device"]
+    assert row.memory["total_bytes"] == want["param_bytes_per_device"] + want["kv_bytes_per_device"] + \
+        row.memory["activation_bytes"]
+
+
+@pytest.mark.parametrize("config,mesh,layout,micro", [("seed", "4x2x4x4", "seed", 2), ("seed-10b", "2x2x4x2", "ep-tp", 4),
+                                                      ("tiny", "1x1x1x1", "seed", 1), ("tiny", "1x4x2x1", "ep-tp", 4)])
+def test_flops_summed_over_devices_are_the_configs_analytic_count(config, mesh, layout, micro):
+    """With exactly the top-k expert rows and no padding, every device's layer FLOPs add up to the
+    config's count for the batch; the head runs on last positions only, on every stage, and under
+    ep-tp every tp rank routes the same (gathered) tokens."""
+    cfg, lay, shape = load_config(config), load_layout(layout), parse_mesh(mesh)
+    B, T, S = 64, 96, 300  # B fills every batch shard x microbatch of these meshes
+    wl = Workload(batch=B, prompt_len=T, context=S, microbatches=micro)
+    head = 2 * cfg.d_model * cfg.vocab_size
+    for phase, per_token, tokens in (("prefill", cfg.flops_per_token_prefill(T), B * T),
+                                     ("decode", cfg.flops_per_token_decode(S), B)):
+        s = shapes(cfg, lay, shape, wl, phase)
+        assert s.b_pad == B
+        w = work(cfg, lay, shape, wl, s, rows_factor=1.0)
+        layers = shape.size * s.micro * sum(w.flops.values())
+        routed_again = (shape.tp - 1) if lay.mesh_axes("expert_ffn") else 0
+        router = 2 * cfg.d_model * cfg.num_experts * cfg.num_layers
+        assert layers == pytest.approx(tokens * (per_token - head + routed_again * router), rel=1e-12)
+        assert shape.size * w.flops_program["head"] / shape.pp == pytest.approx(B * head, rel=1e-12)
+
+
+def _compiled_hlo(mesh: str, layout: str, mode: str, B: int, T: int) -> tuple:
+    from helpers import setup
+
+    from moejax import model
+    from moejax.generate import put
+
+    rs, m, params = setup("tiny", mesh, layout, dtype="float32", moe_kernel="buffers")
+    tok = put(m, rs.layout, "tokens", np.ones((B, T if mode == "prefill" else 1), np.int32))
+    lengths = put(m, rs.layout, "lengths", np.full((B,), T, np.int32))
+    cache = model.init_cache(rs, m, B, 2 * T)
+    return rs, model.build(rs, m, mode).lower(params, tok, lengths, cache).compile().as_text()
+
+
+@pytest.mark.parametrize("mesh,layout,mode", [("1x2x2x2", "seed", "prefill"), ("1x2x2x2", "seed", "decode"),
+                                              ("2x1x2x2", "ep-tp", "prefill")])
+def test_collective_bytes_equal_the_compiled_programs(mesh, layout, mode):
+    """Bytes of every collective kind, summed over the call sites of the compiled HLO (bench.py's
+    count), against the planner's inventory. XLA may fold the all-reduce of MoE counters that are
+    constant zero under dropless (dropped, rerouted: 4 bytes a layer each); nothing else differs."""
+    from moejax.planner.hlo import collective_bytes
+
+    B, T = 8, 16
+    rs, hlo = _compiled_hlo(mesh, layout, mode, B, T)
+    wl = Workload(batch=B, prompt_len=T, context=2 * T, dtype="float32", kernel="buffers", microbatches=1)
+    want = hlo_bytes_by_kind(collectives(rs.cfg, rs.layout, rs.shape, wl, shapes(rs.cfg, rs.layout, rs.shape, wl, mode)))
+    got = collective_bytes(hlo)
+    assert got["all-to-all"] > 0
+    for kind in ("all-to-all", "all-gather", "reduce-scatter", "collective-permute"):
+        assert got[kind] == want[kind], kind
+    folded = 2 * 4 * rs.cfg.num_layers // rs.shape.pp
+    assert 0 <= want["all-reduce"] - got["all-reduce"] <= folded
+    if layout == "seed":
+        assert got == want
+
+
+def _divides(cfg, lay, m) -> bool:
+    sizes = {"layers": cfg.num_layers, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+             "experts": cfg.num_experts, "expert_ffn": cfg.expert_ffn, "vocab": cfg.vocab_size}
+    return all(n % math.prod(getattr(m, a) for a in lay.mesh_axes(k)) == 0 for k, n in sizes.items())
+
+
+@pytest.mark.parametrize("config,devices", [("tiny", 32), ("seed", 128)])
+def test_layouts_the_config_cannot_divide_are_never_feasible(config, devices):
+    cfg = load_config(config)
+    layouts = [load_layout("seed"), load_layout("ep-tp")]
+    rows = plan(cfg, layouts, devices, Workload(batch=64, prompt_len=32, context=64), load_spec("h100"), FR, "ttft")
+    by_name = {lay.name: lay for lay in layouts}
+    assert {str(m) for m in meshes_of(devices)} == {str(r.mesh) for r in rows}
+    assert len({str(m) for m in meshes_of(devices)}) == len(meshes_of(devices))
+    assert all(m.size == devices for m in meshes_of(devices))
+    for r in rows:
+        assert r.feasible == _divides(cfg, by_name[r.layout], r.mesh), (r.mesh, r.layout)
+        assert r.feasible or "not divisible" in r.reason
+    assert any(not r.feasible for r in rows) and any(r.feasible for r in rows)
+    ttfts = [r.prefill["ttft_s"] for r in rows if r.feasible and r.fits]
+    assert ttfts == sorted(ttfts)
+
+
+def test_pipeline_bubble_and_steps_follow_the_schedule():
+    cfg, lay = load_config("seed"), load_layout("seed")
+    wl = Workload(batch=64, prompt_len=128, context=256, microbatches=4)
+    for pp in (1, 2, 4):
+        c = phase_cost(cfg, lay, parse_mesh(f"1x{pp}x2x2"), wl, load_spec("h200"), FR, "prefill")
+        assert c.steps == 4 + pp - 1 and c.bubble == pytest.approx((pp - 1) / (4 + pp - 1))
+
+
+def test_fit_recovers_the_times_of_known_constants():
+    """Measurements made by the model itself from known constants are fitted back to within 1%."""
+    points, _ = calibrate.load_points([CPU_RUN])
+    truth = Fractions(matmul=0.3, bandwidth=0.2, layer_overhead_s=3e-4, round_overhead_s=1e-3)
+    for p in points:
+        p.measured = {k: v for k, v in calibrate.predict(p, truth).items() if k in p.measured}
+    fitted = calibrate.fit(points, "synthetic")
+    for p in points:
+        got = calibrate.predict(p, fitted)
+        for k, v in p.measured.items():
+            assert got[k] == pytest.approx(v, rel=0.01), (p.mesh, k)
+
+
+def _one_line_error(r, *words):
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    _one_line_error(run_script("plan.py", "--devices", "0"), "--devices 0")
+    _one_line_error(run_script("plan.py", "--devices", "8", "--gpu", "a100"), "'a100'", "h100", "h200")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\npeak_matmul_flops_per_s: fast\n")
+    _one_line_error(run_script("plan.py", "--devices", "8", "--gpu", bad), "peak_matmul_flops_per_s", "number")
+    _one_line_error(run_script("plan.py", "--validate", CPU_RUN), "--calibrate")
+
+
+def test_plan_and_validation_end_to_end(tmp_path):
+    spec = tmp_path / "small.yaml"  # an H200 with 1 GB: the one-device layout does not fit
+    spec.write_text(open(os.path.join(REPO, "gpus", "h200.yaml")).read().replace("hbm_bytes: 141.0e9", "hbm_bytes: 1.0e9"))
+    png = tmp_path / "plan.png"
+    r = run_script("plan.py", "--config", "seed", "--devices", "4", "--gpu", spec, "--plot", png, "--json",
+                   "--calibrate", CPU_RUN, *[os.path.join(REPO, "docs", "gpu", f) for f in ("sized-10b-decode-b64.json",
+                                                                                       "sized-seed-prefill-8x1024.json")])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = out["layouts"]
+    assert len(rows) == len(meshes_of(4)) * 2 - sum(m.tp == 1 for m in meshes_of(4))  # ep-tp = seed at tp 1
+    fitting = [x for x in rows if x["feasible"] and x["fits"]]
+    speeds = [x["decode"]["tokens_per_s_per_device"] for x in fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    one = next(x for x in rows if x["mesh"] == "4x1x1x1")
+    assert not one["fits"] and one["memory"]["fraction"] > 1  # listed, not dropped
+    assert out["constants"]["hbm_bandwidth_bytes_per_s"]["source"].startswith("datasheet")
+    assert out["constants"]["fraction.matmul"]["source"].startswith("measured")
+    assert png.stat().st_size > 10_000
+
+    r = run_script("plan.py", "--calibrate", CPU_RUN, "--validate",
+                   os.path.join(REPO, "docs", "cpu-seed-1x1x1x1-4x2x4x4-run2.json"), "--json")
+    assert r.returncode == 0, r.stderr
+    points = json.loads(r.stdout.strip().splitlines()[-1])["points"]
+    assert {(p["mesh"], p["metric"]) for p in points} == {(m, k) for m in ("1x1x1x1", "4x2x4x4")
+                                                          for k in calibrate.METRICS}
+    for p in points:
+        assert p["error"] == pytest.approx(p["predicted"] / p["measured"] - 1, rel=1e-12)
