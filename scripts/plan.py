@@ -60,6 +60,7 @@ def parse_args(argv):
     ap.add_argument("--calibrate", nargs="+", help="bench.py JSON files to fit the fractions on (default: docs/gpu/*.json)")
     ap.add_argument("--validate", nargs="+", help="bench.py JSON files to predict against their measurements")
     ap.add_argument("--plot", help="write the throughput-against-TTFT picture here (PNG)")
+    ap.add_argument("--mark", action="append", default=[], help="DPxPPxTPxEP to mark with a star in the picture")
     ap.add_argument("--json", action="store_true")
     return ap.parse_args(argv)
 
@@ -137,7 +138,7 @@ def run_plan(args) -> None:
     print(report.format_plan(cfg, args.devices, wl, spec, fr, rows, args.objective, args.top, notes))
     if args.plot:
         report.plot(rows, args.plot, f"{cfg.name} on {args.devices} x {spec.name}, batch {wl.batch} x {wl.prompt_len}",
-                    min(args.top, 5))
+                    min(args.top, 5), tuple(str(parse_mesh(m)) for m in args.mark))
         print(f"picture: {args.plot}")
     if args.json:
         print(json.dumps(report.plan_json(cfg, args.devices, wl, spec, fr, rows, args.objective, notes)))

@@ -103,8 +103,9 @@ def format_validation(points: list[dict], fitted: dict[str, Fractions], skipped:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: str, title: str, top: int) -> None:
-    """Each usable layout's decode throughput against its TTFT; marker area by memory per device."""
+def plot(rows: list[Row], path: str, title: str, top: int, marked: tuple = ()) -> None:
+    """Each usable layout's decode throughput against its TTFT; marker area by memory per device.
+    The first `top` are numbered (listed in the corner); meshes in `marked` get a red star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,9 +119,18 @@ def plot(rows: list[Row], path: str, title: str, top: int) -> None:
         size = 20 + 400 * min(r.memory["fraction"], 1.5)
         ax.scatter(x, y, s=size, alpha=0.55 if r.fits else 0.25, color=colors.get(r.layout, "tab:green"),
                    marker="o" if r.fits else "x", edgecolors="black" if r.fits else None, linewidths=0.4)
-    for i, r in enumerate([r for r in feasible if r.fits][:top], 1):
-        ax.annotate(f"{i}: {r.mesh} {r.layout}", (r.prefill["ttft_s"], r.decode["tokens_per_s_per_device"]),
-                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    best = [r for r in feasible if r.fits][:top]
+    for i, r in enumerate(best, 1):
+        ax.annotate(str(i), (r.prefill["ttft_s"], r.decode["tokens_per_s_per_device"]), fontsize=8,
+                    xytext=(5, 3 + 7 * (i % 2)), textcoords="offset points")
+    ax.text(0.99, 0.02, "\n".join(f"{i}: {r.mesh} {r.layout}" for i, r in enumerate(best, 1)), fontsize=8,
+            transform=ax.transAxes, ha="right", va="bottom", bbox={"facecolor": "white", "alpha": 0.8})
+    for r in feasible:
+        if str(r.mesh) in marked:
+            ax.scatter(r.prefill["ttft_s"], r.decode["tokens_per_s_per_device"], marker="*", s=250, color="red",
+                       edgecolors="black", linewidths=0.5, zorder=3)
+            ax.annotate(f"{r.mesh} {r.layout}", (r.prefill["ttft_s"], r.decode["tokens_per_s_per_device"]),
+                        fontsize=8, color="red", xytext=(6, -10), textcoords="offset points")
     for name, c in colors.items():
         ax.scatter([], [], color=c, label=f"layout {name}")
     ax.scatter([], [], marker="x", color="grey", label="does not fit in memory")
@@ -129,7 +139,7 @@ def plot(rows: list[Row], path: str, title: str, top: int) -> None:
     ax.set_xlabel("predicted prefill TTFT (s)")
     ax.set_ylabel("predicted decode tokens/s per device")
     ax.set_title(title + "\nmarker area: memory per device (share of the GPU's)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -84,7 +84,8 @@ def load_spec(name_or_path: str) -> MachineSpec:
     shared = d.get("shared_host", False)
     if not isinstance(shared, bool):
         raise UserError(f"{path}: shared_host={shared!r} must be true or false")
-    return MachineSpec(gpus_per_node=g, shared_host=shared, source=path, **values)
+    shown = os.path.relpath(path, os.path.dirname(GPU_DIR)) if os.path.abspath(path).startswith(GPU_DIR) else path
+    return MachineSpec(gpus_per_node=g, shared_host=shared, source=shown, **values)
 
 
 def sampled_cpu_spec(matmul_flops_per_s: float, bandwidth_bytes_per_s: float) -> MachineSpec:
