@@ -205,7 +205,7 @@ class Work:
     flops_program: dict  # head, once
     bytes: dict  # part -> bytes read or written per step
     bytes_program: dict
-    expert_rows: float  # computed expert rows per step
+    expert_rows: float  # expert rows one layer computes in one step
 
 
 def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Shapes,

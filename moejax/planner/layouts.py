@@ -38,7 +38,7 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Work
     b, D = dtype_bytes(wl.dtype), cfg.d_model
     heads = cfg.num_heads // layout.shards("heads", mesh)
     f_local = cfg.expert_ffn // layout.shards("expert_ffn", mesh)
-    rows_layer = w.expert_rows / s.layers_local
+    rows_layer = w.expert_rows
     total = 6 * s.n * D * F32
     total += 4 * cfg.num_experts * s.rows * D * b
     total += 3 * rows_layer * f_local * F32
