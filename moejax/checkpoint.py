@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding
 from moejax.cli import os_reason
 from moejax.config import ModelConfig, config_from_dict
 from moejax.errors import UserError
-from moejax.rules import Layout, param_shapes
+from moejax.rules import Layout, param_dtypes, param_shapes
 
 FORMAT = "moejax-checkpoint-1"
 CHECKSUM = "sum32x2-v1"  # see tensor_checksum
@@ -124,12 +124,14 @@ def _manager(directory: str, create: bool) -> ocp.CheckpointManager:
 def save(directory: str, params: dict, cfg: ModelConfig, layout: Layout, dtype: str, mesh_text: str,
          step: int | None = None) -> int:
     """Save stacked `params` as a new step (one past the latest, unless given), with a checksum of
-    every tensor in its metadata. Returns the step."""
+    every tensor in its metadata. Quantized params (quant.py) are saved as they are, with
+    `quant: int8` in the metadata; `dtype` is then their float tensors' dtype. Returns the step."""
     checksums = tensor_checksums(params)
+    quant = "int8" if any(n.endswith("_scale") for n in params) else None
     mgr = _manager(directory, create=True)
     step = (mgr.latest_step() + 1 if mgr.latest_step() is not None else 0) if step is None else step
     meta = {"format": FORMAT, "config": dataclasses.asdict(cfg), "layout": layout.name,
-            "rules": {k: list(v) for k, v in layout.rules.items()}, "dtype": dtype, "mesh": mesh_text,
+            "rules": {k: list(v) for k, v in layout.rules.items()}, "dtype": dtype, "quant": quant, "mesh": mesh_text,
             "checksums": {"algorithm": CHECKSUM, "tensors": checksums}}
     mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
     mgr.wait_until_finished()
@@ -174,6 +176,40 @@ def read_meta(directory: str, step: int | None = None) -> tuple[dict, int]:
     return meta, step
 
 
+def quant_of(meta: dict) -> str | None:
+    return meta.get("quant")
+
+
+def refuse_quantized(meta: dict, directory: str, what: str) -> None:
+    """One line for a tool that takes float parameters only."""
+    if quant_of(meta):
+        raise UserError(f"checkpoint {directory!r} holds {quant_of(meta)}-quantized weights (scripts/quantize.py), "
+                        f"which {what} cannot take: give it the float checkpoint it was made from")
+
+
+def resolve_quant(ckpt: str | None, requested: str | None) -> str | None:
+    """The quantization a run serves with: `requested` (--quant), else the checkpoint's own."""
+    from moejax.quant import check_scheme
+
+    check_scheme(requested)
+    stored = quant_of(read_meta(ckpt)[0]) if ckpt else None
+    if stored and requested and stored != requested:
+        raise UserError(f"--quant {requested} does not match checkpoint {ckpt!r}, which holds {stored} weights")
+    return requested or stored
+
+
+def load_weights(ckpt: str | None, cfg: ModelConfig, seed: int, dtype: str, mesh, layout: Layout,
+                 quant: str | None = None) -> dict:
+    """Stacked parameters on `mesh`: the checkpoint's (cast to `dtype`) or random ones from `seed`,
+    quantized to `quant` unless they already are (`resolve_quant` gives the run's quant)."""
+    from moejax import model, quant as q8
+
+    params = restore(ckpt, mesh, layout, dtype)[1] if ckpt else model.init_params(cfg, seed, dtype, mesh, layout)
+    if quant and not q8.is_quantized(params):
+        params = q8.quantize(params, quant)
+    return params
+
+
 def config_of(meta: dict) -> ModelConfig:
     return config_from_dict({k: v for k, v in meta["config"].items() if k != "name"}, meta["config"]["name"])
 
@@ -204,7 +240,8 @@ def serving_config(ckpt: str | None, config: str | None, default: str = "configs
 
 
 def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step: int | None = None):
-    """(config, stacked params on `mesh` under `layout`, meta). `dtype` casts after reading.
+    """(config, stacked params on `mesh` under `layout`, meta). `dtype` casts the float tensors
+    after reading (a quantized checkpoint's int8 matrices and float32 scales stay as stored).
 
     Every device reads the shards the checkpoint was written in: onto the target mesh directly when
     its (pp, tp, ep) shape and layout match the saved ones, else onto a mesh of the saved shape (or
@@ -228,10 +265,11 @@ def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step
         fits = replica.size <= len(mesh.devices.flat)
         read_mesh = make_mesh(replica if fits else MeshShape(1, 1, 1, 1), list(mesh.devices.flat))
         read_layout = saved_layout
-    stored = meta["dtype"]
-    specs = read_layout.param_specs()
-    target = {n: jax.ShapeDtypeStruct(s, stored, sharding=NamedSharding(read_mesh, specs[n]))
-              for n, s in param_shapes(cfg).items()}
+    stored, quant = meta["dtype"], quant_of(meta)
+    specs = read_layout.param_specs(quant)
+    dtypes = param_dtypes(stored, quant)
+    target = {n: jax.ShapeDtypeStruct(s, dtypes[n], sharding=NamedSharding(read_mesh, specs[n]))
+              for n, s in param_shapes(cfg, quant).items()}
     mgr = _manager(directory, create=False)
     where = f"checkpoint {directory!r} step {step}"
     params_dir = os.path.join(os.path.abspath(directory), str(step), "params")
@@ -255,12 +293,12 @@ def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step
     finally:
         mgr.close()
     if not same:
-        final = layout.param_specs()
+        final = layout.param_specs(quant)
         for n in list(params):
             params[n] = jax.device_put(params.pop(n), NamedSharding(mesh, final[n]))
     verify(params, meta, where, params_dir)
     if dtype and dtype != stored:
-        params = {n: cast(a, dtype) for n, a in params.items()}
+        params = {n: cast(a, dtype) if dtypes[n] == stored else a for n, a in params.items()}
     return cfg, params, meta
 
 

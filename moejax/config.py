@@ -16,7 +16,9 @@ from moejax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("dropless", "drop", "reroute")  # MoE capacity policies (moe.py)
-KERNELS = ("auto", "buffers", "batched", "ragged")  # MoE kernels (moe.py's docstring)
+KERNELS = ("auto", "buffers", "batched", "ragged", "ragged-mgpu", "ragged-tokamax")  # MoE kernels (moe.py's docstring)
+QUANT_SCHEMES = ("int8",)  # weight quantization (quant.py)
+QUANT_MATMULS = ("auto", "dequant", "dynamic")  # how a quantized matrix is multiplied (quant.py)
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -108,6 +110,9 @@ class ModelConfig:
 
 
 def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a compute dtype, or of a quantized matrix's int8 values."""
+    if dtype == "int8":
+        return 1
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     return 4 if dtype == "float32" else 2

@@ -20,11 +20,12 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import layers
 from moejax.config import KERNELS, POLICIES, ModelConfig
+from moejax import quant as q8
 from moejax.layers import F32, mm
 from moejax.mesh import AXES, MeshShape, mesh_shape_of
-from moejax.moe import STACKED_KERNELS, MoeSpec, moe_block, resolve_kernel
+from moejax.moe import GPU_ONLY_KERNELS, STACKED_KERNELS, MoeSpec, moe_block, resolve_kernel
 from moejax.pipeline import staggered
-from moejax.rules import Layout, param_shapes
+from moejax.rules import QUANT_INPUT_DIMS, Layout, param_shapes, scale_name
 from moejax.errors import UserError
 
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "moe_norm", "router", "w1", "w3", "w2")
@@ -32,6 +33,15 @@ EXPERT_PARAMS = ("w1", "w3", "w2")
 MOE_COUNTERS = ("dropped", "rerouted", "exchanged_rows", "computed_rows")  # per layer
 ROUTER_SUMS = ("prob_sum", "z_sum")  # per layer, float32: what the training losses need (loss.py)
 MODES = ("forward", "prefill", "decode", "extend")
+
+
+def base_name(name: str) -> str:
+    """A quantized matrix's scale is laid out like the matrix: `w1_scale` -> `w1`."""
+    return name.removesuffix("_scale")
+
+
+def is_layer_param(name: str) -> bool:
+    return base_name(name) in LAYER_PARAMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +58,31 @@ class RunSpec:
     moe_kernel: str = "auto"  # auto, buffers, batched, ragged (moe.resolve_kernel, moe's docstring)
     training: bool = False  # differentiable MoE rounds; `auto` picks the batched kernel everywhere
     remat: bool = False  # recompute each layer's activations in the backward pass (jax.checkpoint)
+    quant: str | None = None  # "int8": the params hold int8 matrices and their scales (quant.py)
+    quant_matmul: str = "auto"  # auto, dequant, dynamic (quant.py)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise UserError(f"capacity policy {self.policy!r}; valid: {', '.join(POLICIES)}")
         if self.moe_kernel not in KERNELS:
             raise UserError(f"MoE kernel {self.moe_kernel!r}; valid: {', '.join(KERNELS)}")
+        if self.moe_kernel in GPU_ONLY_KERNELS and jax.default_backend() != "gpu":
+            raise UserError(f"MoE kernel {self.moe_kernel} runs on a GPU only (this is {jax.default_backend()}); "
+                            f"ragged is the same exact-row kernel with jax.lax.ragged_dot")
+        if self.moe_kernel == "ragged-tokamax":
+            try:
+                import tokamax  # noqa: F401
+            except ImportError:
+                raise UserError("MoE kernel ragged-tokamax needs tokamax: pip install tokamax (jax >= 0.11)") from None
         if not self.capacity_factor > 0:
             raise UserError(f"capacity factor {self.capacity_factor} must be > 0")
         if self.microbatches < 1:
             raise UserError(f"microbatches={self.microbatches} must be >= 1")
+        q8.check_scheme(self.quant)
+        q8.resolve_matmul(self.quant_matmul, "cpu")  # validates the name
+        if self.quant and self.training:
+            raise UserError("training takes float parameters: drop --quant (quantize the trained checkpoint "
+                            "with scripts/quantize.py)")
         self.layout.validate(self.cfg, self.shape)
 
     @property
@@ -124,9 +149,12 @@ def serving_params(params: dict, rs: RunSpec, mesh) -> dict:
     holding expert i * E_loc + j on expert shard i. Same bytes on the same devices, but inside
     shard_map every layer and expert is a whole buffer: slicing a stacked tensor there copies the
     weights on every call. Pops the stacked tensors from `params` as it goes (peak ~ one copy)."""
-    out = {n: v for n, v in params.items() if n not in LAYER_PARAMS}
+    if q8.is_quantized(params) != bool(rs.quant):
+        raise ValueError(f"parameters {'are' if q8.is_quantized(params) else 'are not'} quantized; "
+                         f"the run's quant is {rs.quant}")
+    out = {n: v for n, v in params.items() if not is_layer_param(n)}
     specs = serving_specs(rs)
-    for name in LAYER_PARAMS:
+    for name in [n for n in params if is_layer_param(n)]:
         out_sh = jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs[name], is_leaf=lambda x: isinstance(x, P))
         out[name] = jax.jit(functools.partial(split_layer_tensor, name, rs=rs), out_shardings=out_sh)(params.pop(name))
     return out
@@ -143,7 +171,7 @@ def split_layer_tensor(name: str, w, rs: RunSpec):
         # transpose to a zero-padded full-size gradient each, summed (3 x 2.1 s a seed step)
         return [piece.squeeze(axis) for piece in jax.lax.split(a, [1] * a.shape[axis], axis=axis)]
 
-    if name in EXPERT_PARAMS:
+    if base_name(name) in EXPERT_PARAMS:
         w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
         if rs.kernel in STACKED_KERNELS:  # local experts stacked: [pp, shards, E_loc, D, F]
             return tuple(unstack(w, 1))
@@ -153,7 +181,7 @@ def split_layer_tensor(name: str, w, rs: RunSpec):
 
 def to_serving(params: dict, rs: RunSpec) -> dict:
     """The whole stacked parameter dict in the serving layout, traceably (see `serving_params`)."""
-    return {n: split_layer_tensor(n, v, rs) if n in LAYER_PARAMS else v for n, v in params.items()}
+    return {n: split_layer_tensor(n, v, rs) if is_layer_param(n) else v for n, v in params.items()}
 
 
 def serving_specs(rs: RunSpec) -> dict:
@@ -164,12 +192,12 @@ def serving_specs(rs: RunSpec) -> dict:
     e_loc = rs.cfg.num_experts // rs.layout.shards("experts", rs.shape)
 
     def serving(name, spec):
-        if name in EXPERT_PARAMS and rs.kernel in STACKED_KERNELS:
+        if base_name(name) in EXPERT_PARAMS and rs.kernel in STACKED_KERNELS:
             return (P(spec[0], spec[1], None, *spec[2:]),) * lp
-        if name in EXPERT_PARAMS:
+        if base_name(name) in EXPERT_PARAMS:
             return ((spec,) * e_loc,) * lp
-        return (spec,) * lp if name in LAYER_PARAMS else spec
-    return {name: serving(name, spec) for name, spec in rs.layout.param_specs().items()}
+        return (spec,) * lp if is_layer_param(name) else spec
+    return {name: serving(name, spec) for name, spec in rs.layout.param_specs(rs.quant).items()}
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int):
@@ -216,10 +244,10 @@ def _attention(x_BTD, w, side, mode, kv, row0, rs: RunSpec):
     cfg, cdt = rs.cfg, x_BTD.dtype
     h_BTD = layers.rmsnorm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
     b, t, d = x_BTD.shape
-    heads = lambda w_: w_.reshape(d, -1)  # 2-D dots: XLA:CPU runs [.., H, K] contractions 2-3x slower
-    q_BTHK = mm("btd,dj->btj", h_BTD, heads(w["wq"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
-    k_BTGK = mm("btd,dj->btj", h_BTD, heads(w["wk"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
-    v_BTGK = mm("btd,dj->btj", h_BTD, heads(w["wv"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
+    heads = lambda w_: q8.reshape(w_, (d,), (-1,))  # 2-D dots: XLA:CPU runs [.., H, K] contractions 2-3x slower
+    q_BTHK = q8.matmul("btd,dj->btj", h_BTD, heads(w["wq"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
+    k_BTGK = q8.matmul("btd,dj->btj", h_BTD, heads(w["wk"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
+    v_BTGK = q8.matmul("btd,dj->btj", h_BTD, heads(w["wv"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
     cos, sin = layers.rope_tables(side["pos"], cfg.head_dim, cfg.rope_theta, cdt)
     q_BTHK, k_BTGK = layers.apply_rope(q_BTHK, cos, sin), layers.apply_rope(k_BTGK, cos, sin)
     if mode == "decode":
@@ -243,7 +271,7 @@ def _attention(x_BTD, w, side, mode, kv, row0, rs: RunSpec):
         if mode == "prefill":
             kv = tuple(jax.lax.dynamic_update_slice(c, _bits(n, c.dtype), (row0, 0, 0, 0))
                        for c, n in zip(kv, (k_BTGK, v_BTGK)))
-    return mm("btj,jd->btd", out_BTHK.reshape(b, t, -1), w["wo"].reshape(-1, d)), kv
+    return q8.matmul("btj,jd->btd", out_BTHK.reshape(b, t, -1), q8.reshape(w["wo"], (-1,), (d,))), kv
 
 
 def _layer(x_BTD, valid_BT, w, side, mode, kv, row0, rs: RunSpec):
@@ -280,7 +308,7 @@ def _local(a, name: str = ""):
     """Drop the unit stage axis (and expert-shard axis) of a serving buffer: a bitcast, not a copy."""
     if isinstance(a, tuple):  # per local expert: [1, 1, D, F] each
         return [x.reshape(x.shape[2:]) for x in a]
-    if name in EXPERT_PARAMS:  # batched and ragged kernels: [1, 1, E_loc, D, F]
+    if base_name(name) in EXPERT_PARAMS:  # batched and ragged kernels: [1, 1, E_loc, D, F]
         return a.reshape(a.shape[2:])
     return a.reshape(a.shape[1:])
 
@@ -321,7 +349,11 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
         kv_all, stats = state
         row0 = mi * mb
         for l in range(layers_loc):
-            w = {name: _local(params[name][l], name) for name in LAYER_PARAMS}
+            w = {name: _local(params[name][l], name) for name in params if is_layer_param(name)}
+            if rs.quant:  # each int8 matrix with its scales, in the backend's matmul form
+                form = q8.resolve_matmul(rs.quant_matmul, jax.default_backend())
+                for name in QUANT_INPUT_DIMS:
+                    w[name] = q8.pair(w[name], w.pop(scale_name(name)), form)
             kv = None if kv_all is None else (_local(kv_all[0][l]), _local(kv_all[1][l]))
             x_BTD, kv, st = layer_fn(x_BTD, side["valid"], w, side, mode, kv, row0, rs)
             if kv is not None:

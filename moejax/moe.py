@@ -10,7 +10,9 @@ is served; `drop` and `reroute` run one round. Three kernels run the local exper
   batched  the same buffers, all local experts as one batched matmul over every buffer row (GPU: no
            per-expert conditionals, each of which costs a device-to-host sync there); dropless runs
            one round whose buffer length (m .. 6m or N, m the mean) fits the fullest queue
-  ragged   no capacity padding: ragged all-to-all and grouped matmuls (`ragged_dot`)
+  ragged   no capacity padding: ragged all-to-all and grouped matmuls, exactly the top-k rows; the
+           grouped matmul is `jax.lax.ragged_dot` (ragged), jax's Pallas Mosaic-GPU kernel
+           (ragged-mgpu, Hopper) or tokamax's (ragged-tokamax): `grouped_matmul`
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moejax import quant as q8
 from moejax.layers import F32, mm, rmsnorm
 
-STACKED_KERNELS = ("batched", "ragged")  # these take each layer's local experts as one [E_loc, D, F] tensor
+GROUPED_GEMMS = {"ragged": "xla", "ragged-mgpu": "mgpu", "ragged-tokamax": "tokamax"}  # ragged kernels
+STACKED_KERNELS = ("batched",) + tuple(GROUPED_GEMMS)  # each layer's local experts as one [E_loc, D, F] tensor
+GPU_ONLY_KERNELS = ("ragged-mgpu", "ragged-tokamax")
 I32 = jnp.int32
 MIN_ROWS = 8  # buffer rows an expert gets from a source at least (<= N)
 MIN_DOT_ROWS = 2  # XLA:CPU upcasts bf16 matrix-vector (1-row) dots to float32 copies of the weights
@@ -45,7 +50,7 @@ class MoeSpec:
     ffn_axis: str | None  # 'tp' when each expert's F dimension is split (partial sums)
     ffn_shards: int
     round_axes: tuple  # every axis but pp: a stage's devices agree on the dropless round count
-    kernel: str = "buffers"  # or "batched" or "ragged" (module docstring)
+    kernel: str = "buffers"  # or "batched" or one of GROUPED_GEMMS (module docstring)
     differentiable: bool = False  # training: dropless runs one round sized by a switch, never a
     # loop with a data-dependent trip count (which reverse-mode autodiff cannot transpose)
 
@@ -118,9 +123,9 @@ def reroute(probs_NE, experts_A, placed_A, valid_A, capacity: int, top_k: int):
 def swiglu(x_RD, w1_DF, w3_DF, w2_FD, out_dtype):
     """One expert on a block of rows: down(silu(gate(x)) * up(x)), float32 accumulation."""
     cdt = x_RD.dtype
-    g_RF = mm("rd,df->rf", x_RD, w1_DF).astype(cdt)
-    u_RF = mm("rd,df->rf", x_RD, w3_DF).astype(cdt)
-    return mm("rf,fd->rd", jax.nn.silu(g_RF) * u_RF, w2_FD).astype(out_dtype)
+    g_RF = q8.matmul("rd,df->rf", x_RD, w1_DF).astype(cdt)
+    u_RF = q8.matmul("rd,df->rf", x_RD, w3_DF).astype(cdt)
+    return q8.matmul("rf,fd->rd", jax.nn.silu(g_RF) * u_RF, w2_FD).astype(out_dtype)
 
 
 SIZE_FRACTIONS = (0.5, 1.0, 1.25, 1.5)  # of an expert's mean rows m; R (the whole buffer) comes last
@@ -197,9 +202,9 @@ def serve_round(x_pad_ND, experts_A, slot_A, in_round_A, weights_A, w, capacity:
 def swiglu_batched(x_LRD, w1_LDF, w3_LDF, w2_LFD, out_dtype):
     """`swiglu` for all local experts at once: one batched matmul per expert matrix."""
     cdt = x_LRD.dtype
-    g_LRF = mm("lrd,ldf->lrf", x_LRD, w1_LDF).astype(cdt)
-    u_LRF = mm("lrd,ldf->lrf", x_LRD, w3_LDF).astype(cdt)
-    return mm("lrf,lfd->lrd", jax.nn.silu(g_LRF) * u_LRF, w2_LFD).astype(out_dtype)
+    g_LRF = q8.matmul("lrd,ldf->lrf", x_LRD, w1_LDF).astype(cdt)
+    u_LRF = q8.matmul("lrd,ldf->lrf", x_LRD, w3_LDF).astype(cdt)
+    return q8.matmul("lrf,lfd->lrd", jax.nn.silu(g_LRF) * u_LRF, w2_LFD).astype(out_dtype)
 
 
 def local_experts_switched(rows_SLCD, got_SL, w, n_rows: int, spec: MoeSpec, out_dtype):
@@ -298,9 +303,17 @@ def serve_ragged(x_ND, experts_A, served_A, weights_A, w, spec: MoeSpec):
     rows_RD = recv_AD[group_order]
     out_dtype = F32 if spec.ffn_axis else x_ND.dtype
     cdt = x_ND.dtype
-    g_RF = jax.lax.ragged_dot(rows_RD, w["w1"], group_L, preferred_element_type=F32).astype(cdt)
-    u_RF = jax.lax.ragged_dot(rows_RD, w["w3"], group_L, preferred_element_type=F32).astype(cdt)
-    y_RD = jax.lax.ragged_dot(jax.nn.silu(g_RF) * u_RF, w["w2"], group_L, preferred_element_type=F32)
+    expert_R = jnp.minimum(expert_R[group_order], e_loc - 1)  # each grouped row's local expert
+
+    def grouped(x_RX, w_LXY):  # int8 weights: weight-only under either matmul form (scales per row's expert)
+        if isinstance(w_LXY, (q8.Dequant, q8.Dynamic)):
+            return grouped_matmul(x_RX, w_LXY.q.astype(cdt), group_L, impl) * w_LXY.s[expert_R, 0]
+        return grouped_matmul(x_RX, w_LXY, group_L, impl)
+
+    impl = GROUPED_GEMMS[spec.kernel]
+    g_RF = grouped(rows_RD, w["w1"]).astype(cdt)
+    u_RF = grouped(rows_RD, w["w3"]).astype(cdt)
+    y_RD = grouped(jax.nn.silu(g_RF) * u_RF, w["w2"])
     y_RD = jnp.where((jnp.arange(rows) < jnp.sum(group_L))[:, None], y_RD, 0.0)  # rows past the groups
     y_RD = jnp.zeros_like(y_RD).at[group_order].set(y_RD).astype(out_dtype)  # back to arrival order
     if S == 1:
@@ -311,6 +324,44 @@ def serve_ragged(x_ND, experts_A, served_A, weights_A, w, spec: MoeSpec):
                                   spec.expert_axes)
     got_AD = jnp.zeros((a, d), out_dtype).at[order_A].set(back_AD)
     return got_AD.astype(F32) * jnp.where(served_A, weights_A, 0.0)[:, None], jnp.sum(group_L)
+
+
+def grouped_matmul(x_RX, w_GXY, group_G, impl: str):
+    """Rows grouped by expert (the first group_G[0] rows for expert 0, ...) times their expert's
+    matrix, as float32 [R, Y]; rows past the groups are undefined. 16-bit inputs give a 16-bit
+    product (float32 accumulation inside each kernel), the only form XLA hands to cuDNN's grouped
+    GEMM (cuDNN >= 9.22, sm80+); with float32 results it lowers `ragged_dot` to a dense matmul over
+    every group.
+      xla      jax.lax.ragged_dot
+      mgpu     jax.experimental.pallas.ops.gpu.ragged_dot_mgpu (Hopper); block sizes from
+               MOEJAX_MGPU_BLOCKS="block_m,block_n,block_k,max_concurrent_steps,grid_block_n"
+      tokamax  tokamax.ragged_dot(..., implementation="mosaic") (pip install tokamax; jax >= 0.11)"""
+    out = x_RX.dtype if x_RX.dtype in (jnp.bfloat16, jnp.float16) else F32
+    if impl == "xla":
+        return jax.lax.ragged_dot(x_RX, w_GXY, group_G, preferred_element_type=out).astype(F32)
+    if impl == "mgpu":
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+        return ragged_dot_mgpu.ragged_dot(x_RX, w_GXY, group_sizes=group_G,
+                                          **mgpu_blocks(x_RX.shape[1], w_GXY.shape[2])).astype(F32)
+    import tokamax
+
+    return tokamax.ragged_dot(x_RX, w_GXY, group_sizes=group_G, implementation="mosaic").astype(F32)
+
+
+def mgpu_blocks(k: int, n: int) -> dict:
+    """Block sizes for the Mosaic-GPU kernel: MOEJAX_MGPU_BLOCKS, else 128 x 128 x 64 tiles, 4
+    pipelined steps, each shrunk to divide the matmul's K and N."""
+    import os
+
+    given = os.environ.get("MOEJAX_MGPU_BLOCKS")
+    bm, bn, bk, steps, gbn = map(int, given.split(",")) if given else (128, 128, 64, 4, 1)
+    if not given:
+        while n % (bn * gbn) and bn > 16:
+            bn //= 2
+        while k % bk and bk > 16:
+            bk //= 2
+    return dict(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps, grid_block_n=gbn)
 
 
 def _per_token(got_AD, k: int):
@@ -365,7 +416,7 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
         return y_ND + _per_token(got_AD, k), computed + n
 
     carry = (jnp.zeros((n_tok, d), F32), jnp.zeros((), I32))
-    if spec.kernel == "ragged":  # one exchange, no capacity padding, whatever the policy
+    if spec.kernel in GROUPED_GEMMS:  # one exchange, no capacity padding, whatever the policy
         got_AD, computed = serve_ragged(h_ND, experts_A, served_A, weights_A, w, spec)
         y_ND = _per_token(got_AD, k)
         exchanged = jnp.sum(served_A, dtype=I32)

@@ -1,18 +1,16 @@
 """The placement report: where every layer, head and expert lives, from shapes alone.
 
-Nothing is allocated: parameter shapes come from `jax.eval_shape` of the initialiser and are divided
-by the mesh axes the rules table gives each dimension.
+Nothing is allocated: parameter shapes come from the rules' table of shapes (the initialiser's) and
+are divided by the mesh axes the rules table gives each dimension.
 """
 
 from __future__ import annotations
 
 import math
 
-import jax
-
 from moejax.config import ModelConfig, dtype_bytes
 from moejax.mesh import MeshShape
-from moejax.rules import ACT_AXES, PARAM_AXES, Layout
+from moejax.rules import ACT_AXES, Layout, param_axes, param_dtypes, param_shapes
 
 
 def _local_shape(shape, logical_axes, layout: Layout, mesh: MeshShape):
@@ -28,13 +26,17 @@ def expert_ids(layout: Layout, mesh: MeshShape, coords: dict, num_experts: int) 
     return list(range(block * per, (block + 1) * per))
 
 
-def placement(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, batch: int, max_len: int) -> dict:
-    from moejax.model import cache_shape, init_params  # late: keeps `--plan` light to import
+def placement(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, batch: int, max_len: int,
+              quant: str | None = None) -> dict:
+    """The placement report; `quant`: int8 matrices and their float32 scales counted as stored."""
+    from moejax.model import cache_shape  # late: keeps `--plan` light to import
 
     layout.validate(cfg, mesh)
-    shapes = jax.eval_shape(lambda: init_params(cfg, 0, dtype))
     nbytes = dtype_bytes(dtype)
-    per_device = sum(math.prod(_local_shape(s.shape, PARAM_AXES[n], layout, mesh)) for n, s in shapes.items())
+    dtypes = param_dtypes(dtype, quant)
+    axes = param_axes(quant)
+    param_bytes = sum(math.prod(_local_shape(s, axes[n], layout, mesh)) * dtype_bytes(dtypes[n])
+                      for n, s in param_shapes(cfg, quant).items())
     batch_shards = layout.shards("batch", mesh)
     padded_batch = -(-batch // batch_shards) * batch_shards
     kv_local = _local_shape(cache_shape(cfg, padded_batch, max_len), ACT_AXES["kv_cache"], layout, mesh)
@@ -55,7 +57,7 @@ def placement(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, bat
         "devices": mesh.size,
         "dtype": dtype,
         "params_total": cfg.param_count(),
-        "param_bytes_total": cfg.param_count() * nbytes,
+        "param_bytes_total": sum(math.prod(s) * dtype_bytes(dtypes[n]) for n, s in param_shapes(cfg, quant).items()),
         "placement": {
             "tp_group_size": mesh.tp,
             "layers_per_stage": layers_per_stage,
@@ -64,7 +66,8 @@ def placement(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, bat
             "heads_per_device": cfg.num_heads // layout.shards("heads", mesh),
             "kv_heads_per_device": cfg.num_kv_heads // layout.shards("kv_heads", mesh),
             "layer0_experts_by_tp_ep": grid,
-            "param_bytes_per_device": per_device * nbytes,
+            "param_bytes_per_device": param_bytes,
+            "quant": quant,
             "kv_batch": padded_batch,
             "kv_max_len": max_len,
             "kv_bytes_per_device": 2 * math.prod(kv_local) * nbytes,
@@ -81,7 +84,8 @@ def _gb(n: int) -> str:
 def format_placement(p: dict) -> str:
     pl, m = p["placement"], p["mesh"]
     lines = [
-        f"config {p['config']}: {p['params_total']:,} parameters, {_gb(p['param_bytes_total'])} in {p['dtype']}",
+        f"config {p['config']}: {p['params_total']:,} parameters, {_gb(p['param_bytes_total'])} in {p['dtype']}"
+        + (f" ({pl['quant']} attention and expert matrices)" if pl.get("quant") else ""),
         f"mesh dp={m['dp']} pp={m['pp']} tp={m['tp']} ep={m['ep']}: {p['devices']} devices, layout {p['layout']}",
         "rules: " + ", ".join(f"{k}->{'x'.join(v) or '-'}" for k, v in pl["rules"].items()),
         f"TP group size {pl['tp_group_size']}: {pl['heads_per_device']} heads and {pl['kv_heads_per_device']} "

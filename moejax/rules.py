@@ -47,6 +47,25 @@ PARAM_AXES = {
     "w2": ("layers", "experts", "expert_ffn", None),  # w2_LEFD (down)
 }
 
+# int8 quantization (moejax/quant.py): the matrices it quantizes and, for each, the input (contracted)
+# dimensions of the stacked tensor. A scale per output channel: the scale tensor keeps the weight's
+# other dimensions (and their sharding) and has size 1 along these.
+QUANT_INPUT_DIMS = {"wq": (1,), "wk": (1,), "wv": (1,), "wo": (1, 2), "w1": (2,), "w3": (2,), "w2": (2,)}
+
+
+def scale_name(name: str) -> str:
+    return name + "_scale"
+
+
+def param_axes(quant: str | None = None) -> dict:
+    """PARAM_AXES, plus each quantized matrix's scale tensor under `quant`."""
+    axes = dict(PARAM_AXES)
+    if quant:
+        for name, dims in QUANT_INPUT_DIMS.items():
+            axes[scale_name(name)] = tuple(None if i in dims else a for i, a in enumerate(PARAM_AXES[name]))
+    return axes
+
+
 # Activations and caches.
 ACT_AXES = {
     "tokens": ("batch", None),  # tokens_BT
@@ -58,7 +77,25 @@ ACT_AXES = {
 }
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def param_shapes(cfg: ModelConfig, quant: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Stacked parameter shapes; under `quant`, each quantized matrix's scale too."""
+    shapes = _float_param_shapes(cfg)
+    if quant:
+        for name, dims in QUANT_INPUT_DIMS.items():
+            shapes[scale_name(name)] = tuple(1 if i in dims else n for i, n in enumerate(shapes[name]))
+    return shapes
+
+
+def param_dtypes(dtype: str, quant: str | None = None) -> dict[str, str]:
+    """Stored dtype of each parameter: `dtype`, except int8 matrices and their float32 scales."""
+    out = {name: dtype for name in param_axes(quant)}
+    if quant:
+        for name in QUANT_INPUT_DIMS:
+            out[name], out[scale_name(name)] = "int8", "float32"
+    return out
+
+
+def _float_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     L, E, D, H, G, K, F, V = (cfg.num_layers, cfg.num_experts, cfg.d_model, cfg.num_heads,
                               cfg.num_kv_heads, cfg.head_dim, cfg.expert_ffn, cfg.vocab_size)
     return {
@@ -85,8 +122,8 @@ class Layout:
             parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return P(*parts)
 
-    def param_specs(self) -> dict[str, P]:
-        return {name: self.spec(axes) for name, axes in PARAM_AXES.items()}
+    def param_specs(self, quant: str | None = None) -> dict[str, P]:
+        return {name: self.spec(axes) for name, axes in param_axes(quant).items()}
 
     def act_spec(self, name: str) -> P:
         return self.spec(ACT_AXES[name])

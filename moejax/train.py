@@ -230,6 +230,7 @@ def init_or_load(rs: model.RunSpec, mesh, seed: int, init_ckpt: str | None):
     if init_ckpt is None:
         return model.init_params(rs.cfg, seed, "float32", mesh, rs.layout)
     meta, _ = checkpoint.read_meta(init_ckpt)  # refuse another config before reading any tensor
+    checkpoint.refuse_quantized(meta, init_ckpt, "training")
     checkpoint.check_config(rs.cfg, checkpoint.config_of(meta))
     _, params, _ = checkpoint.restore(init_ckpt, mesh, rs.layout, dtype="float32")
     return params

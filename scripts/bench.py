@@ -3,13 +3,15 @@
 
     python scripts/bench.py --config seed --mesh 1x1x1x1 --mesh 1x2x2x2 --batch 8 --prompt-len 128 \\
         --decode-steps 64 --dtype bfloat16 [--layout L] [--microbatches M] [--repeats 5] [--json FILE] \
-        [--compare-hf]
+        [--compare-hf] [--quant none --quant int8]
 
 Meshes run alternately (repeat r of every mesh, then repeat r + 1), so the machine's drift hits all
 of them; every figure is the median of --repeats timed runs after a warm-up. Decode is greedy: each
 step feeds the argmax of the previous logits. --compare-hf adds transformers' MixtralForCausalLM
 with the same weights, dtype, batch and prompt to the rotation (prefill keeping last-position
-logits, as moejax's; greedy decode with its KV cache).
+logits, as moejax's; greedy decode with its KV cache). --quant runs every mesh once per scheme given
+(`none`: the float weights), in the same rotation and from the same weights: an A/B in one process,
+with each quantized run's last-position prefill logits compared against the float run's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moejax.cli import ArgumentParser, limit_malloc_arenas  # noqa: E402
-from moejax.config import DTYPES, KERNELS, POLICIES  # noqa: E402
+from moejax.config import DTYPES, KERNELS, POLICIES, QUANT_MATMULS, QUANT_SCHEMES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 from moejax.roofline import Rooflines  # noqa: E402
@@ -48,6 +50,10 @@ def parse_args(argv):
     ap.add_argument("--capacity-factor", type=float, default=2.0)
     ap.add_argument("--moe-kernel", default="auto", choices=KERNELS,
                     help="auto = batched on GPU, buffers on CPU (see --help of infer.py)")
+    ap.add_argument("--quant", action="append", choices=("none",) + QUANT_SCHEMES,
+                    help="weights: none (float) or int8; repeat to run each mesh with each (default none)")
+    ap.add_argument("--quant-matmul", default="auto", choices=QUANT_MATMULS,
+                    help="int8 matmul form (infer.py --help); auto: dynamic on CPU, dequant on GPU")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the figures to this file")
     ap.add_argument("--compare-hf", action="store_true",
@@ -89,7 +95,8 @@ def run(args, meshes, shapes) -> dict:
     import numpy as np
     from jax.sharding import NamedSharding
 
-    from moejax import model
+    from moejax import checkpoint, model
+    from moejax import quant as q8
     from moejax.config import load_config
     from moejax.generate import fetch, put, round_up
     from moejax.mesh import make_mesh
@@ -99,8 +106,6 @@ def run(args, meshes, shapes) -> dict:
 
     layout = load_layout(args.layout)
     if args.ckpt:
-        from moejax import checkpoint
-
         cfg = checkpoint.config_of(checkpoint.read_meta(args.ckpt)[0])
     else:
         cfg = load_config(args.config)
@@ -121,21 +126,23 @@ def run(args, meshes, shapes) -> dict:
 
         load_torch()  # fail before compiling anything
     runs, peer = [], None
-    for text, shape in zip(meshes, shapes):
+    quants = [None if q == "none" else q for q in (args.quant or ["none"])]
+    if args.ckpt and any(quants) and checkpoint.quant_of(checkpoint.read_meta(args.ckpt)[0]):
+        raise UserError(f"checkpoint {args.ckpt!r} is already quantized: bench it without --quant")
+    for (text, shape), quant in ((m, q) for m in zip(meshes, shapes) for q in quants):
         layout.validate(cfg, shape)
         mesh = make_mesh(shape)
         shards = layout.shards("batch", shape)
         micro = args.microbatches or default_microbatches(shape.pp, B, shards)
+        if args.ckpt and not any(quants):
+            quant = checkpoint.resolve_quant(args.ckpt, None)
         rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor, micro,
-                           args.moe_kernel)
+                           args.moe_kernel, quant=quant, quant_matmul=args.quant_matmul)
         b_pad = round_up(B, rs.batch_multiple)
         tok = np.zeros((b_pad, T), np.int32)
         tok[:B] = tokens_host
         lengths = np.where(np.arange(b_pad) < B, T, 0).astype(np.int32)
-        if args.ckpt:
-            stacked = checkpoint.restore(args.ckpt, mesh, layout, dtype)[1]
-        else:
-            stacked = model.init_params(cfg, 0, dtype, mesh, layout)
+        stacked = checkpoint.load_weights(args.ckpt, cfg, 0, dtype, mesh, layout, quant)
         if args.compare_hf and peer is None:
             from moejax.peer import HfPeer
 
@@ -154,15 +161,15 @@ def run(args, meshes, shapes) -> dict:
                              sharding=NamedSharding(mesh, layout.act_spec("last_logits")))).compile()
         compile_s = time.perf_counter() - t0
         hlo = prefill.as_text() + decode.as_text()
-        rep = placement(cfg, layout, shape, dtype, b_pad, max_len)
-        runs.append(dict(text=text, shape=shape, mesh=mesh, rs=rs, params=params, a_tok=a_tok, a_len=a_len,
+        rep = placement(cfg, layout, shape, dtype, b_pad, max_len, quant)
+        runs.append(dict(text=text, quant=quant, shape=shape, mesh=mesh, rs=rs, params=params, a_tok=a_tok, a_len=a_len,
                          b_pad=b_pad, prefill=prefill, decode=decode, greedy=greedy, compile_s=compile_s,
                          one=one, rep=rep,
                          micro=micro, lengths=lengths, prefill_s=[], decode_s=[], stats=None,
                          hlo={op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES},
                          fused_attention=hlo.count('custom_call_target="__cudnn$fmha'),
                          roof=Rooflines(mesh, dtype)))
-        print(f"compiled {text} in {compile_s:.1f} s", file=sys.stderr)
+        print(f"compiled {text}{f' ({quant})' if quant else ''} in {compile_s:.1f} s", file=sys.stderr)
 
     def one_pass(r):
         cache = model.init_cache(r["rs"], r["mesh"], r["b_pad"], max_len)
@@ -189,6 +196,14 @@ def run(args, meshes, shapes) -> dict:
         return t1 - t0, time.perf_counter() - t1, logits
 
     warm_logits = [one_pass(r)[3] for r in runs]  # warm-up
+    for r, logits in zip(runs, warm_logits):  # a quantized run against the float run of its mesh
+        ref = next((fetch(lg)[:B] for q, lg in zip(runs, warm_logits) if q["text"] == r["text"] and not q["quant"]),
+                   None)
+        if r["quant"] and ref is not None:
+            got = fetch(logits)[:B]
+            r["vs_float"] = {"logits_max_abs_diff": float(np.max(np.abs(got - ref))),
+                             "logits_max_abs": float(np.max(np.abs(ref))),
+                             "next_token_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1)))}
     if peer:
         hf_BV = peer_pass()[2].numpy()
         for r, logits in zip(runs, warm_logits):  # like with like: same prompt, last-position logits
@@ -223,7 +238,8 @@ def run(args, meshes, shapes) -> dict:
         roof = r["roof"].result()
         stats = {k: fetch(v) for k, v in r["stats"].items()}
         m = {
-            "mesh": r["text"], "devices": shape.size, "microbatches": r["micro"], "moe_kernel": r["rs"].kernel,
+            "mesh": r["text"], "quant": r["quant"], "quant_matmul": q8.resolve_matmul(args.quant_matmul, backend)
+            if r["quant"] else None, "devices": shape.size, "microbatches": r["micro"], "moe_kernel": r["rs"].kernel,
             "bubble_fraction": bubble_fraction(r["micro"], shape.pp), "compile_s": r["compile_s"],
             "ttft_s": pre, "prefill_tokens_per_s": B * T / pre,
             "decode_tokens_per_s": B * N / dec if N else None, "decode_step_ms": dec / N * 1e3 if N else None,
@@ -245,6 +261,11 @@ def run(args, meshes, shapes) -> dict:
                     "exchanged_over_topk": float(stats["exchanged_rows"].sum() / max(1, stats["load"].sum()))},
             "prefill_times_s": r["prefill_s"], "decode_times_s": r["decode_s"],
         }
+        if "vs_float" in r:
+            m["prefill_logits_vs_float"] = r["vs_float"]
+            flt = next(f for f in out["meshes"] if f["mesh"] == r["text"] and not f["quant"])
+            m["decode_vs_float"] = m["decode_tokens_per_s"] / flt["decode_tokens_per_s"] if N else None
+            m["prefill_vs_float"] = m["prefill_tokens_per_s"] / flt["prefill_tokens_per_s"]
         m["decode_fraction_of_roofline"] = (m["decode_tokens_per_s"] / m["decode_roofline_tokens_per_s"]
                                             if N else None)
         if base is None:
@@ -280,7 +301,7 @@ def device_peak(mesh):
 def print_table(res: dict) -> None:
     print(f"config {res['config']} ({res['dtype']}), batch {res['batch']} x {res['prompt_len']} prompt, "
           f"{res['decode_steps']} decode steps, {res['backend']} ({res['device_kind']}), medians of {res['repeats']}")
-    cols = [("mesh", "mesh", "{}"), ("M", "microbatches", "{}"), ("compile s", "compile_s", "{:.1f}"),
+    cols = [("mesh", "mesh", "{}"), ("weights", "quant", "{}"), ("M", "microbatches", "{}"), ("compile s", "compile_s", "{:.1f}"),
             ("TTFT ms", "ttft_s", "{:.1f}", 1e3), ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
             ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
             ("tok/ms/dev", "tokens_per_ms_per_device", "{:.3f}"),
@@ -293,7 +314,7 @@ def print_table(res: dict) -> None:
     print("| " + " | ".join(c[0] for c in cols) + " | collectives (a2a/ag/ar/rs/cp) |")
     print("|" + "---|" * (len(cols) + 1))
     for m in res["meshes"]:
-        cells = ["-" if m[c[1]] is None else c[2].format(m[c[1]] * (c[3] if len(c) > 3 else 1)) for c in cols]
+        cells = ["float" if c[1] == "quant" and m[c[1]] is None else "-" if m[c[1]] is None else c[2].format(m[c[1]] * (c[3] if len(c) > 3 else 1)) for c in cols]
         h = m["hlo_collectives"]
         cells.append("/".join(str(h[k]) for k in COLLECTIVES))
         print("| " + " | ".join(cells) + " |")
@@ -309,6 +330,13 @@ def print_table(res: dict) -> None:
                   f"max |diff| {agree['logits_max_abs_diff']:.3g} (of max |logit| {agree['logits_max_abs']:.3g}), "
                   f"same next token for {agree['next_token_agreement']:.0%} of the batch")
     for m in res["meshes"]:
+        if "prefill_logits_vs_float" in m:
+            agree = m["prefill_logits_vs_float"]
+            ratio = "" if m["decode_vs_float"] is None else f"decode {m['decode_vs_float']:.2f}x, "
+            print(f"{m['mesh']} {m['quant']} ({m['quant_matmul']} matmuls) vs float: {ratio}prefill "
+                  f"{m['prefill_vs_float']:.2f}x; last-position logits max |diff| {agree['logits_max_abs_diff']:.3g} "
+                  f"(of max |logit| {agree['logits_max_abs']:.3g}), same next token for "
+                  f"{agree['next_token_agreement']:.0%} of the batch")
         if "pipeline_ideal_s" in m:
             print(f"{m['mesh']}: pipelined prefill {m['ttft_s'] * 1e3:.1f} ms vs ideal T(pp=1) x (M+P-1)/M = "
                   f"{m['pipeline_ideal_s'] * 1e3:.1f} ms: {m['prefill_vs_pipeline_ideal']:.2f}x")

@@ -28,6 +28,7 @@ def run(args):
 
     t0 = time.perf_counter()
     mesh = make_mesh(MeshShape(1, 1, 1, 1))
+    checkpoint.refuse_quantized(checkpoint.read_meta(args.ckpt)[0], args.ckpt, "export_hf.py")
     cfg, params, meta = checkpoint.restore(args.ckpt, mesh, load_layout("seed"))
     files = hf.write_hf(args.out, cfg, params, int(args.max_shard_gb * 2**30), progress("writing tensors"))
     rep = {"out": args.out, "files": files, "params_total": cfg.param_count(), "dtype": meta["dtype"],

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moejax.cli import ArgumentParser, distributed_settings, guarded, limit_malloc_arenas  # noqa: E402  (no JAX yet: devices come first)
-from moejax.config import DTYPES, KERNELS, POLICIES  # noqa: E402
+from moejax.config import DTYPES, KERNELS, POLICIES, QUANT_MATMULS, QUANT_SCHEMES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
@@ -45,6 +45,12 @@ def parse_args(argv):
                     help="expert exchange and compute: capacity buffers + all_to_all with a branch per expert "
                          "(buffers) or one batched matmul (batched), or ragged all-to-all + grouped matmul "
                          "(ragged_dot); auto = batched on GPU, buffers on CPU")
+    ap.add_argument("--quant", choices=QUANT_SCHEMES,
+                    help="int8 weights (per-output-channel scales) for the attention and expert matrices; a "
+                         "checkpoint made by scripts/quantize.py is served as stored")
+    ap.add_argument("--quant-matmul", default="auto", choices=QUANT_MATMULS,
+                    help="int8 matmul form: dequant (weight-only; GPU default) or dynamic (int8 activations "
+                         "per row; CPU default): see moejax/quant.py")
     ap.add_argument("--microbatches", type=int,
                     help="pipeline microbatches M (default 2 x pp, bounded by the batch; 1 when pp = 1 or on CPU)")
     ap.add_argument("--decode-chunk", type=int,
@@ -87,11 +93,12 @@ def run(args) -> dict:
         if shape.size % nproc:
             raise UserError(f"mesh {shape} ({shape.size} devices) does not split over {nproc} processes")
         provisioned = provision_host_devices(shape.size // nproc, exact=bool(multi))
-    from moejax.checkpoint import serving_config
+    from moejax.checkpoint import resolve_quant, serving_config
     from moejax.rules import load_layout
 
     layout = load_layout(args.layout)
     cfg = serving_config(args.ckpt, args.config)
+    quant = resolve_quant(args.ckpt, args.quant)
     layout.validate(cfg, shape)
     dtype = args.dtype or cfg.param_dtype
     for name, v in (("--max-new-tokens", args.max_new_tokens), ("--microbatches", args.microbatches),
@@ -105,7 +112,7 @@ def run(args) -> dict:
         from moejax.plan import format_placement, placement
 
         rep = placement(cfg, layout, shape, dtype, args.batch or max(1, len(args.prompt or [])),
-                        args.max_len or cfg.max_seq_len)
+                        args.max_len or cfg.max_seq_len, quant)
         print(format_placement(rep))
         return rep
 
@@ -150,17 +157,13 @@ def run(args) -> dict:
     micro = args.microbatches or default_microbatches(shape.pp, len(prompts), batch_shards)
     policy_cf = {"dropless": 2.0, "drop": 1.25, "reroute": 1.25}[args.capacity_policy]
     rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor or policy_cf, micro,
-                       args.moe_kernel)
-    rep = placement(cfg, layout, shape, dtype, padded_batch(rs, len(prompts)), max_len)
+                       args.moe_kernel, quant=quant, quant_matmul=args.quant_matmul)
+    rep = placement(cfg, layout, shape, dtype, padded_batch(rs, len(prompts)), max_len, quant)
     say(format_placement(rep))
 
-    if args.ckpt:
-        from moejax import checkpoint
+    from moejax.checkpoint import load_weights
 
-        _, stacked, _ = checkpoint.restore(args.ckpt, mesh, layout, dtype)
-    else:
-        stacked = model.init_params(cfg, args.seed, dtype, mesh, layout)
-    params = model.serving_params(stacked, rs, mesh)
+    params = model.serving_params(load_weights(args.ckpt, cfg, args.seed, dtype, mesh, layout, quant), rs, mesh)
     prompt_len = min(round_up(longest, 8), max_len)
     chunk = args.decode_chunk if args.decode_chunk is not None else (0 if backend == "cpu" else 16)
     gen = Generator(rs, mesh, params, len(prompts), prompt_len, max_len, decode_chunk=chunk)

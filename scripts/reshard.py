@@ -93,6 +93,9 @@ def run(args):
     replica = MeshShape(1, shape.pp, shape.tp, shape.ep)  # parameters are identical across dp
     mesh = make_mesh(replica)
     dtype = args.dtype or meta["dtype"]
+    if checkpoint.quant_of(meta) and dtype != meta["dtype"]:
+        raise UserError(f"--dtype {dtype}: {args.src!r} is {checkpoint.quant_of(meta)}-quantized with {meta['dtype']} "
+                        f"embeddings and norms; reshard it as it is, or quantize a {dtype} checkpoint")
     t0 = time.perf_counter()
     _, params, _ = checkpoint.restore(src, mesh, layout)  # checked against SRC's checksums
     want = expected_checksums(params, meta, dtype)

@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moejax.cli import ArgumentParser, distributed_settings, guarded, limit_malloc_arenas, use_compile_cache  # noqa: E402  (no JAX yet: devices come first)
-from moejax.config import DTYPES, KERNELS, POLICIES  # noqa: E402
+from moejax.config import DTYPES, KERNELS, POLICIES, QUANT_MATMULS, QUANT_SCHEMES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
 
@@ -56,6 +56,10 @@ def parse_args(argv):
     ap.add_argument("--capacity-factor", type=float)
     ap.add_argument("--moe-kernel", default="auto", choices=KERNELS)
     ap.add_argument("--microbatches", type=int, help="pipeline microbatches of a decode step (default as infer.py)")
+    ap.add_argument("--quant", choices=QUANT_SCHEMES, help="int8 weights (infer.py --help); a checkpoint made by "
+                    "scripts/quantize.py is served as stored")
+    ap.add_argument("--quant-matmul", default="auto", choices=QUANT_MATMULS,
+                    help="int8 matmul form (infer.py --help); auto: dynamic on CPU, dequant on GPU")
     ap.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs")
     ap.add_argument("--num-processes", type=int)
     ap.add_argument("--process-id", type=int)
@@ -81,11 +85,12 @@ def run(args):
         raise UserError(f"--drain-timeout {args.drain_timeout} must be >= 0 seconds")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
-    from moejax.checkpoint import serving_config
+    from moejax.checkpoint import resolve_quant, serving_config
     from moejax.rules import load_layout
 
     layout = load_layout(args.layout)
     cfg = serving_config(args.ckpt, args.config)
+    quant = resolve_quant(args.ckpt, args.quant)
     name = (os.path.basename(os.path.normpath(args.ckpt)) if args.ckpt
             else os.path.splitext(os.path.basename(args.config or "configs/seed.yaml"))[0])
     layout.validate(cfg, shape)
@@ -122,19 +127,15 @@ def run(args):
     micro = args.microbatches or default_microbatches(shape.pp, args.slots, batch_shards)
     policy_cf = {"dropless": 2.0, "drop": 1.25, "reroute": 1.25}[args.capacity_policy]
     rs = model.RunSpec(cfg, layout, replica, dtype, args.capacity_policy, args.capacity_factor or policy_cf, micro,
-                       args.moe_kernel)
+                       args.moe_kernel, quant=quant, quant_matmul=args.quant_matmul)
     check_slots(args.slots, rs)
     served = ServedModel(args.served_model_name or name, max_len, cfg.vocab_size)
     metrics = Metrics(served.id, shape.dp, args.slots)
     engines = []
     for index, mesh in replica_meshes(shape):
-        if args.ckpt:
-            from moejax import checkpoint
+        from moejax.checkpoint import load_weights
 
-            _, stacked, _ = checkpoint.restore(args.ckpt, mesh, layout, dtype)
-        else:
-            stacked = model.init_params(cfg, args.seed, dtype, mesh, layout)
-        params = model.serving_params(stacked, rs, mesh)
+        params = model.serving_params(load_weights(args.ckpt, cfg, args.seed, dtype, mesh, layout, quant), rs, mesh)
         static = args.batching == "static"  # a whole batch of prompts in one prefill call, as infer.py
         budget = args.slots // batch_shards * args.prefill_chunk if static else args.prefill_budget
         eng = Engine(rs, mesh, params, slots=args.slots, max_len=max_len, chunk=args.prefill_chunk,

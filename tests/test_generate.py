@@ -103,7 +103,7 @@ def test_a_mesh_larger_than_the_devices_names_the_device_count():
     (["--mesh", "2x2"], "malformed"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
     (["--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
-    (["--moe-kernel", "bogus"], "invalid choice: 'bogus' (choose from 'auto', 'buffers', 'batched', 'ragged')"),
+    (["--moe-kernel", "bogus"], "invalid choice: 'bogus' (choose from 'auto', 'buffers', 'batched', 'ragged', 'ragged-mgpu', 'ragged-tokamax')"),
 ])
 def test_infer_bad_input_is_one_line_and_exit_code_2(args, message):
     base = {"--mesh": "1x1x1x1", "--config": "tiny"}
