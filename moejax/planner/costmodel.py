@@ -300,6 +300,7 @@ class PhaseCost:
     bubble: float
     shapes: Shapes
     work: Work
+    collectives: list  # the inventory, with calls per phase and link
 
 
 def phase_cost(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, spec: MachineSpec,
@@ -326,9 +327,17 @@ def phase_cost(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, 
                 "collectives": coll_step}
         busy = max(compute, memory, launches) + rounds + coll_step
         seconds = steps * busy + program + coll_program
+    def calls(c):  # a stage skips its layers in bubble steps; the stage-to-stage send runs every step
+        return c.calls * ((steps if c.kind == "collective-permute" else s.micro) if c.per_step else 1)
+
     coll_bytes = {k: 0 for k in KINDS}
     for c in colls:
-        coll_bytes[c.kind] += c.nbytes * c.calls * (s.micro if c.per_step else 1)
+        coll_bytes[c.kind] += c.nbytes * calls(c)
     flops_dev = s.micro * sum(w.flops.values()) + sum(w.flops_program.values())
     bytes_dev = s.micro * sum(w.bytes.values()) + sum(w.bytes_program.values())
-    return PhaseCost(seconds, step, flops_dev, bytes_dev, coll_bytes, steps, (mesh.pp - 1) / steps, s, w)
+    inventory = [{"name": c.name, "kind": c.kind, "axes": list(c.axes), "group": c.group, "bytes_per_call": c.nbytes,
+                  "calls": calls(c),
+                  "link": "-" if c.group == 1 or spec.shared_host else
+                  ("nvlink" if link_bandwidth(spec, mesh, c.axes) == spec.nvlink_bandwidth_bytes_per_s else "network")}
+                 for c in colls]
+    return PhaseCost(seconds, step, flops_dev, bytes_dev, coll_bytes, steps, (mesh.pp - 1) / steps, s, w, inventory)

@@ -84,12 +84,14 @@ def evaluate(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, sp
     prefill = {"ttft_s": pre.seconds, "prefill_tokens_per_ms_per_device": B * wl.prompt_len / pre.seconds / 1e3 / n,
                "mfu": useful / (pre.seconds * n * spec.peak_matmul_flops_per_s),
                "flops_per_device": pre.flops_per_device, "bytes_per_device": pre.bytes_per_device,
-               "collective_bytes_per_device": pre.collective_bytes, "microbatches": pre.shapes.micro,
+               "collective_bytes_per_device": pre.collective_bytes, "collectives": pre.collectives,
+               "microbatches": pre.shapes.micro,
                "bubble_fraction": pre.bubble, "step_seconds": pre.step}
     decode = {"step_s": dec.seconds, "tokens_per_s_per_device": B / dec.seconds / n,
               "tokens_per_s_per_replica": B / dec.seconds / mesh.dp, "tokens_per_s": B / dec.seconds,
               "flops_per_device": dec.flops_per_device, "bytes_per_device": dec.bytes_per_device,
-              "collective_bytes_per_device": dec.collective_bytes, "step_seconds": dec.step}
+              "collective_bytes_per_device": dec.collective_bytes, "collectives": dec.collectives,
+              "step_seconds": dec.step}
     return Row(mesh, layout.name, feasible=True, fits=memory["fraction"] <= 1.0, memory=memory, prefill=prefill,
                decode=decode)
 
