@@ -114,6 +114,8 @@ def run_plan(args) -> None:
     cfg = load_config(args.config)
     spec = load_spec(args.gpu)
     layouts = [load_layout(name) for name in (args.layout or ["seed", "ep-tp"])]
+    if args.prompt_len > cfg.max_seq_len:
+        raise UserError(f"--prompt-len {args.prompt_len} exceeds config {cfg.name}'s max_seq_len {cfg.max_seq_len}")
     context = args.context if args.context is not None else min(args.prompt_len + 256, cfg.max_seq_len)
     if not args.prompt_len <= context <= cfg.max_seq_len:
         raise UserError(f"--context {context} must be between --prompt-len {args.prompt_len} and the config's "
