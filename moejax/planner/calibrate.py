@@ -67,9 +67,14 @@ def load_points(paths: list[str]) -> tuple[list[Point], list[str]]:
                 max(m["bandwidth_bytes_per_s"] for m in d["meshes"]))
         for m in d["meshes"]:
             kernel = m.get("moe_kernel")
-            if kernel not in MODELLED_KERNELS:
-                why = ("older bench.py run (per-expert branches with a device-to-host sync each, since replaced)"
-                       if kernel is None else f"MoE kernel {kernel} is not modelled (XLA lowers ragged_dot densely)")
+            why = None
+            if kernel is None:
+                why = "older bench.py run (per-expert branches with a device-to-host sync each, since replaced)"
+            elif kernel not in MODELLED_KERNELS:
+                why = f"MoE kernel {kernel} is not modelled (only {' and '.join(MODELLED_KERNELS)})"
+            elif m.get("quant"):
+                why = f"{m['quant']} weights are not modelled"
+            if why:
                 skipped.append(f"{path} {m['mesh']}: {why}")
                 continue
             T, N = d["prompt_len"], d["decode_steps"]
