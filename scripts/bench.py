@@ -40,6 +40,8 @@ def parse_args(argv):
     ap.add_argument("--mesh", action="append", help="DPxPPxTPxEP; repeat to compare (default 1x1x1x1)")
     ap.add_argument("--layout", default="seed")
     ap.add_argument("--ckpt", help="moejax checkpoint to benchmark (default: random weights of --config)")
+    ap.add_argument("--data", help="prompts: consecutive --prompt-len windows of this byte-level text file (the "
+                    "routing a trained model sees in use) instead of random token ids")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=64)
@@ -120,7 +122,15 @@ def run(args, meshes, shapes) -> dict:
     max_len = T + N  # decode step i writes position T + i
     if max_len > cfg.max_seq_len:
         raise UserError(f"--prompt-len {T} + --decode-steps {N} exceeds the config's max_seq_len {cfg.max_seq_len}")
-    tokens_host = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
+    if args.data:
+        from moejax import data
+
+        text = data.read_bytes(args.data)
+        if len(text) < B * T:
+            raise UserError(f"--data {args.data!r} holds {len(text)} bytes, fewer than --batch x --prompt-len = {B * T}")
+        tokens_host = data.consecutive_windows(text, T, B)
+    else:
+        tokens_host = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
     if args.compare_hf:
         from moejax.peer import load_torch
 
@@ -225,7 +235,8 @@ def run(args, meshes, shapes) -> dict:
         print(f"\rtimed repeat {i + 1}/{args.repeats}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
 
-    out = {"config": cfg.name, "layout": layout.name, "dtype": dtype, "backend": backend,
+    out = {"config": cfg.name, "weights": args.ckpt or "random", "prompts": args.data or "random ids",
+           "layout": layout.name, "dtype": dtype, "backend": backend,
            "device_kind": jax.devices()[0].device_kind, "batch": B, "prompt_len": T, "decode_steps": N,
            "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"), "meshes": []}
     base = None

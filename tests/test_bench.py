@@ -63,6 +63,8 @@ def test_bench_moe_runs_and_counts_rows_against_the_top_k_work(tmp_path):
     (["--batch", "0"], "--batch 0"),
     (["--prompt-len", "10000", "--decode-steps", "1000"], "max_seq_len"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--quant", "int4"], "invalid choice: 'int4'"),
+    (["--data", "configs/tiny.yaml", "--prompt-len", "200", "--decode-steps", "1"], "fewer than --batch x --prompt-len"),
 ])
 def test_bench_bad_input_is_one_line_and_exit_code_2(args, message):
     r = run_script("bench.py", "--config", "tiny", *args, timeout=120)

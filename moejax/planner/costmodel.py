@@ -20,7 +20,7 @@ import math
 
 from moejax.config import ModelConfig, dtype_bytes
 from moejax.mesh import AXES, MeshShape
-from moejax.moe import MoeSpec
+from moejax.moe import GROUPED_GEMMS, MoeSpec
 from moejax.rules import Layout
 from moejax.planner.specs import Fractions, MachineSpec
 
@@ -136,7 +136,7 @@ def shapes(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, phas
 
 def decides_round(s: Shapes) -> bool:
     """Whether each MoE layer sizes its dropless exchange at run time (pmax, then a loop or switch)."""
-    return s.moe.kernel != "ragged" and s.rows < s.moe_tokens
+    return s.moe.kernel not in GROUPED_GEMMS and s.rows < s.moe_tokens
 
 
 def collectives(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Shapes) -> list[Collective]:
