@@ -23,7 +23,8 @@ from moejax.config import KERNELS, POLICIES, ModelConfig
 from moejax import quant as q8
 from moejax.layers import F32, mm
 from moejax.mesh import AXES, MeshShape, mesh_shape_of
-from moejax.moe import GPU_ONLY_KERNELS, STACKED_KERNELS, MoeSpec, moe_block, resolve_kernel
+from moejax.moe import STACKED_KERNELS, MoeSpec, moe_block, resolve_kernel
+from moejax.moe_ragged import GPU_ONLY_KERNELS
 from moejax.pipeline import staggered
 from moejax.rules import QUANT_INPUT_DIMS, Layout, param_shapes, scale_name
 from moejax.errors import UserError

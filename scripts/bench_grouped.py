@@ -56,7 +56,7 @@ def run(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from moejax import moe
+    from moejax import moe, moe_ragged
     from moejax.config import load_config
 
     if args.tokens < 1 or args.repeats < 1:
@@ -89,7 +89,7 @@ def run(args) -> dict:
             def f(x, w, group, impl=impl, blocks=blocks):
                 if blocks:
                     os.environ["MOEJAX_MGPU_BLOCKS"] = blocks
-                return moe.grouped_matmul(x, w, group, impl)
+                return moe_ragged.grouped_matmul(x, w, group, impl)
             cases.append((impl + (f"[{blocks}]" if blocks else ""), blocks, f))
         os.environ.pop("MOEJAX_MGPU_BLOCKS", None)
 

@@ -15,7 +15,8 @@ from moejax import model
 from moejax.config import load_config
 from moejax.generate import put
 from moejax.mesh import make_mesh, parse_mesh
-from moejax.moe import BATCHED_FRACTIONS, MoeSpec, moe_block, ragged_exchange, row_sizes
+from moejax.moe import BATCHED_FRACTIONS, MoeSpec, moe_block, row_sizes
+from moejax.moe_ragged import ragged_exchange
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_dropless_sharded_moe_equals_reference_ep_tp_layout(mesh, case):
 @pytest.mark.parametrize("mesh,layout", [("1x1x1x1", "seed"), ("1x1x2x4", "seed"), ("2x1x2x2", "seed"),
                                          ("4x2x4x4", "seed"), ("1x1x2x4", "ep-tp")])
 def test_ragged_kernel_equals_reference(mesh, layout, case):
-    # on CPU the ragged all-to-all is emulated with the documented semantics (moe.ragged_exchange);
+    # on CPU the ragged all-to-all is emulated with the documented semantics (moe_ragged.ragged_exchange);
     # the grouped matmul is jax.lax.ragged_dot itself
     tokens, want = case
     got, stats = forward("tiny", mesh, tokens, layout=layout, moe_kernel="ragged")

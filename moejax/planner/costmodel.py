@@ -20,7 +20,8 @@ import math
 
 from moejax.config import ModelConfig, dtype_bytes
 from moejax.mesh import AXES, MeshShape
-from moejax.moe import GROUPED_GEMMS, MoeSpec
+from moejax.moe import MoeSpec
+from moejax.moe_ragged import GROUPED_GEMMS
 from moejax.rules import Layout
 from moejax.planner.specs import Fractions, MachineSpec
 
