@@ -22,13 +22,12 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # shapes only (jax.eval_shape): no device is used
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # shapes and arithmetic only: no device is used
 
 from moejax.cli import ArgumentParser, guarded  # noqa: E402
 from moejax.config import DTYPES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
 from moejax.planner.layouts import OBJECTIVES  # noqa: E402
-
 
 
 def default_calibration() -> list[str]:
