@@ -1,6 +1,7 @@
 """int8 weights (moejax/quant.py): the rounding, both matmul forms against the float64 reference on
 sharded meshes, and quantized checkpoints moving between meshes and through the scripts."""
 
+import functools
 import json
 
 import jax
@@ -19,6 +20,7 @@ from moejax.rules import QUANT_INPUT_DIMS, load_layout, param_shapes, scale_name
 TOKENS = np.random.default_rng(3).integers(0, 256, (4, 11)).astype(np.int32)
 
 
+@functools.lru_cache(maxsize=None)
 def quantized_host(config: str = "tiny") -> dict:
     return {n: np.asarray(v) for n, v in quant.quantize({n: jax.numpy.asarray(v) for n, v in
                                                           host_params(config).items()}).items()}
@@ -37,8 +39,16 @@ def quantized_forward(mesh: str, layout: str, kernel: str, form: str):
     return np.asarray(logits)
 
 
+@functools.lru_cache(maxsize=None)
 def dequantized_host() -> dict:
     return {n: np.asarray(v, np.float64) for n, v in quant.dequantize(quantized_host()).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def reference_logits(blocks: tuple | None = None):
+    """The float64 reference on the dequantized weights; `blocks`: its act_blocks as sorted items."""
+    act_blocks = dict(blocks) if blocks else None
+    return reference.forward(dequantized_host(), load_config("tiny"), TOKENS, act_blocks=act_blocks)
 
 
 def test_each_output_channel_is_rounded_to_within_half_its_step():
@@ -59,8 +69,7 @@ def test_each_output_channel_is_rounded_to_within_half_its_step():
 def test_dequant_form_equals_the_reference_on_the_dequantized_weights(mesh, layout, kernel):
     """Weight-only int8 computes exactly what the float model does with weights q * s (up to float32
     rounding: the scale multiplies the matmul's result instead of each weight)."""
-    want = reference.forward(dequantized_host(), load_config("tiny"), TOKENS)
-    assert rel_err(quantized_forward(mesh, layout, kernel, "dequant"), want) < RTOL
+    assert rel_err(quantized_forward(mesh, layout, kernel, "dequant"), reference_logits()) < RTOL
 
 
 @pytest.mark.parametrize("mesh,layout,kernel,blocks", [
@@ -74,12 +83,11 @@ def test_dynamic_form_equals_the_reference_with_int8_rounded_activations(mesh, l
     within float32 rounding of a step's midpoint may round the other way than in float64 (one step of
     one value; seen once in these 3 x 44 positions, 1.7e-3 at the last position of a sequence), so
     all but 5% of positions must agree within RTOL and every position within 1e-2."""
-    cfg, deq = load_config("tiny"), dequantized_host()
     got = quantized_forward(mesh, layout, kernel, "dynamic")
-    want = reference.forward(deq, cfg, TOKENS, act_blocks=blocks)
+    want = reference_logits(tuple(sorted(blocks.items())))
     err_BT = np.max(np.abs(got - want), axis=-1) / np.max(np.abs(want))
     assert np.mean(err_BT < RTOL) >= 0.95 and np.max(err_BT) < 1e-2, err_BT
-    assert rel_err(got, reference.forward(deq, cfg, TOKENS)) > 100 * RTOL
+    assert rel_err(got, reference_logits()) > 100 * RTOL
 
 
 def test_a_quantized_checkpoint_restores_bit_equal_on_another_mesh_and_layout(tmp_path):
