@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import layers
-from moejax.config import KERNELS, POLICIES, ModelConfig
 from moejax import quant as q8
+from moejax.config import KERNELS, POLICIES, ModelConfig
 from moejax.layers import F32, mm
 from moejax.mesh import AXES, MeshShape, mesh_shape_of
 from moejax.moe import STACKED_KERNELS, MoeSpec, moe_block, resolve_kernel
@@ -56,7 +56,7 @@ class RunSpec:
     policy: str = "dropless"
     capacity_factor: float = 2.0
     microbatches: int = 1
-    moe_kernel: str = "auto"  # auto, buffers, batched, ragged (moe.resolve_kernel, moe's docstring)
+    moe_kernel: str = "auto"  # config.KERNELS (moe.resolve_kernel, moe's docstring)
     training: bool = False  # differentiable MoE rounds; `auto` picks the batched kernel everywhere
     remat: bool = False  # recompute each layer's activations in the backward pass (jax.checkpoint)
     quant: str | None = None  # "int8": the params hold int8 matrices and their scales (quant.py)

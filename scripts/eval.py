@@ -140,7 +140,8 @@ def compare_quant(args, cfg, layout, mesh, windows) -> dict:
     print(f"{args.ckpt}: {len(windows)} windows of {args.seq_len} bytes ({args.split} split), {args.dtype}: "
           f"cross-entropy {report['ce_loss_float']:.4f} float, {report['ce_loss_quant']:.4f} {args.quant} "
           f"({form} matmuls), change {report['ce_loss_change']:+.4f} nats/byte; logits |diff| mean "
-          f"{report['logits_mean_abs_diff']:.3g}, max {diff:.3g} (of max |logit| {peak:.3g}); same next byte at {report['next_token_agreement']:.2%} of positions")
+          f"{report['logits_mean_abs_diff']:.3g}, max {diff:.3g} (of max |logit| {peak:.3g}); same next byte at "
+          f"{report['next_token_agreement']:.2%} of positions")
     print(json.dumps(report))
     return report
 

@@ -85,7 +85,7 @@ def run(args):
         raise UserError(f"--drain-timeout {args.drain_timeout} must be >= 0 seconds")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
-    from moejax.checkpoint import resolve_quant, serving_config
+    from moejax.checkpoint import load_weights, resolve_quant, serving_config
     from moejax.rules import load_layout
 
     layout = load_layout(args.layout)
@@ -133,8 +133,6 @@ def run(args):
     metrics = Metrics(served.id, shape.dp, args.slots)
     engines = []
     for index, mesh in replica_meshes(shape):
-        from moejax.checkpoint import load_weights
-
         params = model.serving_params(load_weights(args.ckpt, cfg, args.seed, dtype, mesh, layout, quant), rs, mesh)
         static = args.batching == "static"  # a whole batch of prompts in one prefill call, as infer.py
         budget = args.slots // batch_shards * args.prefill_chunk if static else args.prefill_budget
