@@ -59,8 +59,9 @@ def block_bytes(bound: int) -> int:
 def plan(shape: tuple, itemsize: int, max_bytes: int, split_axes: int | None = None,
          align: tuple | None = None) -> tuple[int, int]:
     """(axis a, rows k): blocks of k rows of axis a (all earlier axes one index) are at most `max_bytes`,
-    or one row of the last axis allowed. `split_axes` caps a (axes at and past it stay whole: an
-    HF tensor or a random unit); k is a multiple or a divisor of `align[a]` (a chunk's extent).""" 
+    or one row of the last axis that may be cut: `split_axes` (the axes after it stay whole: an HF
+    tensor, a random matrix; below 0, the whole tensor is one block). k is a multiple or a divisor of
+    `align[a]` (a chunk's extent), so no chunk is written by two blocks."""
     n = len(shape)
     last = n - 1 if split_axes is None else min(split_axes, n - 1)
     if n == 0 or last < 0:

@@ -54,8 +54,8 @@ def run(args):
     step = 0
     if os.path.isdir(out) and os.listdir(out):
         step = checkpoint.read_meta(out)[1] + 1
-        tmp, step_dir = os.path.join(out, f".{step}.tmp-{os.getpid()}"), None
-        step_dir = tmp
+        ckstream.remove_stale(os.path.join(out, f".{step}"))  # a killed import's .STEP.tmp-PID
+        tmp = step_dir = os.path.join(out, f".{step}.tmp-{os.getpid()}")
     else:
         ckstream.remove_stale(out)
         tmp = out + f".tmp-{os.getpid()}"

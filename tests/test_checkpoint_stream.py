@@ -149,3 +149,12 @@ def test_a_full_disk_or_an_unwritable_destination_is_one_line_and_exit_code_2(sc
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "XLA_FLAGS": ""})
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
     assert "Not a directory" in r.stderr, r.stderr
+
+
+def test_the_tiled_transpose_export_uses_equals_numpys():
+    from moejax.hf import transpose
+
+    m = np.random.default_rng(0).standard_normal((100, 3001)).astype(np.float16)  # past the tiled threshold
+    assert np.array_equal(transpose(m), m.T) and transpose(m).flags.c_contiguous
+    b = m.astype(ml_dtypes.bfloat16)
+    assert np.array_equal(transpose(b).view(np.uint16), b.T.view(np.uint16))
