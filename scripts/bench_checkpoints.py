@@ -81,7 +81,6 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--max-memory-gb", type=float, help="passed to every tool (default: theirs)")
     ap.add_argument("--disk-gb", type=float, default=4.0)
-    ap.add_argument("--steps", default="make,reshard1,reshard2,export,import")
     ap.add_argument("--json")
     args = ap.parse_args()
     from moejax.config import load_config

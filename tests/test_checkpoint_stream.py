@@ -158,3 +158,16 @@ def test_the_tiled_transpose_export_uses_equals_numpys():
     assert np.array_equal(transpose(m), m.T) and transpose(m).flags.c_contiguous
     b = m.astype(ml_dtypes.bfloat16)
     assert np.array_equal(transpose(b).view(np.uint16), b.T.view(np.uint16))
+
+
+def test_a_quantized_checkpoint_reshards_streaming_bit_equal(tmp_path):
+    _report(run_script("make_checkpoint.py", "--config", "tiny", "--out", tmp_path / "f", "--json"))
+    r = run_script("quantize.py", tmp_path / "f", tmp_path / "q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    _report(run_script("reshard.py", tmp_path / "q", tmp_path / "r", "--mesh", "1x2x2x2", "--max-memory-gb", TINY_GB,
+                       "--json"))
+    want, _ = _restored(tmp_path / "q", "1x1x1x1")
+    got, meta = _restored(tmp_path / "r", "1x2x2x2")
+    assert meta["quant"] == "int8" and {str(a.dtype) for a in got.values()} == {"float32", "int8"}
+    for n, v in want.items():
+        assert np.array_equal(got[n], v), n
