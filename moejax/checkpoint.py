@@ -286,19 +286,10 @@ def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step
     try:
         params = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     except Exception as e:
-        reason = _storage_reason(e)
-        if reason is None:
+        err = read_error(e, where, params_dir)
+        if err is None:
             raise  # not a storage error: a bug, shown as one
-        m = re.search(r'Error reading "([^/"]+)/', reason)
-        files = [f if os.path.exists(f) else f"{f}, which is missing"
-                 for f in (_data_files(params_dir, {m.group(1)}) if m else [])]
-        reason += f" (data file {', '.join(files)})" if files else ""
-        m = _STATUS.search(reason)
-        kind = {"OUT_OF_RANGE": "truncated", "DATA_LOSS": "damaged", "NOT_FOUND": "missing",
-                "PERMISSION_DENIED": "permission denied"}.get(m.group(1) if m else "", "")
-        kind = kind or ("truncated or missing" if "Truncated" in reason else
-                        "damaged" if "corrupt" in reason.lower() else "")
-        raise UserError(f"{where}: parameters unreadable{f' ({kind})' if kind else ''}: {reason}") from None
+        raise err from None
     finally:
         mgr.close()
     if not same:
@@ -328,6 +319,22 @@ def _fine_chunks(params_dir: str) -> bool:
         return True
     except Exception:  # unreadable here: the read below reports it
         return False
+
+
+def read_error(e: BaseException, where: str, params_dir: str) -> UserError | None:
+    """restore's one line for an unreadable tensor, naming its data file(s); None for a bug."""
+    reason = _storage_reason(e)
+    if reason is None:
+        return None
+    m = re.search(r'Error reading "([^/"]+)/', reason)
+    files = [f if os.path.exists(f) else f"{f}, which is missing"
+             for f in (_data_files(params_dir, {m.group(1)}) if m else [])]
+    reason += f" (data file {', '.join(files)})" if files else ""
+    m = _STATUS.search(reason)
+    kind = {"OUT_OF_RANGE": "truncated", "DATA_LOSS": "damaged", "NOT_FOUND": "missing",
+            "PERMISSION_DENIED": "permission denied"}.get(m.group(1) if m else "", "")
+    kind = kind or ("truncated or missing" if "Truncated" in reason else "damaged" if "corrupt" in reason.lower() else "")
+    return UserError(f"{where}: parameters unreadable{f' ({kind})' if kind else ''}: {reason}")
 
 
 def _drop_closed_loop_noise() -> None:

@@ -212,26 +212,6 @@ def write_error(e: BaseException, where: str) -> UserError | None:
     return UserError(f"writing {where} failed: {reason}")
 
 
-def read_error(e: BaseException, where: str, params_dir: str) -> UserError | None:
-    """restore's one line for an unreadable tensor, naming its data file(s); None for a bug."""
-    import re
-
-    from moejax.checkpoint import _STATUS, _data_files, _storage_reason
-
-    reason = _storage_reason(e)
-    if reason is None:
-        return None
-    m = re.search(r'Error reading "([^/"]+)/', reason)
-    files = [f if os.path.exists(f) else f"{f}, which is missing"
-             for f in (_data_files(params_dir, {m.group(1)}) if m else [])]
-    reason += f" (data file {', '.join(files)})" if files else ""
-    m = _STATUS.search(reason)
-    kind = {"OUT_OF_RANGE": "truncated", "DATA_LOSS": "damaged", "NOT_FOUND": "missing",
-            "PERMISSION_DENIED": "permission denied"}.get(m.group(1) if m else "", "")
-    kind = kind or ("truncated or missing" if "Truncated" in reason else "damaged" if "corrupt" in reason.lower() else "")
-    return UserError(f"{where}: parameters unreadable{f' ({kind})' if kind else ''}: {reason}")
-
-
 def write_tensors(writer: StepWriter, specs: dict, shards: dict, fill, bound: int, split_axes: dict | None = None,
                   done=None, progress=None) -> dict:
     """Write every tensor of `specs` ({name: (shape, dtype)}) block by block: `fill(name, index, offset)`
@@ -266,7 +246,7 @@ def write_tensors(writer: StepWriter, specs: dict, shards: dict, fill, bound: in
 
 def tensor_sums(params_dir: str, specs: dict, bound: int, where: str) -> dict:
     """{name: checksum} of the tensors stored under `params_dir`, read block by block."""
-    from moejax.checkpoint import _hex, _host_sums
+    from moejax.checkpoint import _hex, _host_sums, read_error
 
     ctx, bb, out = _context(), block_bytes(bound), {}
     for name in sorted(specs):

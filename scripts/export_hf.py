@@ -67,7 +67,7 @@ def run(args):
                     cached[name] = (idx[0], opened[name][idx[0]].read().result())
                 x = cached[name][1][idx[1:]]
         except ValueError as e:
-            err = ckstream.read_error(e, where, params_dir)
+            err = checkpoint.read_error(e, where, params_dir)
             if err is None:
                 raise
             raise err from None

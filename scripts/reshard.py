@@ -79,7 +79,7 @@ def run(args):
                 src_sums[name] = want_sums[name] = np.zeros(2, np.uint32)
             x = opened[name][idx].read().result() if idx else opened[name].read().result()
         except ValueError as e:
-            err = ckstream.read_error(e, where, src_params)
+            err = checkpoint.read_error(e, where, src_params)
             if err is None:
                 raise
             raise err from None
