@@ -108,8 +108,8 @@ def grouped_matmul(x_RX, w_GXY, group_G, impl: str):
     """Rows grouped by expert (the first group_G[0] rows for expert 0, ...) times their expert's
     matrix, as float32 [R, Y]; rows past the groups are undefined. 16-bit inputs give a 16-bit
     product (float32 accumulation inside each kernel), the only form XLA hands to cuDNN's grouped
-    GEMM (cuDNN >= 9.22, sm80+); with float32 results it lowers `ragged_dot` to a dense matmul over
-    every group.
+    GEMM, per its source (cuDNN >= 9.22, sm80+; not yet seen on a GPU); with float32 results it
+    lowers `ragged_dot` to a dense matmul over every group.
       xla      jax.lax.ragged_dot
       mgpu     jax.experimental.pallas.ops.gpu.ragged_dot_mgpu (Hopper); block sizes from
                MOEJAX_MGPU_BLOCKS="block_m,block_n,block_k,max_concurrent_steps,grid_block_n"

@@ -6,8 +6,9 @@ a float32 scale per output channel, s = max |w| / 127 over the input dimensions,
 
 Inside the serving program a quantized matrix is a pair, and the matmul's form is the backend's
 (`RunSpec.quant_matmul`, `auto` picks it):
-  dequant  x @ q.astype(x.dtype), then * s per output channel: weight-only. On GPU XLA fuses the
-           conversion into the GEMM, which then reads half the bytes of bfloat16 weights.
+  dequant  x @ q.astype(x.dtype), then * s per output channel: weight-only, for XLA on GPU to fuse
+           the conversion into the GEMM and read half the bytes of bfloat16 weights (not yet
+           measured on a GPU).
   dynamic  each row of x quantized to int8 on the fly (its own scale, max |x| / 127 over the
            contracted dimension this device holds), int8 x int8 -> int32 matmul, * (row scale * s).
            XLA:CPU materialises a converted copy of the weights under `dequant` (1.3x slower than

@@ -137,15 +137,15 @@ def run(args, meshes, shapes) -> dict:
         load_torch()  # fail before compiling anything
     runs, peer = [], None
     quants = [None if q == "none" else q for q in (args.quant or ["none"])]
-    if args.ckpt and any(quants) and checkpoint.quant_of(checkpoint.read_meta(args.ckpt)[0]):
+    stored = checkpoint.quant_of(checkpoint.read_meta(args.ckpt)[0]) if args.ckpt else None
+    if stored and any(quants):
         raise UserError(f"checkpoint {args.ckpt!r} is already quantized: bench it without --quant")
+    quants = [stored] if stored else quants
     for (text, shape), quant in ((m, q) for m in zip(meshes, shapes) for q in quants):
         layout.validate(cfg, shape)
         mesh = make_mesh(shape)
         shards = layout.shards("batch", shape)
         micro = args.microbatches or default_microbatches(shape.pp, B, shards)
-        if args.ckpt and not any(quants):
-            quant = checkpoint.resolve_quant(args.ckpt, None)
         rs = model.RunSpec(cfg, layout, shape, dtype, args.capacity_policy, args.capacity_factor, micro,
                            args.moe_kernel, quant=quant, quant_matmul=args.quant_matmul)
         b_pad = round_up(B, rs.batch_multiple)
