@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moejax-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # moejax from this checkout, not installed on that machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import jax, flax, orbax.checkpoint; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 
@@ -65,7 +66,7 @@ echo "== serve seed-10b, concurrency 64"
 timeout 240 python - "$OUT" <<'EOF2' 2>&1 | tail -3
 import json, sys, asyncio
 from moejax.serving.harness import ServerProcess
-from moejax.serving.loadgen import make_workload, run_load, summarize
+from moejax.bench.loadgen import make_workload, run_load, summarize
 with ServerProcess("--config", "configs/seed-10b.yaml", "--dtype", "bfloat16", "--slots", "64", "--max-len", "640",
                    "--max-waiting", "256") as s:
     wl = make_workload(256, (16, 512), (8, 128), seed=0)

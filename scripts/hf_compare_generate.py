@@ -8,13 +8,13 @@ which needs nothing else), not in CI:
     python scripts/infer.py --ckpt runs/shakespeare/model --dtype float32 --temperature 0 \\
         --max-new-tokens 48 --prompt "ROMEO:" --prompt "First Citizen:" --json | tail -n1 > moejax.json
     python scripts/hf_compare_generate.py /tmp/shakespeare-hf moejax.json \\
-        --prompt "ROMEO:" --prompt "First Citizen:" [--out docs/shakespeare-hf-greedy.json]
+        --prompt "ROMEO:" --prompt "First Citizen:" [--out results/shakespeare-hf-greedy.json]
 
 MOEJAX_JSON is the last stdout line of `scripts/infer.py --json` (a file holding that line, or a
 whole stdout capture: the last line that parses as a JSON object with `generated_ids` is used). Its
 report holds the generated ids but not the prompt ids (only their total, `prompt_tokens`), so give
 the same prompts: `--prompt TEXT` repeated, in infer.py's order (byte-level: token id = UTF-8 byte,
-no BOS, as moejax.tokenizer.encode), or `--prompt-ids` with the JSON list of lists infer.py took.
+no BOS, as moejax.tokenizers.bytes.encode), or `--prompt-ids` with the JSON list of lists infer.py took.
 
 transformers runs MixtralForCausalLM in float32, one prompt at a time (no padding), greedy
 (do_sample=False) for as many new tokens as moejax's run produced, stopping at the config's EOS as
@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moejax.tokenizer import decode  # noqa: E402  (jax-free)
+from moejax.tokenizers.bytes import decode  # noqa: E402  (jax-free)
 
 
 def read_moejax_report(path: str) -> dict:

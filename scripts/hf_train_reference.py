@@ -5,7 +5,7 @@
                                          [--out tests/data/hf-mixtral-tiny/train_reference.npz]
 
 Needs the `.[hf]` extra (torch + transformers), not jax: moejax is never imported, the HF -> moejax
-name mapping is written out here (it mirrors moejax/hf.py `hf_tensors`). Not run in CI; CI reads the
+name mapping is written out here (it mirrors moejax/checkpoint/hf.py `hf_tensors`). Not run in CI; CI reads the
 .npz it writes.
 
 Two cases on `MixtralForCausalLM` (float32, eval, eager attention and eager experts):

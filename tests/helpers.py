@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 
-from moejax import model
-from moejax.config import load_config
-from moejax.generate import put
-from moejax.mesh import make_mesh, parse_mesh
-from moejax.rules import load_layout
+from moejax.models import transformer as model
+from moejax.config.model import load_config
+from moejax.inference.generate import put
+from moejax.parallel.mesh import make_mesh, parse_mesh
+from moejax.parallel.rules import load_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "data", "hf-mixtral-tiny")  # provenance: its README.md
@@ -46,7 +46,7 @@ def setup(config: str, mesh: str, layout: str = "seed", **kw):
     lay = load_layout(layout)
     rs = model.RunSpec(cfg, lay, shape, kw.pop("dtype", "float32"), **kw)
     stacked = {k: v.copy() for k, v in host_params(config).items()}
-    shardings = model.param_shardings(m, lay)
+    shardings = model.param_shardings(m, lay, cfg)
     import jax
 
     params = {k: jax.device_put(v, shardings[k]) for k, v in stacked.items()}

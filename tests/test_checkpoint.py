@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from helpers import FIXTURE, REPO, RTOL, host_params, rel_err, run_script
-from moejax import checkpoint, model
-from moejax.generate import Generator, put
-from moejax.mesh import make_mesh, parse_mesh
-from moejax.rules import load_layout
-from moejax.sampling import Sampling
+from moejax.checkpoint import store as checkpoint
+from moejax.models import counts
+from moejax.models import transformer as model
+from moejax.inference.generate import Generator, put
+from moejax.parallel.mesh import make_mesh, parse_mesh
+from moejax.parallel.rules import load_layout
+from moejax.inference.sampling import Sampling
 
 
 
@@ -82,7 +84,7 @@ def test_reshard_across_meshes_is_bit_exact_and_keeps_logits(tmp_path):
     shape = parse_mesh("1x2x2x2")
     mesh = make_mesh(shape)
     lay = load_layout("seed")
-    from moejax.config import load_config
+    from moejax.config.model import load_config
 
     cfg = load_config("tiny")
     stacked = model.init_params(cfg, 0, "float32", mesh, lay)
@@ -90,7 +92,7 @@ def test_reshard_across_meshes_is_bit_exact_and_keeps_logits(tmp_path):
     r = run_script("reshard.py", tmp_path / "a", tmp_path / "b", "--mesh", "4x2x4x4", "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout.strip().splitlines()[-1])
-    assert rep["verified"] and rep["bytes_moved"] == cfg.param_count() * 4
+    assert rep["verified"] and rep["bytes_moved"] == counts.param_count(cfg) * 4
     r = run_script("reshard.py", tmp_path / "b", tmp_path / "c", "--mesh", "1x1x1x1", "--layout", "ep-tp")
     assert r.returncode == 0, r.stderr
     one = make_mesh(parse_mesh("1x1x1x1"))
@@ -125,15 +127,15 @@ def test_reshard_casts_dtype_and_refuses_to_overwrite_without_force(imported, tm
 _SAVER = """
 import sys, numpy as np
 sys.path.insert(0, {repo!r})
-from moejax import checkpoint
-from moejax.config import load_config
-from moejax.rules import load_layout
-from moejax import model
+from moejax.checkpoint import store as checkpoint
+from moejax.config.model import load_config
+from moejax.parallel.rules import load_layout
+from moejax.models import transformer as model
 cfg = load_config("tiny")
 lay = load_layout("seed")
 checkpoint.save(sys.argv[1], model.init_params(cfg, 0, "float32"), cfg, lay, "float32", "1x1x1x1", step=0)
 big = load_config("seed")
-params = {{n: np.full(s, 0.5, np.float32) for n, s in __import__("moejax.rules", fromlist=["x"]).param_shapes(big).items()}}
+params = {{n: np.full(s, 0.5, np.float32) for n, s in __import__("moejax.models.params", fromlist=["x"]).param_shapes(big).items()}}
 print("saving", flush=True)
 checkpoint.save(sys.argv[1], params, big, lay, "float32", "1x1x1x1", step=1)
 print("saved", flush=True)

@@ -1,4 +1,4 @@
-"""Issue 17, checkpoints at real size: import, reshard and export stream in bounded blocks and give
+"""Checkpoints at real size: import, reshard and export stream in bounded blocks and give
 bit for bit what the whole-tensor path gave, on 1 to 128 devices; a tiny memory bound forces many
 blocks and still verifies; make_checkpoint.py is deterministic and its two formats agree; a kill
 midway leaves the destination absent and the source intact; an unwritable or full destination is
@@ -7,7 +7,6 @@ one line and exit code 2."""
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +17,12 @@ import numpy as np
 import pytest
 
 from helpers import FIXTURE, REPO, host_params, run_script
-from moejax import checkpoint, model
-from moejax.config import load_config
-from moejax.mesh import make_mesh, parse_mesh
-from moejax.rules import load_layout
+from moejax.checkpoint import store as checkpoint
+from moejax.models import transformer as model
+from moejax.config.model import load_config
+from moejax.parallel.mesh import make_mesh, parse_mesh
+from moejax.parallel.rules import load_layout
+from moejax.models import counts
 
 TINY_GB = "0.0002"  # 200 KB: blocks of a few rows, hundreds of them for the tiny model
 
@@ -66,7 +67,7 @@ def test_make_checkpoint_is_deterministic_and_its_formats_round_trip_through_imp
                        "--mesh", "1x2x2x2", "--max-memory-gb", TINY_GB, "--json"))
     sums = checkpoint.read_meta(str(tmp_path / "a"))[0]["checksums"]
     assert sums == checkpoint.read_meta(str(tmp_path / "b"))[0]["checksums"]
-    assert a["bytes"] == load_config("tiny").param_count() * 4
+    assert a["bytes"] == counts.param_count(load_config("tiny")) * 4
     got, _ = _restored(tmp_path / "b", "1x1x1x1")
     assert 0.018 < got["w1"].std() < 0.022 and np.all(got["attn_norm"] == 1)
     _report(run_script("make_checkpoint.py", "--config", "tiny", "--out", tmp_path / "hf", "--seed", "3",
@@ -86,7 +87,7 @@ def test_streaming_import_equals_the_whole_tensor_import(imported, tmp_path):
     """`imported` is the fixture through import_hf.py; the values are the fixture's HF tensors."""
     from safetensors.numpy import load_file
 
-    from moejax import hf
+    from moejax.checkpoint import hf
 
     cfg = hf.config_from_hf(FIXTURE)
     _report(run_script("import_hf.py", FIXTURE, tmp_path / "s", "--max-memory-gb", TINY_GB, "--json"))
@@ -152,7 +153,7 @@ def test_a_full_disk_or_an_unwritable_destination_is_one_line_and_exit_code_2(sc
 
 
 def test_the_tiled_transpose_export_uses_equals_numpys():
-    from moejax.hf import transpose
+    from moejax.models.hf_map import transpose
 
     m = np.random.default_rng(0).standard_normal((100, 3001)).astype(np.float16)  # past the tiled threshold
     assert np.array_equal(transpose(m), m.T) and transpose(m).flags.c_contiguous

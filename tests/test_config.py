@@ -2,8 +2,9 @@
 
 import pytest
 
-from moejax.config import config_from_dict, load_config, load_yaml, resolve_config_path
+from moejax.config.model import config_from_dict, load_config, load_yaml, resolve_config_path
 from moejax.errors import UserError
+from moejax.models import counts
 
 
 def test_seed_config_has_the_stated_dimensions_and_0_45b_parameters():
@@ -11,14 +12,14 @@ def test_seed_config_has_the_stated_dimensions_and_0_45b_parameters():
     assert (cfg.num_layers, cfg.num_experts, cfg.experts_per_token, cfg.d_model) == (16, 16, 2, 512)
     assert (cfg.num_heads, cfg.head_dim, cfg.num_kv_heads, cfg.expert_ffn) == (16, 32, 16, 1024)
     assert cfg.vocab_size == 32000 and cfg.param_dtype == "float16"
-    assert cfg.param_count() == 452_346_368
-    assert cfg.param_bytes() == 904_692_736
+    assert counts.param_count(cfg) == 452_346_368
+    assert counts.param_bytes(cfg) == 904_692_736
 
 
 def test_seed_10b_config_reaches_the_claimed_size():
     cfg = load_config("seed-10b")
-    assert cfg.param_count() == 10_063_775_744
-    assert abs(cfg.param_bytes() / 1e9 - 20.1) < 0.05
+    assert counts.param_count(cfg) == 10_063_775_744
+    assert abs(counts.param_bytes(cfg) / 1e9 - 20.1) < 0.05
 
 
 def test_flops_per_token_counts_active_experts_only():
@@ -26,9 +27,9 @@ def test_flops_per_token_counts_active_experts_only():
     dense_expert = 3 * cfg.d_model * cfg.expert_ffn
     attn = 4 * cfg.d_model * cfg.num_heads * cfg.head_dim
     want = cfg.num_layers * (attn + cfg.d_model * cfg.num_experts + 2 * dense_expert) + cfg.vocab_size * cfg.d_model
-    assert cfg.active_matmul_params_per_token() == want
-    assert cfg.flops_per_token_decode(0) == 2 * want
-    assert cfg.flops_per_token_prefill(127) == 2 * want + cfg.num_layers * 4 * 512 * 64
+    assert counts.active_matmul_params_per_token(cfg) == want
+    assert counts.flops_per_token_decode(cfg, 0) == 2 * want
+    assert counts.flops_per_token_prefill(cfg, 127) == 2 * want + cfg.num_layers * 4 * 512 * 64
 
 
 @pytest.mark.parametrize("change, message", [

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from helpers import RTOL, rel_err, run_script, setup
-from moejax import model
-from moejax.generate import put
+from moejax.models import transformer as model
+from moejax.inference.generate import put
 from moejax.errors import UserError
-from moejax.generate import Generator
-from moejax.mesh import make_mesh, parse_mesh
-from moejax.sampling import Sampling, sample
+from moejax.inference.generate import Generator
+from moejax.parallel.mesh import make_mesh, parse_mesh
+from moejax.inference.sampling import Sampling, sample
 
 PROMPTS = [[5, 17, 99, 3, 250, 7], [42, 42, 1, 200]]
 
@@ -80,7 +80,7 @@ def test_sampling_options():
     assert greedy.tolist() == np.argmax(np.asarray(logits), -1).tolist()
     assert np.asarray(sample(logits, key, temperature=1.0, top_k=1, top_p=1.0)).tolist() == greedy.tolist()
     assert np.asarray(sample(logits, key, temperature=1.0, top_k=0, top_p=1e-6)).tolist() == greedy.tolist()
-    # seeds, the greedy limit and each option's support: tests/test_defects_infer.py
+    # seeds, the greedy limit and each option's support: tests/test_infer_command.py
     top5 = np.argsort(-np.asarray(logits), -1)[:, :5]
     many = [np.asarray(sample(logits, jax.random.key(s), temperature=2.0, top_k=5, top_p=1.0)) for s in range(20)]
     assert all(t in top5[i] for m in many for i, t in enumerate(m))

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from moejax.errors import UserError
-from moejax.serving.loadgen import RequestResult, arrival_times, format_table, make_workload, run_load, summarize
+from moejax.bench.loadgen import RequestResult, arrival_times, format_table, make_workload, run_load, summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "bench_serve.py")
@@ -220,6 +220,6 @@ def test_bench_serve_checks_the_model_and_its_length(fake_server):
 
 
 def test_the_load_generator_does_not_import_jax():
-    code = "import sys; import moejax.serving.loadgen; assert 'jax' not in sys.modules, 'jax imported'"
+    code = "import sys; import moejax.bench.loadgen; assert 'jax' not in sys.modules, 'jax imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

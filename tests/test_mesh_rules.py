@@ -6,11 +6,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import run_script
-from moejax.config import load_config
+from moejax.config.model import load_config
 from moejax.errors import UserError
-from moejax.mesh import MeshShape, parse_mesh
-from moejax.plan import expert_ids, placement
-from moejax.rules import PARAM_AXES, layout_from_dict, load_layout
+from moejax.parallel.mesh import MeshShape, parse_mesh
+from moejax.models.placement import expert_ids, placement
+from moejax.models.params import param_axes, param_specs
+from moejax.parallel.rules import layout_from_dict, load_layout
 
 
 def test_mesh_strings_parse_in_dp_pp_tp_ep_order():
@@ -42,13 +43,13 @@ def test_seed_layout_on_4x2x4x4_gives_every_device_one_distinct_expert_per_layer
 
 
 def test_every_parameter_sharding_comes_from_the_table():
-    lay = load_layout("seed")
-    specs = lay.param_specs()
-    assert set(specs) == set(PARAM_AXES)
+    lay, cfg = load_layout("seed"), load_config("seed")
+    specs = param_specs(lay, cfg)
+    assert set(specs) == set(param_axes(cfg))
     assert specs["w1"] == P("pp", ("ep", "tp"), None, None)
     assert specs["wq"] == P("pp", None, "tp", None)
     assert specs["embed"] == P("tp", None)
-    assert load_layout("ep-tp").param_specs()["w2"] == P("pp", "ep", "tp", None)
+    assert param_specs(load_layout("ep-tp"), cfg)["w2"] == P("pp", "ep", "tp", None)
 
 
 def test_placement_of_the_seed_plan_passes_the_plans_checklist():

@@ -11,12 +11,12 @@ from jax.sharding import PartitionSpec as P
 
 import reference
 from helpers import RTOL, forward, host_params, rel_err, setup
-from moejax import model
-from moejax.config import load_config
-from moejax.generate import put
-from moejax.mesh import make_mesh, parse_mesh
-from moejax.moe import BATCHED_FRACTIONS, MoeSpec, moe_block, row_sizes
-from moejax.moe_ragged import ragged_exchange
+from moejax.models import transformer as model
+from moejax.config.model import load_config
+from moejax.inference.generate import put
+from moejax.parallel.mesh import make_mesh, parse_mesh
+from moejax.ops.moe.dispatch import BATCHED_FRACTIONS, MoeSpec, moe_block, row_sizes
+from moejax.ops.moe.ragged import ragged_exchange
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_ragged_exchange_emulation_matches_the_documented_example():
     args = dict(in_off=[[0, 1], [0, 1]], send=[[1, 2], [1, 1]], out_off=[[0, 0], [1, 2]], recv=[[1, 1], [2, 1]])
     f = jax.jit(jax.shard_map(
         lambda x, a, b, c, d: ragged_exchange(x[0, :, None], jnp.zeros((4, 1), x.dtype), a[0], b[0], c[0], d[0],
-                                              ("ep",))[None, :, 0],
+                                              ("ep",), "cpu")[None, :, 0],
         mesh=mesh, in_specs=P("ep"), out_specs=P("ep"), check_vma=False))
     got = f(operand, *(np.array(v, np.int32) for v in args.values()))
     np.testing.assert_array_equal(np.asarray(got), [[1, 3, 0, 0], [2, 2, 4, 0]])

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from helpers import RTOL, forward, rel_err, setup
-from moejax import model
-from moejax.generate import put
-from moejax.pipeline import bubble_fraction
+from moejax.config.model import load_config
+from moejax.models import transformer as model
+from moejax.models.params import layer_names
+from moejax.inference.generate import put
+from moejax.parallel.pipeline import bubble_fraction
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_bubble_fraction():
 def _layer_bytes_on_device0(params):
     dev = jax.devices()[0]
     total = 0
-    for a in jax.tree.leaves({n: params[n] for n in model.LAYER_PARAMS}):
+    for a in jax.tree.leaves({n: params[n] for n in layer_names(load_config("seed"))}):
         total += sum(s.data.nbytes for s in a.addressable_shards if s.device == dev)
     return total
 

@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 from helpers import REPO, run_script
 
-from moejax.config import load_config
-from moejax.mesh import parse_mesh
-from moejax.plan import placement
-from moejax.rules import load_layout
+from moejax.config.model import load_config
+from moejax.parallel.mesh import parse_mesh
+from moejax.models.placement import placement
+from moejax.parallel.rules import load_layout
 from moejax.planner import calibrate
 from moejax.planner.costmodel import Workload, collectives, hlo_bytes_by_kind, phase_cost, shapes, work
 from moejax.planner.layouts import evaluate, meshes_of, plan
 from moejax.planner.specs import Fractions, load_spec
+from moejax.models import counts
 
 FR = Fractions(matmul=0.5, bandwidth=0.6, layer_overhead_s=1e-4, round_overhead_s=2e-4)
-CPU_RUN = os.path.join(REPO, "docs", "cpu-seed-1x1x1x1-4x2x4x4.json")
+CPU_RUN = os.path.join(REPO, "results", "cpu-seed-1x1x1x1-4x2x4x4.json")
 
 
 @pytest.mark.parametrize("config,mesh,layout", [("seed", "4x2x4x4", "seed"), ("seed-10b", "2x2x4x2", "ep-tp"),
@@ -45,8 +46,8 @@ def test_flops_summed_over_devices_are_the_configs_analytic_count(config, mesh, 
     B, T, S = 64, 96, 300  # B fills every batch shard x microbatch of these meshes
     wl = Workload(batch=B, prompt_len=T, context=S, microbatches=micro)
     head = 2 * cfg.d_model * cfg.vocab_size
-    for phase, per_token, tokens in (("prefill", cfg.flops_per_token_prefill(T), B * T),
-                                     ("decode", cfg.flops_per_token_decode(S), B)):
+    for phase, per_token, tokens in (("prefill", counts.flops_per_token_prefill(cfg, T), B * T),
+                                     ("decode", counts.flops_per_token_decode(cfg, S), B)):
         s = shapes(cfg, lay, shape, wl, phase)
         assert s.b_pad == B
         w = work(cfg, lay, shape, wl, s, rows_factor=1.0)
@@ -60,8 +61,8 @@ def test_flops_summed_over_devices_are_the_configs_analytic_count(config, mesh, 
 def _compiled_hlo(mesh: str, layout: str, mode: str, B: int, T: int) -> tuple:
     from helpers import setup
 
-    from moejax import model
-    from moejax.generate import put
+    from moejax.models import transformer as model
+    from moejax.inference.generate import put
 
     rs, m, params = setup("tiny", mesh, layout, dtype="float32", moe_kernel="buffers")
     tok = put(m, rs.layout, "tokens", np.ones((B, T if mode == "prefill" else 1), np.int32))
@@ -158,7 +159,7 @@ def test_plan_and_validation_end_to_end(tmp_path):
     spec.write_text(open(os.path.join(REPO, "gpus", "h200.yaml")).read().replace("hbm_bytes: 141.0e9", "hbm_bytes: 1.0e9"))
     png = tmp_path / "plan.png"
     r = run_script("plan.py", "--config", "seed", "--devices", "4", "--gpu", spec, "--plot", png, "--json",
-                   "--calibrate", CPU_RUN, *[os.path.join(REPO, "docs", "gpu", f) for f in ("sized-10b-decode-b64.json",
+                   "--calibrate", CPU_RUN, *[os.path.join(REPO, "results", "gpu", f) for f in ("sized-10b-decode-b64.json",
                                                                                        "sized-seed-prefill-8x1024.json")])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -174,7 +175,7 @@ def test_plan_and_validation_end_to_end(tmp_path):
     assert png.stat().st_size > 10_000
 
     r = run_script("plan.py", "--calibrate", CPU_RUN, "--validate",
-                   os.path.join(REPO, "docs", "cpu-seed-1x1x1x1-4x2x4x4-run2.json"), "--json")
+                   os.path.join(REPO, "results", "cpu-seed-1x1x1x1-4x2x4x4-run2.json"), "--json")
     assert r.returncode == 0, r.stderr
     points = json.loads(r.stdout.strip().splitlines()[-1])["points"]
     assert {(p["mesh"], p["metric"]) for p in points} == {(m, k) for m in ("1x1x1x1", "4x2x4x4")

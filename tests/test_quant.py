@@ -1,4 +1,4 @@
-"""int8 weights (moejax/quant.py): the rounding, both matmul forms against the float64 reference on
+"""int8 weights (moejax/ops/quant.py): the rounding, both matmul forms against the float64 reference on
 sharded meshes, and quantized checkpoints moving between meshes and through the scripts."""
 
 import functools
@@ -11,19 +11,22 @@ from jax.sharding import NamedSharding
 
 import reference
 from helpers import RTOL, host_params, rel_err, run_script
-from moejax import checkpoint, model, quant
-from moejax.config import load_config
-from moejax.generate import put
-from moejax.mesh import make_mesh, parse_mesh
-from moejax.rules import QUANT_INPUT_DIMS, load_layout, param_shapes, scale_name
+from moejax.checkpoint import store as checkpoint
+from moejax.models import transformer as model
+from moejax.ops import quant
+from moejax.config.model import load_config
+from moejax.inference.generate import put
+from moejax.parallel.mesh import make_mesh, parse_mesh
+from moejax.models.params import param_shapes, param_specs, quant_dims, scale_name
+from moejax.parallel.rules import load_layout
 
 TOKENS = np.random.default_rng(3).integers(0, 256, (4, 11)).astype(np.int32)
 
 
 @functools.lru_cache(maxsize=None)
 def quantized_host(config: str = "tiny") -> dict:
-    return {n: np.asarray(v) for n, v in quant.quantize({n: jax.numpy.asarray(v) for n, v in
-                                                          host_params(config).items()}).items()}
+    return {n: np.asarray(v) for n, v in quant.quantize({n: jax.numpy.asarray(v) for n, v in host_params(config).items()},
+                                                        quant_dims(load_config(config))).items()}
 
 
 def quantized_forward(mesh: str, layout: str, kernel: str, form: str):
@@ -31,7 +34,7 @@ def quantized_forward(mesh: str, layout: str, kernel: str, form: str):
     m = make_mesh(shape)
     rs = model.RunSpec(load_config("tiny"), lay, shape, "float32", moe_kernel=kernel, quant="int8",
                        quant_matmul=form)
-    specs = lay.param_specs("int8")
+    specs = param_specs(lay, load_config("tiny"), "int8")
     params = {n: jax.device_put(v, NamedSharding(m, specs[n])) for n, v in quantized_host().items()}
     fwd = model.build(rs, m, "forward")
     lengths = np.full((TOKENS.shape[0],), TOKENS.shape[1], np.int32)
@@ -55,7 +58,7 @@ def test_each_output_channel_is_rounded_to_within_half_its_step():
     cfg = load_config("tiny")
     floats, q = host_params("tiny"), quantized_host()
     assert {n: v.shape for n, v in q.items()} == param_shapes(cfg, "int8")
-    for name, dims in QUANT_INPUT_DIMS.items():
+    for name, dims in quant_dims(cfg).items():
         w, s = floats[name].astype(np.float64), q[scale_name(name)].astype(np.float64)
         assert q[name].dtype == np.int8 and q[scale_name(name)].dtype == np.float32
         assert np.all(np.abs(w - q[name] * s) <= s / 2 * (1 + 1e-6)), name
@@ -94,16 +97,16 @@ def test_a_quantized_checkpoint_restores_bit_equal_on_another_mesh_and_layout(tm
     cfg, lay = load_config("tiny"), load_layout("seed")
     m = make_mesh(parse_mesh("1x2x2x2"))
     floats = model.init_params(cfg, 0, "float32", m, lay)
-    q = quant.quantize(floats)
-    assert q["w1"].sharding.spec == lay.param_specs("int8")["w1"]
-    assert q["w1_scale"].sharding.spec == lay.param_specs("int8")["w1_scale"]
+    q = quant.quantize(floats, quant_dims(cfg))
+    assert q["w1"].sharding.spec == param_specs(lay, cfg, "int8")["w1"]
+    assert q["w1_scale"].sharding.spec == param_specs(lay, cfg, "int8")["w1_scale"]
     checkpoint.save(str(tmp_path / "q"), q, cfg, lay, "float32", "1x2x2x2")
     other = load_layout("ep-tp")
     _, back, meta = checkpoint.restore(str(tmp_path / "q"), make_mesh(parse_mesh("1x1x4x2")), other)
     assert meta["quant"] == "int8"
     for n, v in quantized_host().items():
         assert back[n].dtype == v.dtype and np.array_equal(np.asarray(back[n]), v), n
-        assert back[n].sharding.spec == other.param_specs("int8")[n], n
+        assert back[n].sharding.spec == param_specs(other, cfg, "int8")[n], n
 
 
 def test_quantize_script_then_infer_on_a_sharded_mesh(tmp_path):
@@ -124,8 +127,8 @@ def test_quantize_script_then_infer_on_a_sharded_mesh(tmp_path):
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])["generated_ids"][0]
 
-    from moejax.generate import Generator
-    from moejax.sampling import Sampling
+    from moejax.inference.generate import Generator
+    from moejax.inference.sampling import Sampling
 
     rs = model.RunSpec(cfg, lay, parse_mesh("1x1x1x1"), "float32", quant="int8", quant_matmul="dequant")
     params = model.serving_params(checkpoint.load_weights(str(tmp_path / "q"), cfg, 0, "float32", one, lay), rs, one)
@@ -135,7 +138,7 @@ def test_quantize_script_then_infer_on_a_sharded_mesh(tmp_path):
     for script, args, says in [
             ("quantize.py", (tmp_path / "f", tmp_path / "q"), "exists"),
             ("quantize.py", (tmp_path / "q", tmp_path / "q2"), "already int8-quantized"),
-            ("export_hf.py", (tmp_path / "q", tmp_path / "hf"), "export_hf.py cannot take"),
+            ("export_hf.py", (tmp_path / "q", tmp_path / "hf"), "export-hf cannot take"),
             ("eval.py", ("--ckpt", tmp_path / "q", "--data", "README.md", "--seq-len", "8"), "eval.py"),
             ("infer.py", ("--ckpt", tmp_path / "f", "--quant", "int4"), "invalid choice: 'int4'")]:
         r = run_script(script, *args)

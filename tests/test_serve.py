@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import REPO, setup
-from moejax.serving.harness import ServerProcess
+from moejax.bench.harness import ServerProcess
 
 CONFIG = "configs/tiny.yaml"
 MAX_LEN = 128
@@ -63,8 +63,8 @@ def post(s: Server, body) -> httpx.Response:
 @pytest.fixture(scope="module")
 def reference():
     """Greedy tokens of each prompt alone, from the Generator infer.py runs (float32, 1 device)."""
-    from moejax.generate import Generator
-    from moejax.sampling import Sampling
+    from moejax.inference.generate import Generator
+    from moejax.inference.sampling import Sampling
 
     rs, m, params = setup(CONFIG, "1x1x1x1")
     gen = Generator(rs, m, params, 1, 96, MAX_LEN)
@@ -190,7 +190,8 @@ def test_bad_request_then_good(server, change, status, param):
 
 
 def test_not_json_and_unknown_route(server):
-    r = httpx.post(server.url + "/v1/completions", content=b"{nope", timeout=30)
+    r = httpx.post(server.url + "/v1/completions", content=b"{nope", headers={"Content-Type": "application/json"},
+                   timeout=30)
     assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v1/nothing", timeout=30)
     assert r.status_code == 404 and "error" in r.json()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import setup
-from moejax.sampling import sample, sample_rows
+from moejax.inference.sampling import sample, sample_rows
 from moejax.serving.engine import Engine, bucket, buckets
 from moejax.serving.request import Request, SamplingParams, StopText
 
@@ -87,8 +87,8 @@ def test_prefill_buckets():
 def test_static_engine_in_process():
     """Static batching (bench_compare's baseline; continuous batching is tested through the server):
     prompts longer than a chunk, more requests than slots, greedy tokens equal each prompt alone."""
-    from moejax.generate import Generator
-    from moejax.sampling import Sampling
+    from moejax.inference.generate import Generator
+    from moejax.inference.sampling import Sampling
 
     rs, m, params = setup("configs/tiny.yaml", "1x1x1x1")
     prompts = [[int(t) for t in np.random.default_rng(i).integers(3, 256, size=n)] for i, n in enumerate((5, 40, 70, 9))]

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from helpers import FIXTURE, REPO, forward, host_params
-from moejax import data, hf, model, train
-from moejax.config import load_config
-from moejax.generate import put
-from moejax.loss import Scorer
-from moejax.mesh import make_mesh, parse_mesh
-from moejax.rules import load_layout
+from moejax.training import data
+from moejax.checkpoint import hf
+from moejax.models import transformer as model
+from moejax.training import trainer as train
+from moejax.config.model import load_config
+from moejax.inference.generate import put
+from moejax.training.loss import Scorer
+from moejax.parallel.mesh import make_mesh, parse_mesh
+from moejax.parallel.rules import load_layout
 
 GRAD_RTOL = 1e-4  # per tensor: max |got - want| / max |want| (the bound against torch autograd)
 MESH_RTOL = 1e-5  # float32, sharded against one device
@@ -31,7 +34,7 @@ def _run(cfg, mesh_text, micro=1, layout="seed", **kw):
 
 
 def _placed(params, rs, mesh):
-    sh = model.param_shardings(mesh, rs.layout)
+    sh = model.param_shardings(mesh, rs.layout, rs.cfg)
     return {k: jax.device_put(np.asarray(v, np.float32), sh[k]) for k, v in params.items()}
 
 

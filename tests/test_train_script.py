@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from helpers import FIXTURE, REPO, run_script
-from moejax import checkpoint
-from moejax.mesh import make_mesh, parse_mesh
-from moejax.rules import load_layout
+from moejax.checkpoint import store as checkpoint
+from moejax.parallel.mesh import make_mesh, parse_mesh
+from moejax.parallel.rules import load_layout
 
 DATA = os.path.join(REPO, "data", "tinyshakespeare.txt")
 COMMON = ["--config", "tiny", "--data", DATA, "--batch", "8", "--seq-len", "16", "--lr", "3e-3", "--warmup", "2",

@@ -16,10 +16,10 @@ import math
 
 import numpy as np
 
-from moejax.config import load_config
+from moejax.config.model import load_config
 from moejax.errors import UserError
-from moejax.mesh import parse_mesh
-from moejax.rules import load_layout
+from moejax.parallel.mesh import parse_mesh
+from moejax.parallel.rules import load_layout
 from moejax.planner.costmodel import Workload, phase_cost
 from moejax.planner.specs import Fractions, MachineSpec, load_spec, sampled_cpu_spec
 

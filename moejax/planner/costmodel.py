@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from moejax.config import ModelConfig, dtype_bytes
-from moejax.mesh import AXES, MeshShape
-from moejax.moe import MoeSpec
-from moejax.moe_ragged import GROUPED_GEMMS
-from moejax.rules import Layout
+from moejax.config.model import ModelConfig, dtype_bytes
+from moejax.parallel.mesh import AXES, MeshShape
+from moejax.ops.moe.dispatch import MoeSpec
+from moejax.ops.moe.ragged import GROUPED_GEMMS
+from moejax.parallel.pipeline import default_microbatches
+from moejax.parallel.rules import Layout
 from moejax.planner.specs import Fractions, MachineSpec
+from moejax.models import counts
 
 KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 F32 = 4
@@ -102,15 +104,9 @@ class Shapes:
     rows: int  # buffer rows per (source, expert) of one exchange round
 
 
-def default_microbatches(pp: int, batch: int, batch_shards: int) -> int:
-    """The GPU rule of `pipeline.default_microbatches` (that function answers for the backend it
-    runs on, and the planner runs on a CPU for a GPU target)."""
-    return 1 if pp == 1 else max(1, min(2 * pp, -(-batch // batch_shards)))
-
-
 def shapes(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, phase: str) -> Shapes:
     shards = layout.shards("batch", mesh)
-    micro = wl.microbatches or default_microbatches(mesh.pp, wl.batch, shards)
+    micro = wl.microbatches or default_microbatches(mesh.pp, wl.batch, shards, "gpu")  # a GPU target
     mult = shards * micro
     b_pad = -(-wl.batch // mult) * mult
     b_loc = b_pad // shards
@@ -217,7 +213,7 @@ def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Sha
     D, H, G, K, F, E, k, V = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.expert_ffn,
                               cfg.num_experts, cfg.experts_per_token, cfg.vocab_size)
     L, tp = s.layers_local, mesh.tp
-    lp = cfg.layer_params()
+    lp = counts.layer_params(cfg)
     heads_local, kv_local = H // layout.shards("heads", mesh), G // layout.shards("kv_heads", mesh)
     f_local = F // layout.shards("expert_ffn", mesh)
     e_local = E // layout.shards("experts", mesh)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.config import ModelConfig, dtype_bytes
+from moejax.config.model import ModelConfig, dtype_bytes
 from moejax.errors import UserError
-from moejax.mesh import MeshShape
-from moejax.plan import placement
-from moejax.rules import Layout
+from moejax.parallel.mesh import MeshShape
+from moejax.models.placement import placement
+from moejax.parallel.rules import Layout
 from moejax.planner.costmodel import F32, Workload, phase_cost
 from moejax.planner.specs import Fractions, MachineSpec
+from moejax.models import counts
 
 OBJECTIVES = ("throughput", "ttft", "memory")
 
@@ -80,7 +81,7 @@ def evaluate(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, sp
               "kv_batch": pl["kv_batch"], "kv_len": pl["kv_max_len"], "activation_bytes": act,
               "total_bytes": total, "fraction": total / spec.hbm_bytes}
     n, B = mesh.size, wl.batch
-    useful = B * wl.prompt_len * cfg.flops_per_token_prefill(wl.prompt_len)  # bench.py's MFU numerator
+    useful = B * wl.prompt_len * counts.flops_per_token_prefill(cfg, wl.prompt_len)  # bench.py's MFU numerator
     prefill = {"ttft_s": pre.seconds, "prefill_tokens_per_ms_per_device": B * wl.prompt_len / pre.seconds / 1e3 / n,
                "mfu": useful / (pre.seconds * n * spec.peak_matmul_flops_per_s),
                "flops_per_device": pre.flops_per_device, "bytes_per_device": pre.bytes_per_device,

@@ -7,6 +7,7 @@ import dataclasses
 from moejax.planner.costmodel import KINDS, Workload
 from moejax.planner.layouts import Row
 from moejax.planner.specs import Fractions, MachineSpec
+from moejax.models import counts
 
 SHORT = {"all-to-all": "a2a", "all-gather": "ag", "reduce-scatter": "rs", "all-reduce": "ar",
          "collective-permute": "cp"}
@@ -54,7 +55,7 @@ def format_plan(cfg, devices: int, wl: Workload, spec: MachineSpec, fr: Fraction
     too_big = sum(r.feasible and not r.fits for r in rows)
     unusable = [r for r in rows if not r.feasible]
     lines = [
-        f"config {cfg.name}: {cfg.param_count():,} parameters; {devices} x {spec.name}; batch {wl.batch} x "
+        f"config {cfg.name}: {counts.param_count(cfg):,} parameters; {devices} x {spec.name}; batch {wl.batch} x "
         f"{wl.prompt_len}-token prompts, KV cache of {wl.context} positions, {wl.dtype}, MoE kernel {wl.kernel} "
         f"(executed / top-k expert rows in prefill: {wl.rows_factor:g}{'' if wl.expert_rows_factor else ', assumed'})",
         f"{len(rows)} layouts: {usable} usable and fit, {too_big} do not fit in memory, {len(unusable)} not usable by "
@@ -79,7 +80,7 @@ def format_plan(cfg, devices: int, wl: Workload, spec: MachineSpec, fr: Fraction
 
 def plan_json(cfg, devices: int, wl: Workload, spec: MachineSpec, fr: Fractions, rows: list[Row],
               objective: str, notes: list[str]) -> dict:
-    return {"config": cfg.name, "params_total": cfg.param_count(), "devices": devices, "objective": objective,
+    return {"config": cfg.name, "params_total": counts.param_count(cfg), "devices": devices, "objective": objective,
             "gpu": dataclasses.asdict(spec), "fractions": fr.as_dict(), "constants": constants(spec, fr),
             "workload": dataclasses.asdict(wl) | {"expert_rows_factor": wl.rows_factor},
             "layouts": [r.as_dict() for r in rows], "notes": notes}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from moejax.config import load_yaml
+from moejax.config.model import load_yaml
 from moejax.errors import UserError
 
 GPU_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "gpus")

@@ -1,12 +1,20 @@
 """The OpenAI-compatible HTTP API (Starlette): /v1/completions (JSON or server-sent events),
 /v1/models, /health, /metrics. Device work happens on the engines' threads; this event loop only
 validates, submits and relays events. Errors use OpenAI's envelope
-{"error": {"message", "type", "param", "code"}}."""
+{"error": {"message", "type", "param", "code"}}.
+
+Every request's work is bounded before it reaches an engine (docs/SERVING.md, "Limits"): the body
+is read up to `Limits.max_body_bytes` (413) within `Limits.body_timeout` (408), must be
+`application/json` (415), is parsed off the event loop, and its prompts, `n` and stop strings are
+checked against the context, the server's capacity and MAX_STOP / MAX_STOP_CHARS (400). With an
+API key every path but /health and /metrics needs `Authorization: Bearer KEY` (401)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import secrets
@@ -14,151 +22,153 @@ import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from moejax.errors import UserError
 from moejax.serving.metrics import CONTENT_TYPE
+from moejax.serving.protocol import ApiError, ServedModel, cut, decode_completion, error_body, error_response
 from moejax.serving.replicas import EngineDead, QueueFull, Router
-from moejax.serving.request import Request, SamplingParams
-from moejax.tokenizer import encode
+from moejax.serving.request import Event, Request
+from moejax.serving.server import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
 
-# fields OpenAI defines that this server does not implement: accepted only at their default
-UNSUPPORTED = {"logprobs": (None,), "echo": (False, None), "suffix": (None, ""), "best_of": (None, 1),
-               "logit_bias": (None, {}), "presence_penalty": (0, None), "frequency_penalty": (0, None),
-               "min_p": (0, None)}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def error_response(status: int, message: str, param=None, code=None) -> JSONResponse:
-    kind = {429: "rate_limit_error", 503: "service_unavailable"}.get(
-        status, "invalid_request_error" if 400 <= status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
 
 
 @dataclasses.dataclass(frozen=True)
-class ServedModel:
-    id: str
-    max_len: int  # prompt + max_tokens must fit (the KV cache's positions)
-    vocab_size: int
-    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+class Limits:
+    """What one HTTP request may cost (docs/SERVING.md, "Limits")."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a larger body is a 413, unread
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds to upload the body (408 after)
+    api_key: str | None = None  # Bearer key for every path but OPEN_PATHS (None: open)
+
+    def __post_init__(self):
+        if self.max_body_bytes < 1:
+            raise UserError(f"--max-body-bytes {self.max_body_bytes} must be >= 1")
+        if not (self.body_timeout > 0 and math.isfinite(self.body_timeout)):
+            raise UserError(f"--body-timeout {self.body_timeout} must be > 0 seconds")
 
 
-def _bad(message: str, param: str) -> ApiError:
-    return ApiError(400, message, param, "invalid_value")
+def _media_type(http: HttpRequest) -> str:
+    return http.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-def _number(body: dict, name: str, default, lo, hi, integer=False, lo_open=False):
-    v = body.get(name)
-    if v is None:
-        return default
-    kind = int if integer else (int, float)
-    if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v):
-        raise _bad(f"{name} {v!r} must be {'an integer' if integer else 'a finite number'}", name)
-    if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
-        low = f"> {lo}" if lo_open else f">= {lo}"
-        raise _bad(f"{name} {v!r} must be {low}" + (f" and <= {hi}" if hi is not None else ""), name)
-    return v
+async def read_body(http: HttpRequest, limits: Limits) -> bytes:
+    """The body, at most `limits.max_body_bytes` (ApiError 413; a Content-Length above it is refused
+    before anything is read) within `limits.body_timeout` seconds (ApiError 408). A client that
+    disconnects raises starlette's ClientDisconnect."""
+    cap = limits.max_body_bytes
+    too_large = ApiError(413, f"the request body is larger than this server's limit of {cap} bytes "
+                         "(--max-body-bytes)", None, "request_too_large")
+    declared = http.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > cap:
+        raise too_large
+    chunks, size = [], 0
+
+    async def collect():
+        nonlocal size
+        async with contextlib.aclosing(http.stream()) as stream:
+            async for chunk in stream:
+                size += len(chunk)
+                if size > cap:
+                    raise too_large
+                chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), limits.body_timeout)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout:g} s", None,
+                       "request_timeout") from None
+    return b"".join(chunks)
 
 
-def _token_list(v, name: str, vocab: int) -> list[int]:
-    if not v:
-        raise _bad(f"{name} is empty: give at least one token", name)
-    for t in v:
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise _bad(f"{name}: {t!r} is not a token id (an integer)", name)
-        if not 0 <= t < vocab:
-            raise _bad(f"{name}: token id {t} is outside the vocabulary [0, {vocab})", name)
-    return list(v)
+class ApiKeyAuth:
+    """ASGI middleware: every HTTP path but OPEN_PATHS needs `Authorization: Bearer KEY` (401 in
+    OpenAI's envelope otherwise). Keys are compared as SHA-256 digests in constant time."""
+
+    def __init__(self, app, key: str):
+        self.app, self.digest = app, hashlib.sha256(key.encode()).digest()
+
+    def allowed(self, headers) -> bool:
+        for name, value in headers:
+            if name == b"authorization":
+                scheme, _, token = value.strip().partition(b" ")
+                return scheme.lower() == b"bearer" and secrets.compare_digest(
+                    hashlib.sha256(token.strip()).digest(), self.digest)
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not self.allowed(scope["headers"]):
+            response = error_response(401, "a valid API key is required: send the header "
+                                      "'Authorization: Bearer KEY' (the server's --api-key)", None,
+                                      "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
-def _prompts(v, vocab: int) -> list[list[int]]:
-    """prompt: a string, a list of token ids, or a list of either (one choice each)."""
-    if isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(t, int) for t in v)):
-        v = [v]
-    if not isinstance(v, list) or not v:
-        raise _bad("prompt must be a string, a list of token ids, or a non-empty list of those", "prompt")
-    out = []
-    for p in v:
-        if isinstance(p, str):
-            if vocab < 256:
-                raise _bad(f"text prompts need the 256 byte tokens; this model's vocabulary is {vocab}: "
-                           "send token ids", "prompt")
-            try:
-                ids = encode(p, vocab)
-            except UnicodeEncodeError as e:
-                raise _bad(f"prompt is not valid Unicode text ({e.reason} at character {e.start})", "prompt") from None
-            out.append(_token_list(ids, "prompt", vocab))
-        elif isinstance(p, list):
-            out.append(_token_list(p, "prompt", vocab))
-        else:
-            raise _bad(f"prompt element {p!r} is neither a string nor a list of token ids", "prompt")
-    return out
+class Lifecycle:
+    """The app's open completions, for the server's stop (moejax/serving/server.py): `draining`
+    refuses new ones (503); `cut(reason)` ends every open one at once (a stream with an error
+    event and `data: [DONE]`, a JSON request with a 503); `dropped` counts those so ended. Used
+    on the event loop only."""
+
+    def __init__(self):
+        self.draining = False
+        self.open: dict[int, asyncio.Queue] = {}
+        self.dropped = 0
+        self._ids = 0
+
+    def register(self, events: asyncio.Queue) -> int:
+        self._ids += 1
+        self.open[self._ids] = events
+        return self._ids
+
+    def cut(self, reason: str) -> int:
+        for events in self.open.values():
+            events.put_nowait((None, Event([], "", "abort", error=reason)))
+        return len(self.open)
 
 
-def parse_completion(body, served: ServedModel) -> tuple[list[list[int]], int, SamplingParams, dict]:
-    """(prompts, n, sampling settings, options) from a /v1/completions body, or ApiError."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object", None)
-    model = body.get("model", served.id)
-    if model != served.id:
-        raise ApiError(404, f"model {model!r} does not exist; this server serves {served.id!r}", "model",
-                       "model_not_found")
-    if "prompt" not in body:
-        raise ApiError(400, "prompt is required", "prompt", "missing")
-    prompts = _prompts(body["prompt"], served.vocab_size)
-    for name, neutral in UNSUPPORTED.items():
-        if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in neutral):
-            raise _bad(f"{name} {body[name]!r} is not supported by this server (leave it out or at "
-                       f"{neutral[0]!r})", name)
-    max_tokens = _number(body, "max_tokens", 16, 1, None, integer=True)
-    n = _number(body, "n", 1, 1, 16, integer=True)
-    top_k = _number(body, "top_k", 0, -1, None, integer=True)  # -1 or 0: off; above the vocabulary: all
-    seed = _number(body, "seed", None, -2**63, 2**64 - 1, integer=True)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise _bad("stop must be a string or a list of strings", "stop")
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list):
-        raise _bad("stop_token_ids must be a list of token ids", "stop_token_ids")
-    stop_ids = _token_list(stop_ids, "stop_token_ids", served.vocab_size) if stop_ids else []
-    options = {}
-    for name in ("stream", "ignore_eos", "return_token_ids"):
-        v = body.get(name, False)
-        if not isinstance(v, bool):
-            raise _bad(f"{name} {v!r} must be true or false", name)
-        options[name] = v
-    so = body.get("stream_options") or {}
-    if not isinstance(so, dict):
-        raise _bad("stream_options must be an object", "stream_options")
-    options["include_usage"] = bool(so.get("include_usage", False))
-    longest = max(len(p) for p in prompts)
-    if longest + max_tokens > served.max_len:
-        raise _bad(f"prompt of {longest} tokens + max_tokens {max_tokens} = {longest + max_tokens} exceeds this "
-                   f"server's context of {served.max_len} tokens", "max_tokens")
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
-        top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True), top_k=max(top_k, 0),
-        seed=secrets.randbits(63) if seed is None else seed, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
-        ignore_eos=options["ignore_eos"])
-    return prompts, n, params, options
+class _Stream(StreamingResponse):
+    """A StreamingResponse that runs `cleanup` however it ends (even when the client leaves before
+    the body iterator started, so its generator's own `finally` never ran)."""
+
+    def __init__(self, content, cleanup, **kw):
+        super().__init__(content, **kw)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
 
 
-def create_app(router: Router, metrics, served: ServedModel) -> Starlette:
+def create_app(router: Router, metrics, served: ServedModel, limits: Limits | None = None) -> Starlette:
+    """The app; `app.state.lifecycle` (a Lifecycle) is how the server drains it."""
+    limits = limits or Limits()
+    life = Lifecycle()
+    shutting_down = "shutting_down"
+
     async def completions(http: HttpRequest):
+        if _media_type(http) != "application/json":
+            return error_response(415, f"Content-Type must be application/json, not "
+                                  f"{cut(http.headers.get('content-type', '(none)'), 60)!r}", None,
+                                  "unsupported_media_type")
         try:
-            body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(400, f"the request body is not JSON ({e})")
-        try:
-            prompts, n, params, opt = parse_completion(body, served)
+            if life.draining:
+                raise ApiError(503, "the server is shutting down", None, shutting_down)
+            raw = await read_body(http, limits)
+            prompts, n, params, opt = await asyncio.to_thread(decode_completion, raw, served, router.capacity)
+            if life.draining:  # the stop began while it was read
+                raise ApiError(503, "the server is shutting down", None, shutting_down)
+        except ClientDisconnect:  # the client left during its upload: nobody to answer, nothing to log
+            return Response(status_code=499)
         except ApiError as e:
             return error_response(e.status, e.message, e.param, e.code)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -183,11 +193,13 @@ def create_app(router: Router, metrics, served: ServedModel) -> Starlette:
             if isinstance(e, EngineDead):
                 return error_response(503, f"the engine has stopped: {e}")
             return error_response(429, f"the server is full: {e}; retry later", None, "queue_full")
+        key = life.register(events)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                 "model": served.id}
         usage = {"prompt_tokens": sum(len(r.prompt) for r, _ in subs), "completion_tokens": 0, "total_tokens": 0}
 
         def abort_all():
+            life.open.pop(key, None)
             for req, engine in subs:
                 if req.finish_reason is None:
                     engine.abort(req)
@@ -209,9 +221,14 @@ def create_app(router: Router, metrics, served: ServedModel) -> Starlette:
                 try:
                     while open_:
                         c, ev = await events.get()
-                        if ev.error:
-                            yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                                  "code": None}})
+                        if ev.error:  # the stream ends with an error event, then [DONE] as always
+                            if c is None:  # the server's stop cut it short
+                                life.dropped += 1
+                                err = error_body(503, ev.error, None, shutting_down)
+                            else:
+                                err = error_body(500, ev.error)
+                            yield _sse(err)
+                            yield "data: [DONE]\n\n"
                             return
                         chunk = {**head, "choices": [choice_json(c, ev.text, ev.token_ids, ev.finish_reason)]}
                         open_ -= ev.finish_reason is not None
@@ -223,8 +240,7 @@ def create_app(router: Router, metrics, served: ServedModel) -> Starlette:
                     yield "data: [DONE]\n\n"
                 finally:  # a client that disconnects lands here too (the task is cancelled)
                     abort_all()
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return _Stream(stream(), abort_all, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         texts, ids, reasons = [""] * len(subs), [[] for _ in subs], [None] * len(subs)
         checked = time.monotonic()
@@ -241,6 +257,9 @@ def create_app(router: Router, metrics, served: ServedModel) -> Starlette:
                 if ev is None:
                     continue
                 if ev.error:
+                    if c is None:  # the server's stop cut it short
+                        life.dropped += 1
+                        return error_response(503, ev.error, None, shutting_down)
                     return error_response(503, f"the engine stopped while serving the request: {ev.error}")
                 texts[c] += ev.text
                 ids[c] += ev.token_ids
@@ -267,11 +286,15 @@ def create_app(router: Router, metrics, served: ServedModel) -> Starlette:
         return error_response(exc.status_code, exc.detail or "error")
 
     async def server_error(_, exc: Exception):
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_response(500, f"internal error: {type(exc).__name__}: {cut(str(exc), 200)}")
 
     routes = [Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models),
               Route("/health", health), Route("/metrics", metrics_)]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    middleware = [Middleware(ApiKeyAuth, key=limits.api_key)] if limits.api_key else []
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.state.lifecycle = life
+    return app
 
 
 def _sse(obj) -> str:

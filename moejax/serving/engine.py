@@ -29,9 +29,9 @@ import traceback
 import jax
 import numpy as np
 
-from moejax import model
-from moejax.generate import fetch, put
-from moejax.sampling import sample_rows
+from moejax.models import transformer as model
+from moejax.inference.generate import fetch, put
+from moejax.inference.sampling import sample_rows
 from moejax.serving.request import Event, Request
 
 log = logging.getLogger("moejax.serving")
@@ -211,8 +211,12 @@ class Engine:
             if kind == "add":
                 self.waiting.append(req)
             elif kind == "abort":
-                if req in self.waiting:
+                if req in self.waiting:  # aborted before it had a slot: counted like any abort
                     self.waiting.remove(req)
+                    req.finish_reason = "abort"
+                    req.emit(Event([], "", "abort"))
+                    if self.metrics:
+                        self.metrics.finished(self.index, req)
                 elif req.slot is not None and self.slot_req[req.slot] is req:
                     self._finish(req, "abort")
 

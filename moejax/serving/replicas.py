@@ -9,9 +9,9 @@ import threading
 
 import jax
 
-from moejax import model
+from moejax.models import transformer as model
 from moejax.errors import UserError
-from moejax.mesh import AXES, MeshShape, make_mesh
+from moejax.parallel.mesh import AXES, MeshShape, make_mesh
 from moejax.serving.engine import Engine
 from moejax.serving.request import Request
 
@@ -66,6 +66,13 @@ class Router:
             return engine
 
     @property
+    def capacity(self) -> int:
+        """The most requests (sequences) this router can ever hold at once: each live engine's slots
+        plus `max_waiting`. A request of more sequences than this can never be admitted (a 400, not
+        a 429 to retry)."""
+        return sum(e.slots + self.max_waiting for e in self.engines if e.dead is None)
+
+    @property
     def dead(self) -> str | None:
         errors = [e.dead for e in self.engines if e.dead]
         return errors[0] if len(errors) == len(self.engines) else None
@@ -80,7 +87,7 @@ class Router:
 def check_slots(slots: int, rs: model.RunSpec) -> int:
     """Slots per replica: a multiple of its batch shards, with >= 2 rows per shard on CPU."""
     per = replica_spec(rs).batch_multiple
-    least = per * (2 if jax.default_backend() == "cpu" else 1)
+    least = per * (2 if rs.platform == "cpu" else 1)
     if slots < least or slots % per:
         raise UserError(f"--slots {slots}: need a multiple of {per} (the replica's batch shards x microbatches), "
                         f"at least {least}")

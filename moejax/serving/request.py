@@ -4,7 +4,9 @@ stop strings applied, and its timestamps. No JAX here."""
 from __future__ import annotations
 
 import codecs
+import collections
 import dataclasses
+import functools
 import itertools
 import time
 from typing import Callable
@@ -38,14 +40,63 @@ class Event:
     error: str | None = None
 
 
+class StopMatcher:
+    """An Aho-Corasick automaton over stop strings: `step` advances a state by one character in
+    amortised O(1), whatever the number and length of the stop strings. A state is the longest end
+    of the text that begins some stop string; `depth[state]` is its length (the text to hold back)
+    and `out[state]` the length of the longest stop string ending there (0: none)."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        goto: list[dict[str, int]] = [{}]
+        depth, out = [0], [0]
+        for s in stop:
+            node = 0
+            for ch in s:
+                nxt = goto[node].get(ch)
+                if nxt is None:
+                    nxt = len(goto)
+                    goto.append({})
+                    depth.append(depth[node] + 1)
+                    out.append(0)
+                    goto[node][ch] = nxt
+                node = nxt
+            out[node] = len(s)
+        fail = [0] * len(goto)
+        queue = collections.deque(goto[0].values())
+        while queue:  # breadth first: a node's failure link is shallower, so already final
+            u = queue.popleft()
+            for ch, v in goto[u].items():
+                queue.append(v)
+                f = fail[u]
+                while f and ch not in goto[f]:
+                    f = fail[f]
+                fail[v] = goto[f].get(ch, 0)
+                out[v] = out[v] or out[fail[v]]
+        self.goto, self.fail, self.depth, self.out = goto, fail, depth, out
+
+    def step(self, state: int, ch: str) -> int:
+        goto, fail = self.goto, self.fail
+        while state and ch not in goto[state]:
+            state = fail[state]
+        return goto[state].get(ch, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def stop_matcher(stop: tuple[str, ...]) -> StopMatcher:
+    """One automaton per distinct stop list (the n choices of a request share it)."""
+    return StopMatcher(stop)
+
+
 class StopText:
     """Incremental UTF-8 text of byte tokens with stop strings: `add` returns the text that is now
     safe to show, holding back the longest tail that begins a stop string; `hit` is set when a
-    stop string appears, and the text ends before it (OpenAI's convention)."""
+    stop string appears, and the text ends before it (OpenAI's convention). Each character costs
+    amortised O(1) (StopMatcher), so a request's stop strings cannot slow the engine's step down."""
 
     def __init__(self, stop: tuple[str, ...]):
         self.stop = tuple(s for s in stop if s)
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.matcher = stop_matcher(self.stop) if self.stop else None
+        self.state = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # everything decoded so far (up to a stop string)
         self.shown = 0  # characters already returned
@@ -62,28 +113,28 @@ class StopText:
 
     def flush(self) -> str:
         """The rest of the text, once no more tokens come."""
+        if self.hit:
+            return ""
         return self._extend(self.decoder.decode(b"", final=True), final=True)
 
     def _extend(self, piece: str, final: bool) -> str:
-        start = max(0, len(self.text) - self.hold)
+        base = len(self.text)
         self.text += piece
-        for s in self.stop:
-            at = self.text.find(s, start)
-            if at >= 0:
-                self.text, self.hit, final = self.text[:at], True, True
-        end = len(self.text) if final else max(self.shown, len(self.text) - self._open_prefix())
+        m = self.matcher
+        if m is not None and piece:
+            state, cut = self.state, None
+            for i, ch in enumerate(piece):
+                state = m.step(state, ch)
+                if m.out[state]:  # a stop string ends here: the earliest start in this piece wins
+                    at = base + i + 1 - m.out[state]
+                    cut = at if cut is None else min(cut, at)
+            self.state = state
+            if cut is not None:
+                self.text, self.hit, final = self.text[:cut], True, True
+        hold = 0 if final or m is None else m.depth[self.state]
+        end = len(self.text) if final else max(self.shown, len(self.text) - hold)
         out, self.shown = self.text[self.shown:end], end
         return out
-
-    def _open_prefix(self) -> int:
-        """Length of the longest end of the text that begins some stop string (held back)."""
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
 
 
 class Request:
@@ -95,6 +146,7 @@ class Request:
         self.prompt, self.params, self.emit = list(prompt), params, emit
         self.generated: list[int] = []
         self.text = StopText(params.stop)
+        self.stop_ids = frozenset(params.stop_token_ids)  # a set: membership per token is O(1)
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.slot: int | None = None
         self.finish_reason: str | None = None
@@ -115,7 +167,7 @@ class Request:
         self.previous_token, self.last_token = self.last_token, now
         self.generated.append(token)
         p = self.params
-        if token in p.stop_token_ids or (token == eos_id and not p.ignore_eos):
+        if token in self.stop_ids or (token == eos_id and not p.ignore_eos):
             self.finish_reason = "stop"
             return Event([token], self.text.flush(), "stop")
         text = self.text.add(token)

@@ -1,0 +1,1 @@
+"""Benchmark clients, peers and roofline sampling. The product never imports this package."""

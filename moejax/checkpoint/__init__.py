@@ -1,0 +1,1 @@
+"""Checkpoints: format and checksums <- streamed blocks <- orbax save/restore <- operations."""

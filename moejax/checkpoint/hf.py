@@ -1,0 +1,261 @@
+"""Hugging Face checkpoints: config.json through the family registry, streaming import and sharded
+export. The tensor names and layouts are the family's (models/hf_map.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from moejax.config.model import ModelConfig, config_from_dict
+from moejax.errors import UserError
+from moejax.models import registry
+from moejax.models.hf_map import config_to_hf, hf_tensors, to_hf
+from moejax.models.params import param_shapes
+
+__all__ = ["config_from_hf", "config_to_hf", "hf_tensors", "to_hf", "read_hf", "write_hf", "write_hf_streaming",
+           "HFReader"]
+
+
+def config_from_hf(hf_dir: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face checkpoint directory; any malformed field is one line."""
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except OSError as e:
+        from moejax.errors import os_reason
+
+        raise UserError(f"{hf_dir!r} is not a Hugging Face checkpoint: no readable config.json "
+                        f"({os_reason(e, path)})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise UserError(f"{path}: not valid JSON") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise UserError(f"{path}: not readable JSON ({str(e)[:80]})") from None
+    if not isinstance(c, dict):
+        raise UserError(f"{path}: expected a JSON object of config fields, not a {type(c).__name__}")
+    family = registry.get(c.get("model_type"), f"{path}: model_type")
+    fields = family.config_from_hf(c, path)
+    return config_from_dict(fields, os.path.basename(os.path.abspath(hf_dir)))
+
+
+def _weight_files(hf_dir: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file, from the index or the single file."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise UserError(f"{index}: not a safetensors index (needs 'weight_map')") from None
+        return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+    single = os.path.join(hf_dir, "model.safetensors")
+    if not os.path.isfile(single):
+        raise UserError(f"{hf_dir!r}: no model.safetensors or model.safetensors.index.json")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(single, framework="flax") as f:
+            return {k: single for k in f.keys()}
+    except _read_errors() as e:
+        raise UserError(f"{single}: not a readable safetensors file ({_reason(e, single)})") from None
+
+
+def read_hf(hf_dir: str, progress=None) -> tuple[ModelConfig, dict]:
+    """Config and stacked host parameters, read tensor by tensor (peak ~ one copy of the model)."""
+    from safetensors import safe_open
+
+    cfg = config_from_hf(hf_dir)
+    files = _weight_files(hf_dir)
+    shapes = param_shapes(cfg)
+    params = {n: np.empty(s, _np_dtype(cfg.param_dtype)) for n, s in shapes.items()}
+    entries = list(hf_tensors(cfg))
+    handles = {}
+    try:
+        for i, (hf_name, name, idx, fn) in enumerate(entries):
+            if hf_name not in files:
+                raise UserError(f"{hf_dir!r}: tensor {hf_name!r} is missing")
+            path = files[hf_name]
+            try:
+                if path not in handles:
+                    handles[path] = safe_open(path, framework="flax").__enter__()
+                t = np.asarray(handles[path].get_tensor(hf_name))
+            except _read_errors() as e:
+                raise UserError(f"{path}: tensor {hf_name!r} unreadable ({_reason(e, path)})") from None
+            want = shapes[name][len(idx):]
+            got = fn(t)
+            if got.shape != want:
+                raise UserError(f"{path}: tensor {hf_name!r} has shape {tuple(t.shape)}, which does not fit "
+                                f"the config (moejax {name} slice {want})")
+            params[name][idx] = got
+            if progress:
+                progress(i + 1, len(entries))
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return cfg, params
+
+
+def write_hf(out_dir: str, cfg: ModelConfig, params: dict, max_shard_bytes: int = 5 * 2**30, progress=None):
+    """config.json plus safetensors: one file, or shards and an index past `max_shard_bytes`."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg), f, indent=2)
+    return write_hf_streaming(out_dir, cfg, lambda name, idx: to_hf(cfg, name, np.asarray(params[name][idx])),
+                              max_shard_bytes, progress)
+
+
+def write_hf_streaming(out_dir: str, cfg: ModelConfig, fill, max_shard_bytes: int = 5 * 2**30, progress=None):
+    """The safetensors files (and index) of `write_hf`, tensor by tensor: `fill(name, index)` gives the
+    moejax slice `name[index]` already in HF form (`to_hf`) when its turn comes."""
+    from moejax.checkpoint.blocks import write_safetensors
+
+    entries = list(hf_tensors(cfg))
+    shapes = param_shapes(cfg)
+    item = np.dtype(_np_dtype(cfg.param_dtype)).itemsize
+    groups, cur, size = [], [], 0
+    for e in entries:
+        n = int(np.prod(shapes[e[1]][len(e[2]):])) * item
+        if cur and size + n > max_shard_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += n
+    groups.append(cur)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map, done, total = {}, 0, 0
+    for fname, group in zip(names, groups):
+        by_name = {hf_name: (name, idx) for hf_name, name, idx, _ in group}
+        hf_shapes = [(hf_name, to_hf(cfg, name, np.empty(shapes[name][len(idx):], np.uint8)).shape, cfg.param_dtype)
+                     for hf_name, name, idx, _ in group]
+        total += write_safetensors(os.path.join(out_dir, fname), hf_shapes, lambda h: fill(*by_name[h]),
+                                   metadata={"format": "pt"})
+        weight_map.update({h: fname for h in by_name})
+        done += len(group)
+        if progress:
+            progress(done, len(entries))
+    if len(groups) > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def units(cfg: ModelConfig) -> dict:
+    """{(moejax name, index): (HF name, HF -> moejax transform)} for every HF tensor."""
+    return {(name, idx): (hf_name, fn) for hf_name, name, idx, fn in hf_tensors(cfg)}
+
+
+class HFReader:
+    """HF tensors by moejax (name, index), from the safetensors files of `hf_dir`, one at a time."""
+
+    def __init__(self, hf_dir: str, cfg: ModelConfig):
+        self.hf_dir, self.cfg = hf_dir, cfg
+        self.files = _weight_files(hf_dir)
+        self.units = units(cfg)
+        self.shapes = param_shapes(cfg)
+        self.handles, self.headers = {}, {}
+        self.lock = __import__("threading").Lock()
+
+    def _header(self, path: str) -> dict:
+        """The safetensors header of `path` (the tensors are then read with plain reads: a memory map
+        would count every page touched in this process's RSS)."""
+        with self.lock:
+            return self._open(path)
+
+    def _open(self, path: str) -> tuple:
+        import struct
+
+        if path not in self.handles:
+            f = open(path, "rb")
+            self.handles[path] = f
+            try:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            except (struct.error, ValueError, UnicodeDecodeError) as e:
+                raise UserError(f"{path}: not a readable safetensors file ({e}: truncated, damaged or not "
+                                f"safetensors)") from None
+            size = os.fstat(f.fileno()).st_size
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise UserError(f"{path}: not a readable safetensors file ({size} bytes, its header needs "
+                                f"{8 + n + end}: truncated)")
+            self.headers[path] = (8 + n, header)
+        return self.headers[path]
+
+    def unit(self, name: str, idx: tuple) -> np.ndarray:
+        hf_name, fn = self.units[(name, idx)]
+        if hf_name not in self.files:
+            raise UserError(f"{self.hf_dir!r}: tensor {hf_name!r} is missing")
+        path = self.files[hf_name]
+        try:
+            base, header = self._header(path)
+            if hf_name not in header:
+                raise UserError(f"{path}: tensor {hf_name!r} is missing")
+            h = header[hf_name]
+            dtype = {"F32": np.dtype("float32"), "F16": np.dtype("float16"), "BF16": _bf16()}.get(h["dtype"])
+            if dtype is None:
+                raise UserError(f"{path}: tensor {hf_name!r} has dtype {h['dtype']}; moejax reads F32, F16, BF16")
+            b0, b1 = h["data_offsets"]
+            t = np.empty(h["shape"], dtype)
+            if t.nbytes != b1 - b0:
+                raise UserError(f"{path}: tensor {hf_name!r}: {b1 - b0} bytes for shape {h['shape']}: damaged")
+            got = os.preadv(self.handles[path].fileno(), [memoryview(t.reshape(-1).view(np.uint8))], base + b0)
+            if got != t.nbytes:  # (pread: safe from several threads)
+                raise UserError(f"{path}: tensor {hf_name!r} unreadable (end of file: truncated)")
+        except OSError as e:
+            raise UserError(f"{path}: tensor {hf_name!r} unreadable ({_reason(e, path)})") from None
+        want = self.shapes[name][len(idx):]
+        got = fn(t)
+        if got.shape != want:
+            raise UserError(f"{path}: tensor {hf_name!r} has shape {tuple(t.shape)}, which does not fit "
+                            f"the config (moejax {name} slice {want})")
+        return np.ascontiguousarray(got)
+
+    def block(self, name: str, index: tuple) -> np.ndarray:
+        """moejax `name[index]` for a block of whole HF tensors (ints, then one slice, over their axes)."""
+        n = len(next(i for (m, i) in self.units if m == name))
+        shape = self.shapes[name]
+        ranges = [[i] if isinstance(i, (int, np.integer)) else range(*i.indices(shape[j])) for j, i in enumerate(index[:n])]
+        ranges += [range(shape[j]) for j in range(len(index), n)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        idxs = [tuple(int(r[k]) for r, k in zip(ranges, ix)) for ix in np.ndindex(*[len(r) for r in ranges])]
+        with ThreadPoolExecutor(2) as pool:  # reads and transposes release the GIL: two cores work
+            parts = list(pool.map(lambda i: self.unit(name, i), idxs))
+        if n == 0:
+            return parts[0][index] if index else parts[0]
+        lead = [len(r) for j, r in enumerate(ranges) if j >= len(index) or not isinstance(index[j], (int, np.integer))]
+        return np.stack(parts).reshape(tuple(lead) + shape[n:])
+
+    def close(self):
+        for h in self.handles.values():
+            h.close()
+        self.handles, self.headers = {}, {}
+
+
+def _read_errors() -> tuple:
+    """What a missing, unreadable, truncated or malformed safetensors file raises (anything else
+    is a bug and propagates)."""
+    from safetensors import SafetensorError
+
+    return (OSError, SafetensorError)
+
+
+def _reason(e: Exception, path: str) -> str:
+    if isinstance(e, OSError):
+        from moejax.errors import os_reason
+
+        return os_reason(e, path)
+    return f"{e}: truncated, damaged or not safetensors"
+
+
+def _bf16():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
+
+
+def _np_dtype(dtype: str):
+    return _bf16() if dtype == "bfloat16" else np.dtype(dtype)

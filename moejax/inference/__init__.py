@@ -1,0 +1,1 @@
+"""Generation: the compiled prefill/decode loop and sampling."""

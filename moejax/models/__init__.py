@@ -1,0 +1,1 @@
+"""The sharded transformer program and the model families that plug into it (one package each)."""

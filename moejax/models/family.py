@@ -1,0 +1,53 @@
+"""The model-family boundary: what a family declares, and nothing else.
+
+A family is a package under `moejax/models/<family>/` exporting `FAMILY`: one table of its
+parameters (each one's name, stacked shape, logical axes, int8 input dimensions, Hugging Face
+tensor name and how it is laid out there), its per-device decoder layer, its router and its
+Hugging Face config mapping. Shared code reads these tables (`models/params.py`, `models/hf_map.py`)
+and never branches on a family's name; `models/registry.py` looks a family up by HF `model_type`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from moejax.config.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One stacked parameter (checkpoint layout: layer tensors are [L, ...])."""
+
+    name: str
+    shape: Callable[[ModelConfig], tuple]  # the stacked shape under a config
+    axes: tuple  # logical axis of each dimension (parallel/rules.py LOGICAL_AXES; None: never sharded)
+    quant_dims: tuple = ()  # int8: the input (contracted) dims of the stacked tensor; () = kept in float
+    hf: str = ""  # HF tensor name; {l} is the layer, {e} the expert
+    hf_transpose: bool = False  # HF stores it as a torch Linear [out, in]; moejax as [in..., out...]
+    in_rank: int = 1  # leading dims of the moejax slice that form torch's `in` (wo [H, K, D]: 2)
+    init: str = "normal"  # random init: "normal" (std 0.02) or "ones" (norms)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.axes[:1] == ("layers",)
+
+    @property
+    def per_expert(self) -> bool:
+        return "experts" in self.axes
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: its parameter table, per-device layer, router and HF config mapping."""
+
+    model_type: str  # Hugging Face `model_type`, the registry key and `ModelConfig.family`
+    hf_architecture: str  # `architectures[0]` of an exported config.json
+    params: tuple  # of Param, in checkpoint order
+    layer: Callable  # (x_BTD, valid_BT, w, side, mode, kv, row0, rs) -> (x_BTD, kv, moe stats)
+    router: str  # ops/moe/router.py ROUTERS key
+    config_from_hf: Callable[[dict, str], dict]  # config.json (a dict), its path -> ModelConfig fields
+    config_to_hf: Callable[[ModelConfig], dict]
+
+    def table(self) -> dict:
+        return {p.name: p for p in self.params}

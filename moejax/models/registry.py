@@ -1,0 +1,23 @@
+"""Model families by Hugging Face `model_type` (`ModelConfig.family`)."""
+
+from __future__ import annotations
+
+from moejax.config.model import ModelConfig
+from moejax.errors import UserError
+from moejax.models.family import Family
+from moejax.models.mixtral import FAMILY as MIXTRAL
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (MIXTRAL,)}
+
+
+def get(model_type: str, where: str = "config") -> Family:
+    """The family of a `model_type`, or a one-line error naming the ones moejax implements."""
+    try:
+        return FAMILIES[model_type]
+    except (KeyError, TypeError):
+        raise UserError(f"{where}: model family {str(model_type)[:80]!r} is not implemented; "
+                        f"valid: {', '.join(sorted(FAMILIES))}") from None
+
+
+def family_of(cfg: ModelConfig) -> Family:
+    return get(cfg.family, f"config {cfg.name}")

@@ -1,0 +1,1 @@
+"""Per-device math that knows no model family: norms, RoPE, attention, int8 matmuls, MoE routing and dispatch."""

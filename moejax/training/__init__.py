@@ -1,0 +1,1 @@
+"""Training: the loss inside the shard_map, the optimizer and train step, data windows."""
