@@ -19,7 +19,15 @@ POLICIES = ("dropless", "drop", "reroute")  # MoE capacity policies (moe.py)
 KERNELS = ("auto", "buffers", "batched", "ragged", "ragged-mgpu", "ragged-tokamax")  # MoE kernels (moe.py's docstring)
 QUANT_SCHEMES = ("int8",)  # weight quantization (quant.py)
 QUANT_MATMULS = ("auto", "dequant", "dynamic")  # how a quantized matrix is multiplied (quant.py)
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+QK_NORMS = ("none", "head")  # RMSNorm of q and k before RoPE: none, or over each head's dims (Qwen3)
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/, meshes/, gpus/
+_CONFIG_DIR = os.path.join(REPO_DIR, "configs")
+
+
+def preset_candidates(path: str, folder: str) -> list[str]:
+    """Where a preset named `path` may be: as given (from the working directory), then the shipped
+    `folder/` under the repository (`seed`, `seed.yaml` or `configs/seed.yaml` from any directory)."""
+    return [path, os.path.join(REPO_DIR, path), os.path.join(folder, path), os.path.join(folder, path + ".yaml")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +54,8 @@ class ModelConfig:
     eos_token_id: int = 2
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training (HF Mixtral's)
     family: str = "mixtral"  # the model family (moejax/models/<family>/), a Hugging Face model_type
+    qk_norm: str = "none"  # QK_NORMS: "head" normalises q and k per head (weights [K]) before RoPE
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1 (Mixtral does)
     description: str = ""
 
     def __post_init__(self):
@@ -70,6 +80,10 @@ class ModelConfig:
             raise UserError(f"config {self.name}: router_aux_loss_coef={self.router_aux_loss_coef!r} must be >= 0")
         if not (isinstance(self.family, str) and self.family):
             raise UserError(f"config {self.name}: family={self.family!r} must be a model family name (e.g. mixtral)")
+        if self.qk_norm not in QK_NORMS:
+            raise UserError(f"config {self.name}: qk_norm={self.qk_norm!r}; valid: {', '.join(QK_NORMS)}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise UserError(f"config {self.name}: norm_topk_prob={self.norm_topk_prob!r} must be true or false")
         for f in ("bos_token_id", "eos_token_id"):
             v = getattr(self, f)
             if not (isinstance(v, int) and 0 <= v < self.vocab_size):
@@ -110,8 +124,7 @@ def config_from_dict(d: dict, name: str) -> ModelConfig:
 
 def resolve_config_path(path: str) -> str:
     """`configs/seed.yaml`, a file path, or a bare name like `seed` (looked up in configs/)."""
-    candidates = [path, os.path.join(_CONFIG_DIR, path), os.path.join(_CONFIG_DIR, path + ".yaml")]
-    for c in candidates:
+    for c in preset_candidates(path, _CONFIG_DIR):
         if os.path.isfile(c):
             return c
     shipped = sorted(f[:-5] for f in os.listdir(_CONFIG_DIR) if f.endswith(".yaml")) \

@@ -48,6 +48,7 @@ class Family:
     router: str  # ops/moe/router.py ROUTERS key
     config_from_hf: Callable[[dict, str], dict]  # config.json (a dict), its path -> ModelConfig fields
     config_to_hf: Callable[[ModelConfig], dict]
+    fixed: tuple = ()  # (config field, value) pairs the family's weights imply (its table has q_norm or not)
 
     def table(self) -> dict:
         return {p.name: p for p in self.params}

@@ -6,8 +6,9 @@ from moejax.config.model import ModelConfig
 from moejax.errors import UserError
 from moejax.models.family import Family
 from moejax.models.mixtral import FAMILY as MIXTRAL
+from moejax.models.qwen3_moe import FAMILY as QWEN3_MOE
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (MIXTRAL,)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE)}
 
 
 def get(model_type: str, where: str = "config") -> Family:
@@ -20,4 +21,9 @@ def get(model_type: str, where: str = "config") -> Family:
 
 
 def family_of(cfg: ModelConfig) -> Family:
-    return get(cfg.family, f"config {cfg.name}")
+    family = get(cfg.family, f"config {cfg.name}")
+    for field, value in family.fixed:
+        if getattr(cfg, field) != value:
+            raise UserError(f"config {cfg.name}: {field}={getattr(cfg, field)!r} does not fit family {family.model_type} "
+                            f"(its weights need {field}={value!r})")
+    return family

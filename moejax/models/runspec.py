@@ -96,7 +96,7 @@ class RunSpec:
             ffn_axis=ffn[0] if ffn and self.shape.tp > 1 else None,
             ffn_shards=self.layout.shards("expert_ffn", self.shape),
             round_axes=tuple(a for a in AXES if a != "pp"), kernel=self.kernel, differentiable=self.training,
-            router=self.family.router, platform=self.platform)
+            router=self.family.router, renormalize=self.cfg.norm_topk_prob, platform=self.platform)
 
     @property
     def kernel(self) -> str:

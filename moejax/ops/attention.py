@@ -25,7 +25,8 @@ def bits(x, dtype):
 
 
 def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platform: str):
-    """Pre-norm attention on this device's heads with its KV cache (w: attn_norm, wq, wk, wv, wo;
+    """Pre-norm attention on this device's heads with its KV cache (w: attn_norm, wq, wk, wv, wo, and
+    q_norm, k_norm under `cfg.qk_norm`;
     `mode` as models/transformer.py `build`). Returns the partial (over tp) output [B, T, D] f32 and kv."""
     cdt = x_BTD.dtype
     h_BTD = layers.rmsnorm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
@@ -34,6 +35,9 @@ def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platf
     q_BTHK = q8.matmul("btd,dj->btj", h_BTD, heads(w["wq"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
     k_BTGK = q8.matmul("btd,dj->btj", h_BTD, heads(w["wk"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
     v_BTGK = q8.matmul("btd,dj->btj", h_BTD, heads(w["wv"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
+    if cfg.qk_norm == "head":  # each head's q and k RMS-normalised over its K dims, before RoPE
+        q_BTHK = layers.rmsnorm(q_BTHK, w["q_norm"], cfg.rms_norm_eps)
+        k_BTGK = layers.rmsnorm(k_BTGK, w["k_norm"], cfg.rms_norm_eps)
     cos, sin = layers.rope_tables(side["pos"], cfg.head_dim, cfg.rope_theta, cdt)
     q_BTHK, k_BTGK = layers.apply_rope(q_BTHK, cos, sin), layers.apply_rope(k_BTGK, cos, sin)
     if mode == "decode":

@@ -14,11 +14,11 @@ import os
 
 from jax.sharding import PartitionSpec as P
 
-from moejax.config.model import ModelConfig, load_yaml
+from moejax.config.model import REPO_DIR, ModelConfig, load_yaml, preset_candidates
 from moejax.errors import UserError
 from moejax.parallel.mesh import MeshShape
 
-_LAYOUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "meshes")
+_LAYOUT_DIR = os.path.join(REPO_DIR, "meshes")
 
 # Logical axes a layout may map to mesh axes, and the mesh axes each may use.
 LOGICAL_AXES = {
@@ -125,7 +125,7 @@ def layout_from_dict(d: dict, name: str) -> Layout:
 
 
 def resolve_layout_path(path: str) -> str:
-    for c in (path, os.path.join(_LAYOUT_DIR, path), os.path.join(_LAYOUT_DIR, path + ".yaml")):
+    for c in preset_candidates(path, _LAYOUT_DIR):
         if os.path.isfile(c):
             return c
     shipped = sorted(f[:-5] for f in os.listdir(_LAYOUT_DIR) if f.endswith(".yaml"))

@@ -54,6 +54,7 @@ class MoeSpec:
     differentiable: bool = False  # training: dropless runs one round sized by a switch, never a
     # loop with a data-dependent trip count (which reverse-mode autodiff cannot transpose)
     router: str = "softmax_topk"  # router.py ROUTERS key: how a token picks its experts
+    renormalize: bool = True  # weight a token's experts by their top-k probabilities renormalised to 1
     platform: str = "cpu"  # the run's platform (RunSpec.platform): CPU emulates ragged_all_to_all
 
     def capacity(self, n_tokens: int) -> int:
@@ -272,7 +273,9 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
     p_NK = jnp.take_along_axis(probs_NE, experts_A.reshape(k, n_tok).T, axis=1)
     keep_NK = (served_A if spec.policy == "reroute" else valid_A).reshape(k, n_tok).T
     denom_N = jnp.sum(jnp.where(keep_NK, p_NK, 0.0), axis=1, keepdims=True)
-    weights_A = (p_NK / jnp.where(denom_N > 0, denom_N, 1.0)).T.reshape(-1)
+    if spec.renormalize:
+        p_NK = p_NK / jnp.where(denom_N > 0, denom_N, 1.0)
+    weights_A = p_NK.T.reshape(-1)
 
     h_pad_ND = jnp.concatenate([h_ND, jnp.zeros((1, d), h_ND.dtype)], axis=0)
 

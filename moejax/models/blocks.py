@@ -1,7 +1,9 @@
-"""Mixtral's decoder layer, per device (inside the shard_map of models/transformer.py).
+"""Decoder layers shared by families, per device (inside the shard_map of models/transformer.py).
 
-  attention on local heads -> psum_scatter over tp (each tp rank now owns N/tp tokens)
-  -> residual -> MoE over the expert axes (ops/moe) -> residual -> all_gather over tp
+`attention_moe_layer`: pre-norm attention on local heads -> psum_scatter over tp (each tp rank now
+owns N/tp tokens) -> residual -> pre-norm MoE over the expert axes (ops/moe) -> residual ->
+all_gather over tp. What differs between the families that use it (QK-norm, the router's top-k
+renormalisation, head_dim) is read from the config, never from the family's name.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ if TYPE_CHECKING:
     from moejax.models.runspec import RunSpec
 
 
-def layer(x_BTD, valid_BT, w, side, mode: str, kv, row0, rs: RunSpec):
-    """One Mixtral decoder layer on one device. x_BTD is identical on the tp ranks before and after."""
+def attention_moe_layer(x_BTD, valid_BT, w, side, mode: str, kv, row0, rs: RunSpec):
+    """One decoder layer on one device. x_BTD is identical on the tp ranks before and after."""
     b, t, d = x_BTD.shape
     tp = rs.shape.tp
     if rs.platform == "cpu":  # a device whose rows are all padding skips its attention

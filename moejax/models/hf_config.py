@@ -1,0 +1,57 @@
+"""Reading a Hugging Face config.json's fields, for the families' config mappings: every missing or
+malformed field is a one-line UserError naming it, never a KeyError or a bad value passed on."""
+
+from __future__ import annotations
+
+from moejax.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def hf_int(c: dict, field: str, path: str, default: int | None = None) -> int:
+    """An integer field (missing or null: `default`, or a one-line error)."""
+    v = c.get(field)
+    if v is None:
+        if default is None:
+            raise UserError(f"{path}: missing field {field!r}")
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UserError(f"{path}: {field}={repr(v)[:40]} must be an integer")
+    return v
+
+
+def hf_num(c: dict, field: str, path: str, default: float) -> float:
+    v = c.get(field, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UserError(f"{path}: {field}={repr(v)[:40]} must be a number")
+    try:
+        return float(v)
+    except OverflowError:
+        raise UserError(f"{path}: {field}={repr(v)[:40]} is out of range") from None
+
+
+def read_dtype(c: dict, path: str) -> str:
+    dtype = c.get("dtype") or c.get("torch_dtype") or "float32"
+    if dtype not in DTYPES:
+        raise UserError(f"{path}: dtype={repr(dtype)[:40]} is not supported; valid: {', '.join(DTYPES)}")
+    return dtype
+
+
+def check_default_rope(c: dict, path: str) -> dict:
+    """The rope_parameters mapping, refusing RoPE scaling (moejax implements default RoPE)."""
+    rope = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or {}
+    for field, value in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: {field} must be a JSON object, not {type(value).__name__}")
+        if value.get("rope_type", value.get("type", "default")) != "default":
+            raise UserError(f"{path}: {field} rope_type={value.get('rope_type', value.get('type'))!r} is not "
+                            f"supported (moejax implements default RoPE)")
+    return rope
+
+
+def refuse(c: dict, path: str, required: tuple) -> None:
+    """(field, the only value moejax computes) pairs: anything else changes the math, so is refused."""
+    for field, ok in required:
+        if c.get(field, ok) != ok:
+            raise UserError(f"{path}: {field}={repr(c[field])[:80]} is not supported by moejax (needs {ok!r})")

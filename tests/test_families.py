@@ -1,0 +1,175 @@
+"""Model families beside Mixtral, each against transformers' own numbers (tests/data/hf-*-tiny, made by
+scripts/hf_family_fixtures.py): logits within 1e-5 relative on several meshes and both layouts, greedy
+tokens, the training loss terms, export round trips; each term the family adds is shown to matter."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import REPO, RTOL, rel_err, run_script
+from moejax.checkpoint import store as checkpoint
+from moejax.inference.generate import Generator, put, round_up
+from moejax.inference.sampling import Sampling
+from moejax.models import counts, registry
+from moejax.models import transformer as model
+from moejax.models.runspec import RunSpec
+from moejax.parallel.mesh import make_mesh, parse_mesh
+from moejax.parallel.rules import load_layout
+from moejax.training.loss import Scorer
+
+QWEN3 = os.path.join(REPO, "tests", "data", "hf-qwen3-moe-tiny")
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ck") / "qwen3")
+    r = run_script("import_hf.py", QWEN3, out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _forward(ckpt, mesh_text, layout="seed", change=None):
+    shape, lay = parse_mesh(mesh_text), load_layout(layout)
+    m = make_mesh(shape)
+    cfg, stacked, _ = checkpoint.restore(ckpt, m, lay)
+    cfg = change(cfg) if change else cfg
+    rs = RunSpec(cfg, lay, shape, "float32")
+    params = model.serving_params(stacked, rs, m)
+    ids = np.load(os.path.join(QWEN3, "reference.npz"))["input_ids"].astype(np.int32)
+    b = round_up(ids.shape[0], rs.batch_multiple)  # rows past the prompts: padding, length 0
+    tokens = np.zeros((b, ids.shape[1]), np.int32)
+    tokens[:len(ids)] = ids
+    lengths = np.where(np.arange(b) < len(ids), ids.shape[1], 0).astype(np.int32)
+    logits, _ = model.build(rs, m, "forward")(params, put(m, lay, "tokens", tokens), put(m, lay, "lengths", lengths))
+    return rs, m, params, np.asarray(logits)[:len(ids)]
+
+
+def test_a_qwen3_moe_checkpoint_imports_as_its_own_family(qwen3):
+    cfg = checkpoint.config_of(checkpoint.read_meta(qwen3)[0])
+    assert (cfg.family, cfg.qk_norm, cfg.norm_topk_prob, cfg.head_dim, cfg.d_model // cfg.num_heads) == \
+        ("qwen3_moe", "head", True, 32, 16)  # head_dim decoupled from d_model / heads
+    assert counts.param_count(cfg) == 181_696  # what transformers counted
+
+
+@pytest.mark.parametrize("mesh,layout", [("1x1x1x1", "seed"), ("1x2x2x2", "seed"), ("2x2x1x2", "seed"),
+                                         ("1x1x2x2", "ep-tp")])
+def test_qwen3_moe_logits_equal_transformers(qwen3, mesh, layout):
+    ref = np.load(os.path.join(QWEN3, "reference.npz"))
+    assert rel_err(_forward(qwen3, mesh, layout)[3], ref["logits"]) <= RTOL  # measured 4.8e-7 .. 6.4e-7
+
+
+def test_qwen3_moe_greedy_tokens_equal_transformers(qwen3):
+    ref = np.load(os.path.join(QWEN3, "reference.npz"))
+    rs, m, params, _ = _forward(qwen3, "1x2x2x2")
+    prompts = ref["input_ids"].astype(np.int32).tolist()
+    gen = Generator(rs, m, params, len(prompts), len(prompts[0]), len(prompts[0]) + 12)
+    assert gen.generate(prompts, 12, Sampling(), eos_id=None)["generated_ids"] == ref["generated_ids"].tolist()
+
+
+def test_qwen3_moe_loss_terms_equal_transformers(qwen3):
+    ref = np.load(os.path.join(QWEN3, "reference.npz"))
+    shape, lay = parse_mesh("1x2x2x2"), load_layout("seed")
+    m = make_mesh(shape)
+    cfg, stacked, _ = checkpoint.restore(qwen3, m, lay)
+    got = Scorer(RunSpec(cfg, lay, shape, "float32", training=True), m).evaluate(stacked, ref["input_ids"])
+    assert abs(got["ce_loss"] - float(ref["ce_loss"])) <= 1e-5 * float(ref["ce_loss"])
+    assert abs(got["aux_loss"] - float(ref["aux_loss"])) <= 1e-5 * float(ref["aux_loss"])
+
+
+def _without_fixed(monkeypatch):
+    fam = registry.FAMILIES["qwen3_moe"]
+    monkeypatch.setitem(registry.FAMILIES, "qwen3_moe", dataclasses.replace(fam, fixed=()))
+
+
+@pytest.mark.parametrize("term,change", [
+    ("QK-norm", lambda c: dataclasses.replace(c, qk_norm="none")),
+    ("norm_topk_prob", lambda c: dataclasses.replace(c, norm_topk_prob=False)),
+])
+def test_each_term_qwen3_adds_matters(qwen3, monkeypatch, term, change):
+    """Without the term the logits are far from transformers': the fixture exercises it."""
+    _without_fixed(monkeypatch)
+    ref = np.load(os.path.join(QWEN3, "reference.npz"))
+    assert rel_err(_forward(qwen3, "1x1x1x1", change=change)[3], ref["logits"]) > 1e3 * RTOL, term
+
+
+def test_qwen3_moe_exports_the_tensors_it_imported(qwen3, tmp_path):
+    from safetensors.numpy import load_file
+
+    r = run_script("export_hf.py", qwen3, tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    want, got = load_file(os.path.join(QWEN3, "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    exported = json.load(open(tmp_path / "hf" / "config.json"))
+    original = json.load(open(os.path.join(QWEN3, "config.json")))
+    for key in ("model_type", "head_dim", "norm_topk_prob", "num_local_experts", "moe_intermediate_size", "rms_norm_eps",
+                "num_key_value_heads", "rope_parameters"):
+        assert exported[key] == original[key], key
+
+
+def test_a_family_config_that_does_not_fit_its_weights_is_one_line():
+    from moejax.config.model import config_from_dict, load_config
+    from moejax.errors import UserError
+
+    base = {k: v for k, v in dataclasses.asdict(load_config("tiny")).items() if k != "name"}
+    with pytest.raises(UserError, match="qk_norm='none' does not fit family qwen3_moe"):
+        registry.family_of(config_from_dict({**base, "family": "qwen3_moe"}, "x"))
+    with pytest.raises(UserError, match="qk_norm='head' does not fit family mixtral"):
+        registry.family_of(config_from_dict({**base, "qk_norm": "head"}, "x"))
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda c: {**c, "mlp_only_layers": [1]}, "dense layers"),
+    (lambda c: {**c, "use_sliding_window": True}, "use_sliding_window=True is not supported"),
+    (lambda c: {**c, "attention_bias": True}, "attention_bias=True is not supported"),
+    (lambda c: {**c, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
+])
+def test_a_qwen3_moe_field_moejax_does_not_compute_is_refused_in_one_line(tmp_path, change, needle):
+    hf = tmp_path / "hf"
+    shutil.copytree(QWEN3, hf)
+    c = json.load(open(hf / "config.json"))
+    json.dump(change(c), open(hf / "config.json", "w"))
+    r = run_script("import_hf.py", hf, tmp_path / "out")
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_random_checkpoints_of_a_family_agree_across_formats(tmp_path):
+    """`ckpt make` draws the same tensors as moejax or as HF safetensors (the family's HF names)."""
+    for fmt in ("moejax", "hf"):
+        r = run_script("make_checkpoint.py", "--config", "tiny-qwen3", "--out", tmp_path / fmt, "--format", fmt, "--seed", "5")
+        assert r.returncode == 0, r.stderr
+    r = run_script("import_hf.py", tmp_path / "hf", tmp_path / "imported")
+    assert r.returncode == 0, r.stderr
+    a = checkpoint.read_meta(str(tmp_path / "moejax"))[0]["checksums"]["tensors"]
+    b = checkpoint.read_meta(str(tmp_path / "imported"))[0]["checksums"]["tensors"]
+    assert a == b and "q_norm" in a
+
+
+def test_a_quantized_family_checkpoint_keeps_its_norms_and_serves(tmp_path):
+    r = run_script("make_checkpoint.py", "--config", "tiny-qwen3", "--out", tmp_path / "f", "--seed", "5")
+    assert r.returncode == 0, r.stderr
+    r = run_script("quantize.py", tmp_path / "f", tmp_path / "q")
+    assert r.returncode == 0, r.stderr
+    _, params, meta = checkpoint.restore(str(tmp_path / "q"), make_mesh(parse_mesh("1x1x1x1")), load_layout("seed"))
+    assert meta["quant"] == "int8" and params["wq"].dtype == np.int8 and params["q_norm"].dtype == np.float32
+    r = run_script("infer.py", "--ckpt", tmp_path / "q", "--mesh", "1x2x2x2", "--prompt-ids", "[[1, 2, 3]]",
+                   "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout.strip().splitlines()[-1])["generated_ids"][0]) == 4
+
+
+@pytest.mark.slow
+def test_a_family_trains_with_the_same_losses_on_one_and_eight_devices(tmp_path):
+    data = os.path.join(REPO, "data", "tinyshakespeare.txt")
+    losses = []
+    for mesh in ("1x1x1x1", "1x2x2x2"):
+        r = run_script("train.py", "--config", "tiny-qwen3", "--mesh", mesh, "--data", data, "--steps", "3",
+                       "--batch", "8", "--seq-len", "32", "--dtype", "float32", "--out", tmp_path / mesh,
+                       "--eval-windows", "4", "--warmup", "1")
+        assert r.returncode == 0, r.stderr[-2000:]
+        log = [json.loads(x) for x in open(tmp_path / mesh / "log.jsonl")]
+        losses.append([x["loss"] for x in log])
+    assert np.allclose(losses[0], losses[1], rtol=1e-5, atol=0), losses
