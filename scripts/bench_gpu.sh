@@ -65,7 +65,7 @@ timeout 60 python scripts/bench_kernels.py --weight-mb 1024 --repeats 5 --json "
 echo "== serve seed-10b, concurrency 64"
 timeout 240 python - "$OUT" <<'EOF2' 2>&1 | tail -3
 import json, sys, asyncio
-from moejax.serving.harness import ServerProcess
+from moejax.bench.harness import ServerProcess
 from moejax.bench.loadgen import make_workload, run_load, summarize
 with ServerProcess("--config", "configs/seed-10b.yaml", "--dtype", "bfloat16", "--slots", "64", "--max-len", "640",
                    "--max-waiting", "256") as s:

@@ -31,7 +31,7 @@ import argparse
 import json
 import sys
 
-from moejax.tokenizers.bytes import decode  # noqa: E402  (jax-free)
+from moejax.tokenizers.bytes import decode  # jax-free; with moejax installed, or PYTHONPATH=<repo>
 
 
 def read_moejax_report(path: str) -> dict:

@@ -31,7 +31,16 @@ def qwen3_moe():
         rms_norm_eps=1e-6, tie_word_embeddings=False, router_aux_loss_coef=0.001, attn_implementation="eager")
 
 
-FAMILIES = {"qwen3-moe": (qwen3_moe, transformers.Qwen3MoeForCausalLM)}
+def olmoe():
+    return transformers.OlmoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=None,
+        pad_token_id=1, eos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        max_position_embeddings=256, router_aux_loss_coef=0.01, tie_word_embeddings=False,
+        attn_implementation="eager")
+
+
+FAMILIES = {"qwen3-moe": (qwen3_moe, transformers.Qwen3MoeForCausalLM), "olmoe": (olmoe, transformers.OlmoeForCausalLM)}
 
 
 def make(name: str, out: str) -> None:

@@ -21,15 +21,30 @@ from moejax.parallel.mesh import make_mesh, parse_mesh
 from moejax.parallel.rules import load_layout
 from moejax.training.loss import Scorer
 
-QWEN3 = os.path.join(REPO, "tests", "data", "hf-qwen3-moe-tiny")
+DATA = os.path.join(REPO, "tests", "data")
+QWEN3 = os.path.join(DATA, "hf-qwen3-moe-tiny")
+FIXTURES = {"qwen3_moe": QWEN3, "olmoe": os.path.join(DATA, "hf-olmoe-tiny")}
+FAMILIES = sorted(FIXTURES)
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ck") / "qwen3")
-    r = run_script("import_hf.py", QWEN3, out)
-    assert r.returncode == 0, r.stderr
+def imported(tmp_path_factory):
+    """Each family's fixture imported as a moejax checkpoint (once per module)."""
+    out = {}
+    for family, hf in FIXTURES.items():
+        out[family] = str(tmp_path_factory.mktemp("ck") / family)
+        r = run_script("import_hf.py", hf, out[family])
+        assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def qwen3(imported):
+    return imported["qwen3_moe"]
+
+
+def _ref(family):
+    return np.load(os.path.join(FIXTURES[family], "reference.npz"))
 
 
 def _forward(ckpt, mesh_text, layout="seed", change=None):
@@ -39,7 +54,7 @@ def _forward(ckpt, mesh_text, layout="seed", change=None):
     cfg = change(cfg) if change else cfg
     rs = RunSpec(cfg, lay, shape, "float32")
     params = model.serving_params(stacked, rs, m)
-    ids = np.load(os.path.join(QWEN3, "reference.npz"))["input_ids"].astype(np.int32)
+    ids = np.load(os.path.join(QWEN3, "reference.npz"))["input_ids"].astype(np.int32)  # the same in every fixture
     b = round_up(ids.shape[0], rs.batch_multiple)  # rows past the prompts: padding, length 0
     tokens = np.zeros((b, ids.shape[1]), np.int32)
     tokens[:len(ids)] = ids
@@ -48,65 +63,71 @@ def _forward(ckpt, mesh_text, layout="seed", change=None):
     return rs, m, params, np.asarray(logits)[:len(ids)]
 
 
-def test_a_qwen3_moe_checkpoint_imports_as_its_own_family(qwen3):
-    cfg = checkpoint.config_of(checkpoint.read_meta(qwen3)[0])
-    assert (cfg.family, cfg.qk_norm, cfg.norm_topk_prob, cfg.head_dim, cfg.d_model // cfg.num_heads) == \
-        ("qwen3_moe", "head", True, 32, 16)  # head_dim decoupled from d_model / heads
-    assert counts.param_count(cfg) == 181_696  # what transformers counted
+@pytest.mark.parametrize("family,want,params", [
+    ("qwen3_moe", ("head", True, 32, 16, 0.001), 181_696),  # head_dim decoupled from d_model / heads
+    ("olmoe", ("proj", False, 16, 16, 0.01), 157_184)])
+def test_a_checkpoint_imports_as_its_own_family(imported, family, want, params):
+    cfg = checkpoint.config_of(checkpoint.read_meta(imported[family])[0])
+    assert cfg.family == family
+    assert (cfg.qk_norm, cfg.norm_topk_prob, cfg.head_dim, cfg.d_model // cfg.num_heads, cfg.router_aux_loss_coef) == want
+    assert counts.param_count(cfg) == params  # what transformers counted
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh,layout", [("1x1x1x1", "seed"), ("1x2x2x2", "seed"), ("2x2x1x2", "seed"),
                                          ("1x1x2x2", "ep-tp")])
-def test_qwen3_moe_logits_equal_transformers(qwen3, mesh, layout):
-    ref = np.load(os.path.join(QWEN3, "reference.npz"))
-    assert rel_err(_forward(qwen3, mesh, layout)[3], ref["logits"]) <= RTOL  # measured 4.8e-7 .. 6.4e-7
+def test_family_logits_equal_transformers(imported, family, mesh, layout):
+    assert rel_err(_forward(imported[family], mesh, layout)[3], _ref(family)["logits"]) <= RTOL
 
 
-def test_qwen3_moe_greedy_tokens_equal_transformers(qwen3):
-    ref = np.load(os.path.join(QWEN3, "reference.npz"))
-    rs, m, params, _ = _forward(qwen3, "1x2x2x2")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_greedy_tokens_equal_transformers(imported, family):
+    ref = _ref(family)
+    rs, m, params, _ = _forward(imported[family], "1x2x2x2")
     prompts = ref["input_ids"].astype(np.int32).tolist()
     gen = Generator(rs, m, params, len(prompts), len(prompts[0]), len(prompts[0]) + 12)
     assert gen.generate(prompts, 12, Sampling(), eos_id=None)["generated_ids"] == ref["generated_ids"].tolist()
 
 
-def test_qwen3_moe_loss_terms_equal_transformers(qwen3):
-    ref = np.load(os.path.join(QWEN3, "reference.npz"))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_loss_terms_equal_transformers(imported, family):
+    ref = _ref(family)
     shape, lay = parse_mesh("1x2x2x2"), load_layout("seed")
     m = make_mesh(shape)
-    cfg, stacked, _ = checkpoint.restore(qwen3, m, lay)
+    cfg, stacked, _ = checkpoint.restore(imported[family], m, lay)
     got = Scorer(RunSpec(cfg, lay, shape, "float32", training=True), m).evaluate(stacked, ref["input_ids"])
     assert abs(got["ce_loss"] - float(ref["ce_loss"])) <= 1e-5 * float(ref["ce_loss"])
     assert abs(got["aux_loss"] - float(ref["aux_loss"])) <= 1e-5 * float(ref["aux_loss"])
 
 
-def _without_fixed(monkeypatch):
-    fam = registry.FAMILIES["qwen3_moe"]
-    monkeypatch.setitem(registry.FAMILIES, "qwen3_moe", dataclasses.replace(fam, fixed=()))
-
-
-@pytest.mark.parametrize("term,change", [
-    ("QK-norm", lambda c: dataclasses.replace(c, qk_norm="none")),
-    ("norm_topk_prob", lambda c: dataclasses.replace(c, norm_topk_prob=False)),
+@pytest.mark.parametrize("family,term,change", [
+    ("qwen3_moe", "per-head QK-norm", lambda c: dataclasses.replace(c, qk_norm="none")),
+    ("qwen3_moe", "norm_topk_prob", lambda c: dataclasses.replace(c, norm_topk_prob=False)),
+    ("olmoe", "QK-norm over the projection", lambda c: dataclasses.replace(c, qk_norm="none")),
+    ("olmoe", "raw top-k weights", lambda c: dataclasses.replace(c, norm_topk_prob=True)),
+    ("olmoe", "clip_qkv", lambda c: dataclasses.replace(c, clip_qkv=0.1)),
 ])
-def test_each_term_qwen3_adds_matters(qwen3, monkeypatch, term, change):
-    """Without the term the logits are far from transformers': the fixture exercises it."""
-    _without_fixed(monkeypatch)
-    ref = np.load(os.path.join(QWEN3, "reference.npz"))
-    assert rel_err(_forward(qwen3, "1x1x1x1", change=change)[3], ref["logits"]) > 1e3 * RTOL, term
+def test_each_term_a_family_adds_matters(imported, monkeypatch, family, term, change):
+    """Without the term (or with it where the family has none) the logits are far from
+    transformers': the fixture exercises it."""
+    monkeypatch.setitem(registry.FAMILIES, family, dataclasses.replace(registry.FAMILIES[family], fixed=()))
+    assert rel_err(_forward(imported[family], "1x2x2x2", change=change)[3], _ref(family)["logits"]) > 1e3 * RTOL, term
 
 
-def test_qwen3_moe_exports_the_tensors_it_imported(qwen3, tmp_path):
+@pytest.mark.parametrize("family,keys", [
+    ("qwen3_moe", ("head_dim", "num_local_experts", "moe_intermediate_size")),
+    ("olmoe", ("num_experts", "intermediate_size", "clip_qkv", "router_aux_loss_coef"))])
+def test_family_exports_the_tensors_it_imported(imported, tmp_path, family, keys):
     from safetensors.numpy import load_file
 
-    r = run_script("export_hf.py", qwen3, tmp_path / "hf")
+    r = run_script("export_hf.py", imported[family], tmp_path / "hf")
     assert r.returncode == 0, r.stderr
-    want, got = load_file(os.path.join(QWEN3, "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
+    want = load_file(os.path.join(FIXTURES[family], "model.safetensors"))
+    got = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
     exported = json.load(open(tmp_path / "hf" / "config.json"))
-    original = json.load(open(os.path.join(QWEN3, "config.json")))
-    for key in ("model_type", "head_dim", "norm_topk_prob", "num_local_experts", "moe_intermediate_size", "rms_norm_eps",
-                "num_key_value_heads", "rope_parameters"):
+    original = json.load(open(os.path.join(FIXTURES[family], "config.json")))
+    for key in ("model_type", "norm_topk_prob", "rms_norm_eps", "num_key_value_heads", "rope_parameters") + keys:
         assert exported[key] == original[key], key
 
 

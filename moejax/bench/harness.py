@@ -85,9 +85,12 @@ def server_runner(server: ServerProcess, workload, warmup: int = 0, **load) -> C
 
 
 def command_runner(argv: list[str]) -> Callable[[], dict]:
-    """A runner for `alternate`: a command whose last stdout line is a summary as JSON."""
+    """A runner for `alternate`: a command whose last stdout line is a summary as JSON. It finds
+    this checkout's moejax even from another environment's python (the `.[hf]` peer's)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+
     def run() -> dict:
-        r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env)
         if r.returncode != 0:
             raise UserError(f"{' '.join(argv[:2])} failed ({r.returncode}): {r.stderr.strip()[-1500:]}")
         return json.loads(r.stdout.strip().splitlines()[-1])

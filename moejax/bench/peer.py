@@ -1,4 +1,5 @@
-"""transformers' `MixtralForCausalLM` as a benchmark peer: same config, same weights, same dtype.
+"""transformers' own model of a config's family (its `architectures[0]`) as a benchmark peer: same
+config, same weights, same dtype.
 
 Needs the optional extra `pip install -e '.[hf]'` (torch==2.13.0 takes the CPU wheel). Used by
 `scripts/bench.py --compare-hf`; nothing else imports torch.
@@ -27,17 +28,18 @@ def load_torch():
 
 
 class HfPeer:
-    """A MixtralForCausalLM holding moejax's stacked host parameters, with timed prefill and decode."""
+    """transformers' model of the family, holding moejax's stacked host parameters, with timed prefill
+    and decode."""
 
     def __init__(self, cfg: ModelConfig, params: dict, dtype: str):
         torch, transformers = load_torch()
         self.torch = torch
         tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         # through a Hugging Face checkpoint, so that transformers does its own weight conversion
-        # (its Mixtral fuses the experts into gate_up_proj / down_proj tensors)
+        # (transformers 5 fuses the experts into gate_up_proj / down_proj tensors)
         with tempfile.TemporaryDirectory(prefix="moejax-peer-") as tmp:
             write_hf(tmp, dataclasses.replace(cfg, param_dtype=dtype), params)
-            model = transformers.MixtralForCausalLM.from_pretrained(tmp, dtype=tdtype)
+            model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=tdtype)
         self.model = model.eval()
 
     def prefill(self, tokens_BT: np.ndarray):

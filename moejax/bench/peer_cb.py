@@ -13,7 +13,7 @@ utils.py, `CBGenerateManager`), minus HTTP and text decoding:
 Greedy (`do_sample=False`), EOS off (`eos_token_id=-1`: a request's EOS set ignores negative ids),
 so every request emits exactly its `max_new_tokens`. Time to first token and the gaps between
 tokens are taken on the client's event loop when each streamed output arrives, from just before
-`add_request`, with moejax/serving/loadgen.py's definitions (vLLM's: TTFT to the first token,
+`add_request`, with moejax/bench/loadgen.py's definitions (vLLM's: TTFT to the first token,
 latency to the last one).
 
 Needs torch and transformers (`pip install -e '.[hf]'`); imports no jax. Used by

@@ -27,7 +27,7 @@ CHECKSUM = "sum32x2-v1"  # see tensor_checksums
 _MULT = 2654435761  # odd: the position weights i * _MULT + 1 differ for any two positions mod 2**32
 ITEMS = ("params", "meta")  # the orbax items of a step
 # What orbax's CheckpointManager records for each item of a step written without it (blocks.py
-# StepWriter): the handler class paths it reads back (pinned by tests/test_checkpoint_format.py)
+# StepWriter): the handler class paths it reads back (pinned by tests/test_structure.py)
 # and its commit marker.
 ORBAX_HANDLERS = {"meta": "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
                   "params": "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"}

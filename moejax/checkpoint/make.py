@@ -23,7 +23,7 @@ from moejax.checkpoint.format import build_meta
 from moejax.checkpoint.transaction import check_destination, commit_dir, staging_dir
 from moejax.config.model import load_config
 from moejax.models import counts
-from moejax.models.params import param_shapes
+from moejax.models.params import init_kind, param_shapes
 from moejax.parallel.mesh import MeshShape
 from moejax.parallel.rules import load_layout
 
@@ -35,8 +35,9 @@ def unit_axes(shape: tuple) -> int:
     return max(0, len(shape) - 2)
 
 
-def random_block(seed: int, tensor: str, shape: tuple, idx: tuple, dtype: str):
-    """The block `idx` (whole matrices: ints and one slice over the matrix-index axes) of tensor `tensor`."""
+def random_block(seed: int, tensor: str, shape: tuple, idx: tuple, dtype: str, init: str = "normal"):
+    """The block `idx` (whole matrices: ints and one slice over the matrix-index axes) of tensor
+    `tensor`; `init` is the family table's (`ones` for norms)."""
     tag = zlib.crc32(tensor.encode())
     u = unit_axes(shape)
     if u == 0:
@@ -50,7 +51,7 @@ def random_block(seed: int, tensor: str, shape: tuple, idx: tuple, dtype: str):
     out = []
     for ix in lead:
         flat = int(np.ravel_multi_index(ix, shape[:u])) if u else 0
-        if tensor.endswith("norm"):
+        if init == "ones":
             m = np.ones(mat, np.float32)
         else:
             m = np.random.default_rng([seed, tag, flat]).standard_normal(mat, dtype=np.float32) * np.float32(0.02)
@@ -103,8 +104,10 @@ def _write_moejax(tmp, cfg, layout, shape, dtype, shapes, bound, seed, show):
     shards = blocks.shard_shapes(cfg, layout, MeshShape(1, shape.pp, shape.tp, shape.ep))
     split = {n: unit_axes(s) - 1 for n, s in shapes.items()}  # blocks of whole matrices
     writer = blocks.StepWriter(os.path.join(tmp, "0"))
-    sums = blocks.write_tensors(writer, specs, shards, lambda n, idx, off: random_block(seed, n, shapes[n], idx, dtype),
-                                  bound, split_axes=split, progress=show)
+    def fill(n, idx, off):
+        return random_block(seed, n, shapes[n], idx, dtype, init_kind(cfg, n))
+
+    sums = blocks.write_tensors(writer, specs, shards, fill, bound, split_axes=split, progress=show)
     writer.finish(build_meta(cfg, layout, dtype, str(shape), sums))
     return sum(int(np.prod(s)) * np.dtype(blocks.np_dtype(dtype)).itemsize for s in shapes.values())
 
@@ -115,7 +118,7 @@ def _write_hf(tmp, cfg, dtype, shapes, seed, max_shard_gb, show):
         json.dump(hf.config_to_hf(cfg), f, indent=2)
 
     def fill(name, idx):
-        return hf.to_hf(cfg, name, random_block(seed, name, shapes[name], idx, dtype))
+        return hf.to_hf(cfg, name, random_block(seed, name, shapes[name], idx, dtype, init_kind(cfg, name)))
 
     hf.write_hf_streaming(tmp, cfg, fill, int(max_shard_gb * 2**30), show)
     return counts.param_count(cfg) * np.dtype(blocks.np_dtype(dtype)).itemsize

@@ -18,10 +18,8 @@ from moejax.parallel.rules import load_layout
 
 
 def quantize(ckpt: str, out: str, scheme: str = "int8") -> dict:
-    check_destination(out, {"CKPT": ckpt}, force=False)
+    check_destination(out, {"CKPT": ckpt}, force=None)
     given = out
-    if os.path.lexists(out):
-        raise UserError(f"{out!r} exists: give a new directory (nothing is overwritten)")
     meta, _ = read_meta(ckpt)
     if quant_of(meta):
         raise UserError(f"checkpoint {ckpt!r} is already {quant_of(meta)}-quantized")

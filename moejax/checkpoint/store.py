@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -163,7 +164,7 @@ def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step
     saved_layout = layout_from_dict({"rules": meta["rules"]}, meta["layout"])
     same = (saved.pp, saved.tp, saved.ep) == (shape.pp, shape.tp, shape.ep) and saved_layout.rules == layout.rules
     params_dir = os.path.join(os.path.abspath(directory), str(step), "params")
-    if same or _fine_chunks(params_dir):  # each device decodes only small chunks: read straight onto `mesh`
+    if same or _fine_chunks(params_dir, param_shapes(cfg, quant_of(meta))):  # each device decodes only small chunks: read straight onto `mesh`
         same = True
         read_mesh, read_layout = mesh, layout
     else:
@@ -201,14 +202,14 @@ def restore(directory: str, mesh, layout: Layout, dtype: str | None = None, step
 _FINE_CHUNK = 64 << 20
 
 
-def _fine_chunks(params_dir: str) -> bool:
+def _fine_chunks(params_dir: str, shapes: dict) -> bool:
     """Whether the largest tensors are stored in chunks of at most 64 MB (as ckstream writes them, a
     layer or an expert block each): any device then reads little beyond its own shard, and the
     checkpoint restores onto any mesh directly, without a copy on the saved mesh first."""
     try:
         from moejax.checkpoint.blocks import open_read
 
-        for name in ("w1", "w2", "embed", "lm_head"):
+        for name in sorted(shapes, key=lambda n: -math.prod(shapes[n]))[:4]:  # the largest tensors
             arr = open_read(params_dir, name)
             if np.prod(arr.chunk_layout.read_chunk.shape) * arr.dtype.numpy_dtype.itemsize > _FINE_CHUNK:
                 return False

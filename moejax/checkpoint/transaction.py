@@ -10,6 +10,7 @@ held by or links to a source: replacing it would delete what the operation was g
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 from moejax.errors import UserError
@@ -19,13 +20,19 @@ def _within(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
-def check_destination(dst: str, sources: dict[str, str], force: bool, what: str = "replace it",
+def check_destination(dst: str, sources: dict[str, str], force: bool | None, what: str = "replace it",
                       add_to: bool = False) -> None:
     """One line, before any write, for a DST that cannot be written: the same as, inside, containing
-    or a link to one of `sources` ({flag: path}); not a directory; or a non-empty directory without
-    `force` (`what` says what --force would do; `add_to`: a new step is added, nothing replaced)."""
+    or a link to one of `sources` ({flag: path}), or a source named like DST's temporary directories
+    (which `remove_stale` would delete); not a directory; or a non-empty directory without `force`
+    (`what` says what --force would do; `add_to`: a new step is added, nothing replaced; `force`
+    None: the command never replaces anything, so any existing DST is refused)."""
     real = os.path.realpath(dst)
+    base = os.path.basename(os.path.abspath(dst))
     for flag, src in sources.items():
+        if re.fullmatch(re.escape(base) + r"\.(tmp|old)-\d+", os.path.basename(os.path.abspath(src))):
+            raise UserError(f"{flag} {src[:200]!r} is named like a temporary directory of DST {dst[:200]!r}, which a "
+                            f"run would remove: rename it first")
         s = os.path.realpath(src)
         if real == s:
             how = "a link to" if os.path.islink(dst) or os.path.islink(src) else "the same directory as"
@@ -35,6 +42,8 @@ def check_destination(dst: str, sources: dict[str, str], force: bool, what: str 
         if _within(s, real):
             raise UserError(f"DST {dst[:200]!r} contains {flag} {src[:200]!r}"
                             + ("" if add_to else f", which --force would delete") + ": write to a new directory")
+    if force is None and os.path.lexists(dst):
+        raise UserError(f"{dst[:200]!r} exists: give a new directory (nothing is overwritten)")
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise UserError(f"{dst[:200]!r} exists and is not a directory: give a new path or a directory")
     if os.path.isdir(dst) and os.listdir(dst) and not force:

@@ -57,7 +57,7 @@ def run(args) -> dict:
     layout = load_layout(args.layout)
     meta, _ = checkpoint.read_meta(args.ckpt)
     checkpoint.refuse_quantized(meta, args.ckpt, "eval.py (give it the float checkpoint and --quant int8)")
-    cfg = checkpoint.config_of(meta)
+    cfg = checkpoint.serving_config(args.ckpt, args.config)  # a --config beside --ckpt must match it
     if not 2 <= args.seq_len <= cfg.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} must be in [2, {cfg.max_seq_len}] (the model's max_seq_len)")
     text = data.split(data.read_bytes(args.data), args.split)

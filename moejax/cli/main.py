@@ -12,11 +12,13 @@ scripts/ are shims that call `run_script` with their subcommand.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from moejax.cli.common import limit_malloc_arenas
 
 # subcommand -> (module, one-line help, re-exec with few malloc arenas: XLA runs a thread per device)
+# and the environment a command sets before it is imported (JAX reads it at import)
 COMMANDS = {
     "infer": ("moejax.cli.infer", "generate on a (dp, pp, tp, ep) mesh: placement, prefill, decode, metrics", True),
     "serve": ("moejax.cli.serve", "the OpenAI-compatible server, one continuous-batching engine per dp replica", True),
@@ -39,6 +41,7 @@ COMMANDS = {
     "ckpt quantize": ("moejax.cli.ckpt_quantize", "int8 attention and expert matrices", True),
     "ckpt make": ("moejax.cli.ckpt_make", "a random-weight checkpoint of any config", False),
 }
+ENV = {"plan": {"JAX_PLATFORMS": "cpu"}}  # shapes and arithmetic only: the planner uses no device
 GROUPS = sorted({name.split()[0] for name in COMMANDS if " " in name})
 
 
@@ -74,6 +77,8 @@ def run(name: str, argv: list[str]) -> int:
     module, _, arenas = COMMANDS[name]
     if arenas:
         limit_malloc_arenas()  # re-runs this same command line once, before JAX starts
+    for key, value in ENV.get(name, {}).items():
+        os.environ.setdefault(key, value)
     code = importlib.import_module(module).main(argv)
     return int(code or 0)
 

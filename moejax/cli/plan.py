@@ -149,5 +149,4 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # shapes and arithmetic only: no device is used
     return guarded(run, parse_args(argv))

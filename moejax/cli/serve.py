@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import sys
 
@@ -171,6 +172,8 @@ def run(args):
         code = serve(app, sock, options, lambda bound: print(f"serving {served.id} at http://{args.host}:{bound}",
                                                              flush=True))
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the stop is decided: a signal now changes nothing
+            signal.signal(sig, signal.SIG_IGN)
         router.stop()
     print("stopped", flush=True)
     return code

@@ -19,7 +19,8 @@ POLICIES = ("dropless", "drop", "reroute")  # MoE capacity policies (moe.py)
 KERNELS = ("auto", "buffers", "batched", "ragged", "ragged-mgpu", "ragged-tokamax")  # MoE kernels (moe.py's docstring)
 QUANT_SCHEMES = ("int8",)  # weight quantization (quant.py)
 QUANT_MATMULS = ("auto", "dequant", "dynamic")  # how a quantized matrix is multiplied (quant.py)
-QK_NORMS = ("none", "head")  # RMSNorm of q and k before RoPE: none, or over each head's dims (Qwen3)
+QK_NORMS = ("none", "head", "proj")  # RMSNorm of q and k before RoPE: none, each head's dims (Qwen3),
+# or the whole projection, every head together (OLMoE: a sum over tp)
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/, meshes/, gpus/
 _CONFIG_DIR = os.path.join(REPO_DIR, "configs")
 
@@ -56,6 +57,7 @@ class ModelConfig:
     family: str = "mixtral"  # the model family (moejax/models/<family>/), a Hugging Face model_type
     qk_norm: str = "none"  # QK_NORMS: "head" normalises q and k per head (weights [K]) before RoPE
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1 (Mixtral does)
+    clip_qkv: float | None = None  # clamp q, k and v to [-clip_qkv, clip_qkv] after the norm (OLMoE option)
     description: str = ""
 
     def __post_init__(self):
@@ -82,6 +84,8 @@ class ModelConfig:
             raise UserError(f"config {self.name}: family={self.family!r} must be a model family name (e.g. mixtral)")
         if self.qk_norm not in QK_NORMS:
             raise UserError(f"config {self.name}: qk_norm={self.qk_norm!r}; valid: {', '.join(QK_NORMS)}")
+        if self.clip_qkv is not None and not (isinstance(self.clip_qkv, (int, float)) and self.clip_qkv > 0):
+            raise UserError(f"config {self.name}: clip_qkv={self.clip_qkv!r} must be a positive number or null")
         if not isinstance(self.norm_topk_prob, bool):
             raise UserError(f"config {self.name}: norm_topk_prob={self.norm_topk_prob!r} must be true or false")
         for f in ("bos_token_id", "eos_token_id"):
@@ -113,7 +117,7 @@ def config_from_dict(d: dict, name: str) -> ModelConfig:
         raise UserError(f"config {name}: missing key {missing[0]!r}")
     d = dict(d)
     d["name"] = str(d.get("name", name))
-    for f in ("rope_theta", "rms_norm_eps", "router_aux_loss_coef"):
+    for f in ("rope_theta", "rms_norm_eps", "router_aux_loss_coef") + (("clip_qkv",) if d.get("clip_qkv") is not None else ()):
         if f in d:
             try:
                 d[f] = float(d[f])

@@ -8,6 +8,7 @@ renormalisation, head_dim) is read from the config, never from the family's name
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import jax
@@ -25,14 +26,16 @@ def attention_moe_layer(x_BTD, valid_BT, w, side, mode: str, kv, row0, rs: RunSp
     """One decoder layer on one device. x_BTD is identical on the tp ranks before and after."""
     b, t, d = x_BTD.shape
     tp = rs.shape.tp
-    if rs.platform == "cpu":  # a device whose rows are all padding skips its attention
-        # (4x2x4x4, 8 prompts on 16 batch shards: prefill 2926 -> 2709 ms, decode step 721 -> 524 ms);
-        # on GPU a conditional costs a device-to-host sync, and batches fill their shards there
-        o_BTD, kv = jax.lax.cond(jnp.any(valid_BT),
-                                 lambda: attention_block(x_BTD, w, side, mode, kv, row0, rs.cfg, rs.platform),
-                                 lambda: (jnp.zeros((b, t, d), F32), kv))
+    attend = functools.partial(attention_block, x_BTD, w, side, mode, kv, row0, rs.cfg, rs.platform,
+                               "tp" if tp > 1 else None)
+    # On CPU a device whose rows are all padding skips its attention (4x2x4x4, 8 prompts on 16 batch
+    # shards: prefill 2926 -> 2709 ms, decode step 721 -> 524 ms); on GPU a conditional costs a
+    # device-to-host sync, and batches fill their shards there. A norm over the whole projection
+    # sums over tp inside the attention, so every device runs it.
+    if rs.platform == "cpu" and rs.cfg.qk_norm != "proj":
+        o_BTD, kv = jax.lax.cond(jnp.any(valid_BT), attend, lambda: (jnp.zeros((b, t, d), F32), kv))
     else:
-        o_BTD, kv = attention_block(x_BTD, w, side, mode, kv, row0, rs.cfg, rs.platform)
+        o_BTD, kv = attend()
     n = b * t
     n_pad = -(-n // tp) * tp
     x_ND = jnp.pad(x_BTD.reshape(n, d), ((0, n_pad - n), (0, 0)))

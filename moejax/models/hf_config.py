@@ -20,6 +20,13 @@ def hf_int(c: dict, field: str, path: str, default: int | None = None) -> int:
     return v
 
 
+def hf_bool(c: dict, field: str, path: str, default: bool) -> bool:
+    v = c.get(field, default)
+    if not isinstance(v, bool):
+        raise UserError(f"{path}: {field}={repr(v)[:40]} must be true or false")
+    return v
+
+
 def hf_num(c: dict, field: str, path: str, default: float) -> float:
     v = c.get(field, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)):

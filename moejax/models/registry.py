@@ -6,9 +6,10 @@ from moejax.config.model import ModelConfig
 from moejax.errors import UserError
 from moejax.models.family import Family
 from moejax.models.mixtral import FAMILY as MIXTRAL
+from moejax.models.olmoe import FAMILY as OLMOE
 from moejax.models.qwen3_moe import FAMILY as QWEN3_MOE
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE, OLMOE)}
 
 
 def get(model_type: str, where: str = "config") -> Family:

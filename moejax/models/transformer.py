@@ -1,7 +1,7 @@
 """The sharded MoE transformer: one `jax.shard_map` program over the whole (dp, pp, tp, ep) mesh.
 
 Per device: embedding on vocab shards over tp -> the local layers of this stage, each the family's
-per-device layer (models/<family>/layer.py), in the staggered schedule of parallel/pipeline.py ->
+per-device layer (the Family's `layer`, e.g. models/blocks.py), in the staggered schedule of parallel/pipeline.py ->
 final norm and head on vocab shards. Which parameters exist and how they are laid out comes from
 the family's table (models/params.py); nothing here names a family.
 """
@@ -195,7 +195,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
     side_M = {"pos": split(pos_BT), "valid": split(valid_BT), "len": split(lengths_B)}
     if mode == "extend":
         side_M["row"] = split(rows_B)
-    layers_loc = len(params["wq"])
+    layers_loc = cfg.num_layers // rs.shape.pp
     stats0 = {"load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
               "served_load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
               **{k: jnp.zeros((layers_loc,), jnp.int32) for k in MOE_COUNTERS},

@@ -1,6 +1,7 @@
 """Attention with a KV cache, per device: the pre-norm projection, RoPE, the cache write and read of
 each serving mode, and the output projection's partial sums (the caller reduces them over tp).
-No collectives, no family: the projections are named wq, wk, wv, wo in the layer's weights.
+No family: the projections are named wq, wk, wv, wo in the layer's weights. No collectives but one:
+a norm over the whole q/k projection (`qk_norm: proj`) sums its squares over the head axis.
 """
 
 from __future__ import annotations
@@ -24,17 +25,27 @@ def bits(x, dtype):
     return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
-def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platform: str):
+def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platform: str,
+                    head_axis: str | None = None):
     """Pre-norm attention on this device's heads with its KV cache (w: attn_norm, wq, wk, wv, wo, and
     q_norm, k_norm under `cfg.qk_norm`;
-    `mode` as models/transformer.py `build`). Returns the partial (over tp) output [B, T, D] f32 and kv."""
+    `mode` as models/transformer.py `build`; `head_axis`: the mesh axis the heads are split over, for
+    `qk_norm: proj`, whose mean of squares spans every head). Returns the partial (over tp) output
+    [B, T, D] f32 and kv."""
     cdt = x_BTD.dtype
     h_BTD = layers.rmsnorm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
     b, t, d = x_BTD.shape
     heads = lambda w_: q8.reshape(w_, (d,), (-1,))  # 2-D dots: XLA:CPU runs [.., H, K] contractions 2-3x slower
-    q_BTHK = q8.matmul("btd,dj->btj", h_BTD, heads(w["wq"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
-    k_BTGK = q8.matmul("btd,dj->btj", h_BTD, heads(w["wk"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
-    v_BTGK = q8.matmul("btd,dj->btj", h_BTD, heads(w["wv"])).astype(cdt).reshape(b, t, -1, cfg.head_dim)
+    q_BTJ = q8.matmul("btd,dj->btj", h_BTD, heads(w["wq"])).astype(cdt)
+    k_BTJ = q8.matmul("btd,dj->btj", h_BTD, heads(w["wk"])).astype(cdt)
+    v_BTJ = q8.matmul("btd,dj->btj", h_BTD, heads(w["wv"])).astype(cdt)
+    if cfg.qk_norm == "proj":  # over the whole projection: this device's heads are a slice of it
+        q_BTJ = layers.sharded_rmsnorm(q_BTJ, w["q_norm"], cfg.rms_norm_eps, cfg.num_heads * cfg.head_dim, head_axis)
+        k_BTJ = layers.sharded_rmsnorm(k_BTJ, w["k_norm"], cfg.rms_norm_eps, cfg.num_kv_heads * cfg.head_dim,
+                                       head_axis)
+    if cfg.clip_qkv is not None:
+        q_BTJ, k_BTJ, v_BTJ = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q_BTJ, k_BTJ, v_BTJ))
+    q_BTHK, k_BTGK, v_BTGK = (a.reshape(b, t, -1, cfg.head_dim) for a in (q_BTJ, k_BTJ, v_BTJ))
     if cfg.qk_norm == "head":  # each head's q and k RMS-normalised over its K dims, before RoPE
         q_BTHK = layers.rmsnorm(q_BTHK, w["q_norm"], cfg.rms_norm_eps)
         k_BTGK = layers.rmsnorm(k_BTGK, w["k_norm"], cfg.rms_norm_eps)

@@ -1,6 +1,7 @@
 """Per-device building blocks with Hugging Face semantics: RMSNorm, RoPE, attention.
 
-These see local blocks only (a device's heads, its sequences) and issue no collectives.
+These see local blocks only (a device's heads, its sequences) and issue no collectives, except
+`sharded_rmsnorm`, whose sum of squares spans a dimension split over a mesh axis.
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ def rmsnorm(x, w, eps: float):
     """Normalise in float32, cast back to the input dtype, then scale (as transformers does)."""
     xf = x.astype(F32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (w * y.astype(x.dtype)).astype(x.dtype)
+
+
+def sharded_rmsnorm(x, w, eps: float, total: int, axis: str | None):
+    """RMSNorm over a last dimension of `total` features split over mesh `axis` (x holds this
+    device's slice, w the matching slice of the weight): the sum of squares is summed over `axis`."""
+    xf = x.astype(F32)
+    ss = jnp.sum(xf * xf, axis=-1, keepdims=True)
+    if axis is not None:
+        ss = jax.lax.psum(ss, axis)
+    y = xf * jax.lax.rsqrt(ss / total + eps)
     return (w * y.astype(x.dtype)).astype(x.dtype)
 
 

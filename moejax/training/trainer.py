@@ -29,7 +29,7 @@ from moejax.models import transformer as model
 from moejax.errors import UserError
 from moejax.inference.generate import put, round_up
 from moejax.training.loss import Scorer
-from moejax.models.params import param_shapes
+from moejax.models.params import init_kind, param_shapes
 
 STATE_FORMAT = "moejax-train-state-1"
 
@@ -75,8 +75,9 @@ def learning_rate(h: Hyper):
     return lr
 
 
-def optimizer(h: Hyper, names) -> optax.GradientTransformation:
-    decay = {n: not n.endswith("norm") for n in names}
+def optimizer(h: Hyper, cfg) -> optax.GradientTransformation:
+    """AdamW with no weight decay on the family's norm weights (its table's `init: ones` rows)."""
+    decay = {n: init_kind(cfg, n) != "ones" for n in param_shapes(cfg)}
     return optax.chain(optax.clip_by_global_norm(h.clip),
                        optax.adamw(learning_rate(h), b1=h.b1, b2=h.b2, eps=h.eps, weight_decay=h.weight_decay,
                                    mask=decay))
@@ -112,7 +113,7 @@ class Trainer:
         self.rs, self.mesh, self.hyper, self.batch, self.seq_len = rs, mesh, hyper, batch, seq_len
         lay, shapes = rs.layout, param_shapes(rs.cfg)
         self.param_sh = model.param_shardings(mesh, lay, rs.cfg)
-        self.tx = optimizer(hyper, shapes)
+        self.tx = optimizer(hyper, rs.cfg)
         abstract = {n: jax.ShapeDtypeStruct(s, jnp.float32, sharding=self.param_sh[n]) for n, s in shapes.items()}
         opt_shape = jax.eval_shape(self.tx.init, abstract)
         self.opt_sh = jax.tree_util.tree_map_with_path(

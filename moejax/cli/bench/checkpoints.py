@@ -1,6 +1,6 @@
 """Checkpoints at real size: make, reshard, export and import a model through this machine, streaming.
 
-    python scripts/bench_checkpoints.py --config configs/seed-10b.yaml --dir /tmp/bench-ck \\
+    moejax bench checkpoints --config configs/seed-10b.yaml --dir /tmp/bench-ck \\
         [--max-memory-gb 4] [--disk-gb 4] [--json results/cpu-checkpoints-seed10b.json]
 
 Steps, each a subprocess whose own report gives its seconds and peak RSS, each verified by the tool
@@ -14,7 +14,6 @@ the rate of a copy that reads each byte once and writes it once, which is what e
 (plus its verification read). Throughput of a step = model bytes / its seconds.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -22,6 +21,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+from moejax.cli.common import ArgumentParser
 
 
 
@@ -74,13 +75,13 @@ def du(path: str) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
     ap.add_argument("--config", default="configs/seed-10b.yaml")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--max-memory-gb", type=float, help="passed to every tool (default: theirs)")
     ap.add_argument("--disk-gb", type=float, default=4.0)
     ap.add_argument("--json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from moejax.config.model import load_config
     from moejax.models import counts
 
@@ -124,3 +125,4 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    return 0

@@ -79,6 +79,9 @@ def run(args, meshes, shapes):
     programs = []
     for text, shape in zip(meshes, shapes):
         rs = flags.run_spec(args, cfg, lay, shape, batch=1, platform=jax.default_backend())
+        if rs.kernel != "buffers":
+            raise UserError(f"bench moe times the buffers kernel (per-expert weights); --moe-kernel {rs.kernel} "
+                            f"is timed by bench model")
         mesh = make_mesh(shape)
         spec = rs.moe_spec()
         shards, e_loc = spec.expert_shards, E // spec.expert_shards

@@ -7,7 +7,7 @@
 
 Prompts are random token ids (printable ASCII for a byte vocabulary), lengths uniform over the
 inclusive ranges; every request streams greedily with ignore_eos, so it asks for exactly its
-max_tokens. TTFT, TPOT, ITL and E2EL are vLLM's (moejax/serving/loadgen.py defines them). The last
+max_tokens. TTFT, TPOT, ITL and E2EL are vLLM's (moejax/bench/loadgen.py defines them). The last
 stdout line is one JSON object: the summary and the run's settings (request_rate null = inf).
 """
 

@@ -4,7 +4,7 @@
     /work/hfvenv/bin/python scripts/bench_serve_hf.py --hf-dir DIR --input-len 16,128 --output-len 8,32 \\
         --num-requests 16 --threads 2 --check --json peer.json
 
-Same workload (moejax/serving/loadgen.py's make_workload: same flags, same seed, same prompts) and
+Same workload (moejax/bench/loadgen.py's make_workload: same flags, same seed, same prompts) and
 same statistics (vLLM's TTFT, TPOT, ITL, E2EL) as scripts/bench_serve.py, so the two tables compare.
 The peer (moejax/bench/peer_cb.py) holds the checkpoint in float32 and serves it through
 `model.init_continuous_batching(...)`: streaming requests, greedy, EOS off, at most `--concurrency`

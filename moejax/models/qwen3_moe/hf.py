@@ -6,7 +6,7 @@ import os
 
 from moejax.config.model import ModelConfig
 from moejax.errors import UserError
-from moejax.models.hf_config import check_default_rope, hf_int, hf_num, read_dtype, refuse
+from moejax.models.hf_config import check_default_rope, hf_bool, hf_int, hf_num, read_dtype, refuse
 
 
 def config_from_hf(c: dict, path: str) -> dict:
@@ -37,7 +37,7 @@ def config_from_hf(c: dict, path: str) -> dict:
         "eos_token_id": eos if isinstance(eos, int) and not isinstance(eos, bool) else 2,
         "router_aux_loss_coef": hf_num(c, "router_aux_loss_coef", path, 0.001),
         "family": "qwen3_moe", "qk_norm": "head",
-        "norm_topk_prob": bool(c.get("norm_topk_prob", False)),
+        "norm_topk_prob": hf_bool(c, "norm_topk_prob", path, False),
         "description": f"imported from Hugging Face {os.path.basename(os.path.dirname(os.path.abspath(path)))}",
     }
 
@@ -50,7 +50,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "hidden_act": "silu", "hidden_size": cfg.d_model, "initializer_range": 0.02,
         "intermediate_size": cfg.expert_ffn, "moe_intermediate_size": cfg.expert_ffn,
         "max_position_embeddings": cfg.max_seq_len, "norm_topk_prob": cfg.norm_topk_prob,
-        "num_attention_heads": cfg.num_heads, "num_local_experts": cfg.num_experts,
+        "num_attention_heads": cfg.num_heads, "num_experts": cfg.num_experts, "num_local_experts": cfg.num_experts,
         "num_experts_per_tok": cfg.experts_per_token, "num_hidden_layers": cfg.num_layers,
         "num_key_value_heads": cfg.num_kv_heads, "output_router_logits": False, "rms_norm_eps": cfg.rms_norm_eps,
         "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
