@@ -65,15 +65,3 @@ def test_infer_on_the_deployment_mesh_prints_what_it_printed_before(dtype, comma
     assert got["dtype"] == want["dtype"]
     assert got["generated_ids"] == want["generated_ids"]
     assert got["moe"]["requested_tokens_per_expert"] == want["requested_tokens_per_expert"]
-
-
-def test_the_script_and_the_moejax_command_are_the_same_command():
-    flags = ["infer", "--config", "tiny", "--mesh", "1x2x2x2", "--max-new-tokens", "5", "--prompt", "ab", "--json"]
-    outs = []
-    for cmd in ([sys.executable, os.path.join(REPO, "scripts", "infer.py")] + flags[1:],
-                [sys.executable, "-m", "moejax"] + flags):
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd="/", env=_env())
-        assert r.returncode == 0, r.stderr[-2000:]
-        outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    assert outs[0]["generated_ids"] == outs[1]["generated_ids"]
-    assert outs[0]["moe"] == outs[1]["moe"]
