@@ -3,6 +3,8 @@ malformed field is a one-line UserError naming it, never a KeyError or a bad val
 
 from __future__ import annotations
 
+import os
+
 from moejax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -62,3 +64,25 @@ def refuse(c: dict, path: str, required: tuple) -> None:
     for field, ok in required:
         if c.get(field, ok) != ok:
             raise UserError(f"{path}: {field}={repr(c[field])[:80]} is not supported by moejax (needs {ok!r})")
+
+
+def common_fields(c: dict, path: str, *, num_experts: int, expert_ffn: int, head_dim: int, theta: float,
+                  eps: float, aux_coef: float) -> dict:
+    """The ModelConfig fields every family reads the same way from config.json, given the values whose
+    field names or defaults differ between families."""
+    rope = check_default_rope(c, path)
+    heads = hf_int(c, "num_attention_heads", path)
+    eos = c.get("eos_token_id")
+    return {
+        "num_layers": hf_int(c, "num_hidden_layers", path), "num_experts": num_experts,
+        "experts_per_token": hf_int(c, "num_experts_per_tok", path), "d_model": hf_int(c, "hidden_size", path),
+        "num_heads": heads, "head_dim": head_dim, "num_kv_heads": hf_int(c, "num_key_value_heads", path, default=heads),
+        "expert_ffn": expert_ffn, "vocab_size": hf_int(c, "vocab_size", path),
+        "rope_theta": hf_num(rope if "rope_theta" in rope else c, "rope_theta", path, theta),
+        "rms_norm_eps": hf_num(c, "rms_norm_eps", path, eps), "param_dtype": read_dtype(c, path),
+        "max_seq_len": hf_int(c, "max_position_embeddings", path, default=4096),
+        "bos_token_id": hf_int(c, "bos_token_id", path, default=1),
+        "eos_token_id": eos if isinstance(eos, int) and not isinstance(eos, bool) else 2,
+        "router_aux_loss_coef": hf_num(c, "router_aux_loss_coef", path, aux_coef),
+        "description": f"imported from Hugging Face {os.path.basename(os.path.dirname(os.path.abspath(path)))}",
+    }

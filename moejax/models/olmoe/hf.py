@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 
 from moejax.config.model import ModelConfig
 from moejax.errors import UserError
-from moejax.models.hf_config import check_default_rope, hf_bool, hf_int, hf_num, read_dtype, refuse
+from moejax.models.hf_config import common_fields, hf_bool, hf_int, refuse
 
 
 def config_from_hf(c: dict, path: str) -> dict:
     """ModelConfig fields of an OlmoeForCausalLM config.json; what moejax does not compute is refused."""
     refuse(c, path, (("tie_word_embeddings", False), ("hidden_act", "silu"), ("attention_bias", False)))
-    rope = check_default_rope(c, path)
     heads = hf_int(c, "num_attention_heads", path)
     hidden = hf_int(c, "hidden_size", path)
     if heads <= 0 or hidden % heads:
@@ -20,22 +18,11 @@ def config_from_hf(c: dict, path: str) -> dict:
     clip = c.get("clip_qkv")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise UserError(f"{path}: clip_qkv={repr(clip)[:40]} must be a positive number or null")
-    eos = c.get("eos_token_id")
-    return {
-        "num_layers": hf_int(c, "num_hidden_layers", path), "num_experts": hf_int(c, "num_experts", path),
-        "experts_per_token": hf_int(c, "num_experts_per_tok", path), "d_model": hidden, "num_heads": heads,
-        "head_dim": hidden // heads, "num_kv_heads": hf_int(c, "num_key_value_heads", path, default=heads),
-        "expert_ffn": hf_int(c, "intermediate_size", path), "vocab_size": hf_int(c, "vocab_size", path),
-        "rope_theta": hf_num(rope if "rope_theta" in rope else c, "rope_theta", path, 10000.0),
-        "rms_norm_eps": hf_num(c, "rms_norm_eps", path, 1e-5), "param_dtype": read_dtype(c, path),
-        "max_seq_len": hf_int(c, "max_position_embeddings", path, default=4096),
-        "bos_token_id": hf_int(c, "bos_token_id", path, default=1),
-        "eos_token_id": eos if isinstance(eos, int) and not isinstance(eos, bool) else 2,
-        "router_aux_loss_coef": hf_num(c, "router_aux_loss_coef", path, 0.01),
-        "family": "olmoe", "qk_norm": "proj", "norm_topk_prob": hf_bool(c, "norm_topk_prob", path, False),
-        "clip_qkv": None if clip is None else float(clip),
-        "description": f"imported from Hugging Face {os.path.basename(os.path.dirname(os.path.abspath(path)))}",
-    }
+    return {**common_fields(c, path, num_experts=hf_int(c, "num_experts", path),
+                            expert_ffn=hf_int(c, "intermediate_size", path), head_dim=hidden // heads, theta=10000.0,
+                            eps=1e-5, aux_coef=0.01),
+            "family": "olmoe", "qk_norm": "proj", "norm_topk_prob": hf_bool(c, "norm_topk_prob", path, False),
+            "clip_qkv": None if clip is None else float(clip)}
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

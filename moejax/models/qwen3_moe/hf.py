@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 
 from moejax.config.model import ModelConfig
 from moejax.errors import UserError
-from moejax.models.hf_config import check_default_rope, hf_bool, hf_int, hf_num, read_dtype, refuse
+from moejax.models.hf_config import common_fields, hf_bool, hf_int, refuse
 
 
 def config_from_hf(c: dict, path: str) -> dict:
@@ -17,29 +16,15 @@ def config_from_hf(c: dict, path: str) -> dict:
         raise UserError(f"{path}: dense layers (mlp_only_layers={repr(c.get('mlp_only_layers'))[:60]}, "
                         f"decoder_sparse_step={c.get('decoder_sparse_step')!r}) are not supported yet: moejax "
                         f"runs Qwen3-MoE checkpoints whose every layer is MoE")
-    rope = check_default_rope(c, path)
     heads = hf_int(c, "num_attention_heads", path)
     hidden = hf_int(c, "hidden_size", path)
     if heads <= 0:
         raise UserError(f"{path}: num_attention_heads={heads} must be positive")
     experts = hf_int(c, "num_experts", path) if "num_experts" in c else hf_int(c, "num_local_experts", path)
-    eos = c.get("eos_token_id")
-    return {
-        "num_layers": hf_int(c, "num_hidden_layers", path), "num_experts": experts,
-        "experts_per_token": hf_int(c, "num_experts_per_tok", path), "d_model": hidden, "num_heads": heads,
-        "head_dim": hf_int(c, "head_dim", path, default=hidden // heads if hidden % heads == 0 else 0),
-        "num_kv_heads": hf_int(c, "num_key_value_heads", path, default=heads),
-        "expert_ffn": hf_int(c, "moe_intermediate_size", path), "vocab_size": hf_int(c, "vocab_size", path),
-        "rope_theta": hf_num(rope if "rope_theta" in rope else c, "rope_theta", path, 10000.0),
-        "rms_norm_eps": hf_num(c, "rms_norm_eps", path, 1e-6), "param_dtype": read_dtype(c, path),
-        "max_seq_len": hf_int(c, "max_position_embeddings", path, default=4096),
-        "bos_token_id": hf_int(c, "bos_token_id", path, default=1),
-        "eos_token_id": eos if isinstance(eos, int) and not isinstance(eos, bool) else 2,
-        "router_aux_loss_coef": hf_num(c, "router_aux_loss_coef", path, 0.001),
-        "family": "qwen3_moe", "qk_norm": "head",
-        "norm_topk_prob": hf_bool(c, "norm_topk_prob", path, False),
-        "description": f"imported from Hugging Face {os.path.basename(os.path.dirname(os.path.abspath(path)))}",
-    }
+    return {**common_fields(c, path, num_experts=experts, expert_ffn=hf_int(c, "moe_intermediate_size", path),
+                            head_dim=hf_int(c, "head_dim", path, default=hidden // heads if hidden % heads == 0 else 0),
+                            theta=10000.0, eps=1e-6, aux_coef=0.001),
+            "family": "qwen3_moe", "qk_norm": "head", "norm_topk_prob": hf_bool(c, "norm_topk_prob", path, False)}
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
