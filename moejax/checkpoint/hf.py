@@ -11,7 +11,7 @@ import numpy as np
 from moejax.config.model import ModelConfig, config_from_dict
 from moejax.errors import UserError
 from moejax.models import registry
-from moejax.models.hf_map import config_to_hf, hf_tensors, to_hf
+from moejax.models.hf_map import config_to_hf, fused_units, hf_tensors, to_hf
 from moejax.models.params import param_shapes
 
 __all__ = ["config_from_hf", "config_to_hf", "hf_tensors", "to_hf", "read_hf", "write_hf", "write_hf_streaming",
@@ -64,36 +64,16 @@ def _weight_files(hf_dir: str) -> dict[str, str]:
 
 def read_hf(hf_dir: str, progress=None) -> tuple[ModelConfig, dict]:
     """Config and stacked host parameters, read tensor by tensor (peak ~ one copy of the model)."""
-    from safetensors import safe_open
-
     cfg = config_from_hf(hf_dir)
-    files = _weight_files(hf_dir)
-    shapes = param_shapes(cfg)
-    params = {n: np.empty(s, _np_dtype(cfg.param_dtype)) for n, s in shapes.items()}
-    entries = list(hf_tensors(cfg))
-    handles = {}
+    params = {n: np.empty(s, _np_dtype(cfg.param_dtype)) for n, s in param_shapes(cfg).items()}
+    reader = HFReader(hf_dir, cfg)
     try:
-        for i, (hf_name, name, idx, fn) in enumerate(entries):
-            if hf_name not in files:
-                raise UserError(f"{hf_dir!r}: tensor {hf_name!r} is missing")
-            path = files[hf_name]
-            try:
-                if path not in handles:
-                    handles[path] = safe_open(path, framework="flax").__enter__()
-                t = np.asarray(handles[path].get_tensor(hf_name))
-            except _read_errors() as e:
-                raise UserError(f"{path}: tensor {hf_name!r} unreadable ({_reason(e, path)})") from None
-            want = shapes[name][len(idx):]
-            got = fn(t)
-            if got.shape != want:
-                raise UserError(f"{path}: tensor {hf_name!r} has shape {tuple(t.shape)}, which does not fit "
-                                f"the config (moejax {name} slice {want})")
-            params[name][idx] = got
+        for i, (name, idx) in enumerate(reader.units):
+            params[name][idx] = reader.unit(name, idx)
             if progress:
-                progress(i + 1, len(entries))
+                progress(i + 1, len(reader.units))
     finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
+        reader.close()
     return cfg, params
 
 
@@ -154,6 +134,7 @@ class HFReader:
         self.hf_dir, self.cfg = hf_dir, cfg
         self.files = _weight_files(hf_dir)
         self.units = units(cfg)
+        self.fused = fused_units(cfg)
         self.shapes = param_shapes(cfg)
         self.handles, self.headers = {}, {}
         self.lock = __import__("threading").Lock()
@@ -186,6 +167,11 @@ class HFReader:
 
     def unit(self, name: str, idx: tuple) -> np.ndarray:
         hf_name, fn = self.units[(name, idx)]
+        part = None  # (expert, chunk, chunks) of a fused 3-D tensor
+        if hf_name not in self.files and (name, idx) in self.fused:
+            fused, *part = self.fused[(name, idx)]
+            if fused in self.files:
+                hf_name = fused
         if hf_name not in self.files:
             raise UserError(f"{self.hf_dir!r}: tensor {hf_name!r} is missing")
         path = self.files[hf_name]
@@ -198,9 +184,18 @@ class HFReader:
             if dtype is None:
                 raise UserError(f"{path}: tensor {hf_name!r} has dtype {h['dtype']}; moejax reads F32, F16, BF16")
             b0, b1 = h["data_offsets"]
-            t = np.empty(h["shape"], dtype)
-            if t.nbytes != b1 - b0:
-                raise UserError(f"{path}: tensor {hf_name!r}: {b1 - b0} bytes for shape {h['shape']}: damaged")
+            shape = list(h["shape"])
+            if b1 - b0 != int(np.prod(shape)) * dtype.itemsize:
+                raise UserError(f"{path}: tensor {hf_name!r}: {b1 - b0} bytes for shape {shape}: damaged")
+            if part is not None:  # one expert's chunk of [E, R, ...]: a contiguous run of its bytes
+                e, chunk, chunks = part
+                if len(shape) != 3 or shape[0] != self.cfg.num_experts or shape[1] % chunks:
+                    raise UserError(f"{path}: fused expert tensor {hf_name!r} has shape {shape}; expected "
+                                    f"[{self.cfg.num_experts}, {chunks} x rows, cols]")
+                rows = shape[1] // chunks
+                b0 += ((e * shape[1] + chunk * rows) * shape[2]) * dtype.itemsize
+                shape = [rows, shape[2]]
+            t = np.empty(shape, dtype)
             got = os.preadv(self.handles[path].fileno(), [memoryview(t.reshape(-1).view(np.uint8))], base + b0)
             if got != t.nbytes:  # (pread: safe from several threads)
                 raise UserError(f"{path}: tensor {hf_name!r} unreadable (end of file: truncated)")

@@ -21,6 +21,12 @@ QUANT_SCHEMES = ("int8",)  # weight quantization (quant.py)
 QUANT_MATMULS = ("auto", "dequant", "dynamic")  # how a quantized matrix is multiplied (quant.py)
 QK_NORMS = ("none", "head", "proj")  # RMSNorm of q and k before RoPE: none, each head's dims (Qwen3),
 # or the whole projection, every head together (OLMoE: a sum over tp)
+ROUTERS = ("softmax_topk", "sigmoid_topk")  # ops/moe/router.py: softmax over all experts then top-k
+# (Mixtral, Qwen, OLMoE); sigmoid scores, a selection-only correction bias, group-limited (GLM, DeepSeek-V3)
+ROPE_TYPES = ("default", "linear", "yarn")  # RoPE scaling as transformers computes it (ops/layers.py)
+ROPE_KEYS = {"default": (), "linear": ("factor",),
+             "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                      "mscale_all_dim", "attention_factor", "truncate")}
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/, meshes/, gpus/
 _CONFIG_DIR = os.path.join(REPO_DIR, "configs")
 
@@ -58,6 +64,19 @@ class ModelConfig:
     qk_norm: str = "none"  # QK_NORMS: "head" normalises q and k per head (weights [K]) before RoPE
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1 (Mixtral does)
     clip_qkv: float | None = None  # clamp q, k and v to [-clip_qkv, clip_qkv] after the norm (OLMoE option)
+    attention_bias: bool = False  # q, k and v projections have biases (Qwen2-MoE, GLM-4.5)
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first int(K x this) dims of each head (GLM: 0.5)
+    rope_scaling: tuple = ()  # (key, value) pairs of HF's rope_parameters besides theta: rope_type
+    # (ROPE_TYPES) and its fields (ROPE_KEYS); () is default RoPE. YAML: a mapping.
+    tie_word_embeddings: bool = False  # the head is the embedding's transpose (no lm_head tensor)
+    router: str = "softmax_topk"  # ROUTERS
+    n_group: int = 1  # sigmoid_topk: experts in n_group groups, tokens choose within topk_group of them
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # routed experts' weights are multiplied by this (after renormalising)
+    shared_expert_ffn: int = 0  # a dense SwiGLU every MoE layer runs on every token beside its experts (0: none)
+    shared_expert_gate: bool = False  # the shared expert's output is scaled by sigmoid(x . w) (Qwen2-MoE)
+    dense_layers: tuple = ()  # indices of layers whose FFN is a dense SwiGLU instead of the MoE
+    dense_ffn: int = 0  # those layers' hidden size
     description: str = ""
 
     def __post_init__(self):
@@ -88,10 +107,92 @@ class ModelConfig:
             raise UserError(f"config {self.name}: clip_qkv={self.clip_qkv!r} must be a positive number or null")
         if not isinstance(self.norm_topk_prob, bool):
             raise UserError(f"config {self.name}: norm_topk_prob={self.norm_topk_prob!r} must be true or false")
+        self._validate_families()
         for f in ("bos_token_id", "eos_token_id"):
             v = getattr(self, f)
             if not (isinstance(v, int) and 0 <= v < self.vocab_size):
                 raise UserError(f"config {self.name}: {f}={v!r} must be a token id in [0, {self.vocab_size})")
+
+
+    def _validate_families(self):
+        """The fields families beyond Mixtral add (each one-line)."""
+        for f in ("attention_bias", "tie_word_embeddings", "shared_expert_gate"):
+            if not isinstance(getattr(self, f), bool):
+                raise UserError(f"config {self.name}: {f}={getattr(self, f)!r} must be true or false")
+        prf = self.partial_rotary_factor
+        if not (isinstance(prf, (int, float)) and 0 < prf <= 1 and int(self.head_dim * prf) % 2 == 0):
+            raise UserError(f"config {self.name}: partial_rotary_factor={prf!r} must be in (0, 1] and give an even "
+                            f"number of rotated dims (head_dim={self.head_dim})")
+        rope = self.rope
+        if rope.get("rope_type", "default") not in ROPE_TYPES:
+            raise UserError(f"config {self.name}: rope_scaling rope_type={rope.get('rope_type')!r} is not "
+                            f"supported; valid: {', '.join(ROPE_TYPES)}")
+        kind = rope.get("rope_type", "default")
+        extra = sorted(set(rope) - {"rope_type"} - set(ROPE_KEYS[kind]))
+        if extra:
+            raise UserError(f"config {self.name}: rope_scaling key {extra[0]!r} is not read by rope_type {kind} "
+                            f"(valid: {', '.join(ROPE_KEYS[kind]) or 'none'})")
+        if kind != "default" and not (isinstance(rope.get("factor"), (int, float)) and rope["factor"] >= 1):
+            raise UserError(f"config {self.name}: rope_scaling factor={rope.get('factor')!r} must be a number >= 1")
+        if kind == "yarn" and not isinstance(rope.get("original_max_position_embeddings"), int):
+            raise UserError(f"config {self.name}: yarn RoPE needs an integer original_max_position_embeddings")
+        if self.router not in ROUTERS:
+            raise UserError(f"config {self.name}: router={self.router!r}; valid: {', '.join(ROUTERS)}")
+        for f in ("n_group", "topk_group"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise UserError(f"config {self.name}: {f}={v!r} must be a positive integer")
+        per_group = self.num_experts // self.n_group
+        if self.num_experts % self.n_group or self.topk_group > self.n_group or (self.n_group > 1 and per_group < 2):
+            raise UserError(f"config {self.name}: n_group={self.n_group}, topk_group={self.topk_group} must divide "
+                            f"num_experts={self.num_experts} into groups of >= 2 with topk_group <= n_group")
+        if self.experts_per_token > self.topk_group * per_group:
+            raise UserError(f"config {self.name}: experts_per_token={self.experts_per_token} exceeds the "
+                            f"{self.topk_group * per_group} experts of the topk_group={self.topk_group} groups a "
+                            f"token may use")
+        if not (isinstance(self.routed_scaling_factor, (int, float)) and self.routed_scaling_factor > 0):
+            raise UserError(f"config {self.name}: routed_scaling_factor={self.routed_scaling_factor!r} must be > 0")
+        for f in ("shared_expert_ffn", "dense_ffn"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise UserError(f"config {self.name}: {f}={v!r} must be an integer >= 0")
+        if self.shared_expert_gate and not self.shared_expert_ffn:
+            raise UserError(f"config {self.name}: shared_expert_gate needs shared_expert_ffn > 0")
+        dense = self.dense_layers
+        if (not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in dense)
+                or list(dense) != sorted(set(dense))):
+            raise UserError(f"config {self.name}: dense_layers={list(dense)!r} must be increasing layer indices "
+                            f"in [0, {self.num_layers})")
+        if len(dense) == self.num_layers:
+            raise UserError(f"config {self.name}: every layer is in dense_layers: a MoE model needs a MoE layer")
+        if bool(dense) != bool(self.dense_ffn):
+            raise UserError(f"config {self.name}: dense_layers={list(dense)!r} and dense_ffn={self.dense_ffn} must "
+                            f"be given together")
+
+    @property
+    def rope(self) -> dict:
+        """rope_scaling as a dict ({} for default RoPE)."""
+        return dict(self.rope_scaling)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def moe_layers(self) -> tuple:
+        """Indices of the MoE layers (every layer not in dense_layers)."""
+        return tuple(i for i in range(self.num_layers) if i not in set(self.dense_layers))
+
+    def slot_rows(self, kind: str, pp: int) -> list[tuple[int, ...]]:
+        """For each local layer slot l of a pipeline stage: the row of a `kind` stack that stage s holds
+        there (its layer s * L/pp + l), or -1 where that layer is of another kind."""
+        lp = self.num_layers // pp
+        at = {layer: j for j, layer in enumerate(self.kind_layers(kind))}
+        return [tuple(at.get(s * lp + l, -1) for s in range(pp)) for l in range(lp)]
+
+    def kind_layers(self, kind: str) -> tuple:
+        """Layer indices of a parameter kind (models/family.py Param.kind): every layer, MoE, or dense."""
+        return {"layer": tuple(range(self.num_layers)), "moe": self.moe_layers, "dense": tuple(self.dense_layers)}[kind]
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -117,7 +218,17 @@ def config_from_dict(d: dict, name: str) -> ModelConfig:
         raise UserError(f"config {name}: missing key {missing[0]!r}")
     d = dict(d)
     d["name"] = str(d.get("name", name))
-    for f in ("rope_theta", "rms_norm_eps", "router_aux_loss_coef") + (("clip_qkv",) if d.get("clip_qkv") is not None else ()):
+    rope = d.get("rope_scaling") or {}
+    if isinstance(rope, (list, tuple)):  # a checkpoint's meta stores the pairs as lists
+        rope = dict(tuple(p) for p in rope)
+    if not isinstance(rope, dict):
+        raise UserError(f"config {name}: rope_scaling={rope!r} must be a mapping (rope_type and its fields)")
+    d["rope_scaling"] = tuple(sorted(rope.items()))
+    if "dense_layers" in d:
+        if not isinstance(d["dense_layers"], (list, tuple)):
+            raise UserError(f"config {name}: dense_layers={d['dense_layers']!r} must be a list of layer indices")
+        d["dense_layers"] = tuple(d["dense_layers"])
+    for f in ("rope_theta", "rms_norm_eps", "router_aux_loss_coef", "partial_rotary_factor", "routed_scaling_factor") + (("clip_qkv",) if d.get("clip_qkv") is not None else ()):
         if f in d:
             try:
                 d[f] = float(d[f])

@@ -5,25 +5,26 @@ from __future__ import annotations
 import math
 
 from moejax.config.model import ModelConfig, dtype_bytes
-from moejax.models.registry import family_of
+from moejax.models.params import table
 
 
 def layer_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters of one layer, per layer tensor."""
-    return {p.name: math.prod(p.shape(cfg)[1:]) for p in family_of(cfg).params if p.per_layer}
+    """Parameters of one layer of the tensor's kind (a MoE layer's, a dense layer's, any layer's), per layer tensor."""
+    return {p.name: math.prod(p.shape(cfg)[1:]) for p in table(cfg) if p.per_layer}
 
 
 def param_count(cfg: ModelConfig) -> int:
     """Total parameters: layers, embedding, head and final norm."""
-    return sum(math.prod(p.shape(cfg)) for p in family_of(cfg).params)
+    return sum(math.prod(p.shape(cfg)) for p in table(cfg))
 
 
 def active_matmul_params_per_token(cfg: ModelConfig) -> int:
-    """Weights a token multiplies by: each layer's matrices (its k of E experts'), and the head."""
-    total = 0
-    for p in family_of(cfg).params:
-        if p.init == "ones" or p.name == "embed":  # norms scale, the embedding is a lookup
-            continue
+    """Weights a token multiplies by: each layer's matrices (its k of E experts', the shared expert, a dense
+    layer's FFN), and the head (the embedding's transpose when tied)."""
+    total = cfg.vocab_size * cfg.d_model if cfg.tie_word_embeddings else 0
+    for p in table(cfg):
+        if p.init in ("ones", "zeros") or p.hf == "model.embed_tokens.weight":  # norms and biases add, the
+            continue  # embedding is a lookup
         n = math.prod(p.shape(cfg))
         total += n * cfg.experts_per_token // cfg.num_experts if p.per_expert else n
     return total

@@ -25,12 +25,22 @@ class Param:
     quant_dims: tuple = ()  # int8: the input (contracted) dims of the stacked tensor; () = kept in float
     hf: str = ""  # HF tensor name; {l} is the layer, {e} the expert
     hf_transpose: bool = False  # HF stores it as a torch Linear [out, in]; moejax as [in..., out...]
+    hf_vector: bool = False  # HF stores the (unstacked) tensor flattened to one dim (a bias [H*K])
     in_rank: int = 1  # leading dims of the moejax slice that form torch's `in` (wo [H, K, D]: 2)
-    init: str = "normal"  # random init: "normal" (std 0.02) or "ones" (norms)
+    init: str = "normal"  # random init: "normal" (std 0.02), "ones" (norms) or "zeros" (biases)
+    kind: str = "layer"  # which layers a [L, ...] tensor stacks: every layer, the "moe" or the "dense" ones
+    # (its first dim is then that kind's layer count: ModelConfig.kind_layers)
+    when: Callable[[ModelConfig], bool] | None = None  # the tensor exists only under configs where this holds
+    hf_fused: str = ""  # transformers 5.x's fused 3-D expert tensor holding this one ([E, chunks x R, ...])
+    hf_chunk: tuple = (0, 1)  # (which, of how many) equal chunks of the fused tensor's second dim this is
+    trained: bool = True  # False: no gradient step and no weight decay (a balancing bias updated by a rule)
 
     @property
     def per_layer(self) -> bool:
         return self.axes[:1] == ("layers",)
+
+    def present(self, cfg: ModelConfig) -> bool:
+        return self.when is None or bool(self.when(cfg))
 
     @property
     def per_expert(self) -> bool:
@@ -44,11 +54,14 @@ class Family:
     model_type: str  # Hugging Face `model_type`, the registry key and `ModelConfig.family`
     hf_architecture: str  # `architectures[0]` of an exported config.json
     params: tuple  # of Param, in checkpoint order
-    layer: Callable  # (x_BTD, valid_BT, w, side, mode, kv, row0, rs) -> (x_BTD, kv, moe stats)
-    router: str  # ops/moe/router.py ROUTERS key
+    layer: Callable  # (x_BTD, valid_BT, w, side, mode, kv, row0, rs, slot) -> (x_BTD, kv, moe stats)
     config_from_hf: Callable[[dict, str], dict]  # config.json (a dict), its path -> ModelConfig fields
     config_to_hf: Callable[[ModelConfig], dict]
     fixed: tuple = ()  # (config field, value) pairs the family's weights imply (its table has q_norm or not)
 
     def table(self) -> dict:
         return {p.name: p for p in self.params}
+
+    def params_of(self, cfg: ModelConfig) -> tuple:
+        """The rows of the table that exist under `cfg` (biases, shared experts, dense layers...)."""
+        return tuple(p for p in self.params if p.present(cfg))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from moejax.config.model import ROPE_KEYS, ROPE_TYPES
 from moejax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -46,17 +47,38 @@ def read_dtype(c: dict, path: str) -> str:
     return dtype
 
 
-def check_default_rope(c: dict, path: str) -> dict:
-    """The rope_parameters mapping, refusing RoPE scaling (moejax implements default RoPE)."""
+def rope_fields(c: dict, path: str, theta: float, partial: float = 1.0) -> dict:
+    """rope_theta, rope_scaling and partial_rotary_factor from `rope_parameters` (transformers 5.x) or
+    the older top-level `rope_theta` / `rope_scaling` / `partial_rotary_factor`; RoPE scaling other
+    than default, linear and yarn is refused."""
     rope = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or {}
     for field, value in (("rope_parameters", rope), ("rope_scaling", scaling)):
         if not isinstance(value, dict):
             raise UserError(f"{path}: {field} must be a JSON object, not {type(value).__name__}")
-        if value.get("rope_type", value.get("type", "default")) != "default":
-            raise UserError(f"{path}: {field} rope_type={value.get('rope_type', value.get('type'))!r} is not "
-                            f"supported (moejax implements default RoPE)")
-    return rope
+    merged = {**scaling, **rope}
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise UserError(f"{path}: rope_type={kind!r} is not supported (moejax implements "
+                        f"{', '.join(ROPE_TYPES)})")
+    scaled = {k: merged[k] for k in ROPE_KEYS[kind] if merged.get(k) is not None}
+    for k, v in scaled.items():
+        if k != "truncate" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise UserError(f"{path}: rope {k}={repr(v)[:40]} must be a number")
+    if kind != "default":
+        scaled["rope_type"] = kind
+    return {"rope_theta": hf_num(rope if "rope_theta" in rope else c, "rope_theta", path, theta),
+            "rope_scaling": scaled,
+            "partial_rotary_factor": hf_num(rope if "partial_rotary_factor" in rope else c, "partial_rotary_factor",
+                                            path, partial)}
+
+
+def rope_to_hf(cfg) -> dict:
+    """config.json's `rope_parameters` of a config."""
+    out = {"rope_theta": cfg.rope_theta, "rope_type": "default", **cfg.rope}
+    if cfg.partial_rotary_factor != 1.0:
+        out["partial_rotary_factor"] = cfg.partial_rotary_factor
+    return out
 
 
 def refuse(c: dict, path: str, required: tuple) -> None:
@@ -67,10 +89,9 @@ def refuse(c: dict, path: str, required: tuple) -> None:
 
 
 def common_fields(c: dict, path: str, *, num_experts: int, expert_ffn: int, head_dim: int, theta: float,
-                  eps: float, aux_coef: float) -> dict:
+                  eps: float, aux_coef: float, partial_rotary: float = 1.0) -> dict:
     """The ModelConfig fields every family reads the same way from config.json, given the values whose
     field names or defaults differ between families."""
-    rope = check_default_rope(c, path)
     heads = hf_int(c, "num_attention_heads", path)
     eos = c.get("eos_token_id")
     return {
@@ -78,7 +99,8 @@ def common_fields(c: dict, path: str, *, num_experts: int, expert_ffn: int, head
         "experts_per_token": hf_int(c, "num_experts_per_tok", path), "d_model": hf_int(c, "hidden_size", path),
         "num_heads": heads, "head_dim": head_dim, "num_kv_heads": hf_int(c, "num_key_value_heads", path, default=heads),
         "expert_ffn": expert_ffn, "vocab_size": hf_int(c, "vocab_size", path),
-        "rope_theta": hf_num(rope if "rope_theta" in rope else c, "rope_theta", path, theta),
+        **rope_fields(c, path, theta, partial_rotary),
+        "tie_word_embeddings": hf_bool(c, "tie_word_embeddings", path, False),
         "rms_norm_eps": hf_num(c, "rms_norm_eps", path, eps), "param_dtype": read_dtype(c, path),
         "max_seq_len": hf_int(c, "max_position_embeddings", path, default=4096),
         "bos_token_id": hf_int(c, "bos_token_id", path, default=1),

@@ -96,7 +96,8 @@ class RunSpec:
             ffn_axis=ffn[0] if ffn and self.shape.tp > 1 else None,
             ffn_shards=self.layout.shards("expert_ffn", self.shape),
             round_axes=tuple(a for a in AXES if a != "pp"), kernel=self.kernel, differentiable=self.training,
-            router=self.family.router, renormalize=self.cfg.norm_topk_prob, platform=self.platform)
+            router=self.cfg.router, renormalize=self.cfg.norm_topk_prob, n_group=self.cfg.n_group,
+            topk_group=self.cfg.topk_group, routed_scale=float(self.cfg.routed_scaling_factor), platform=self.platform)
 
     @property
     def kernel(self) -> str:

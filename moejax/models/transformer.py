@@ -17,8 +17,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax.config.model import ModelConfig
-from moejax.models.params import (base_name, expert_names, init_kind, layer_names, param_shapes, param_specs,
-                                  quant_dims, scale_name)
+from moejax.models.params import (base_name, expert_names, init_kind, layer_names, param_axes, param_shapes,
+                                  param_specs, quant_dims, row, scale_name, stacks_every_layer)
 from moejax.models.runspec import RunSpec
 from moejax.ops import layers
 from moejax.ops import quant as q8
@@ -97,21 +97,38 @@ def serving_params(params: dict, rs: RunSpec, mesh) -> dict:
 
 def split_layer_tensor(name: str, w, rs: RunSpec):
     """One stacked layer tensor [L, ...] in the serving layout (`serving_params`). Traceable: the
-    training step runs it inside its jit, so gradients arrive in the stacked layout."""
+    training step runs it inside its jit, so gradients arrive in the stacked layout. A stack of one
+    kind of layer (MoE or dense, in a model mixing both) gives each local slot a [pp, ...] buffer of the
+    rows its stages hold there (zeros on a stage whose layer there is of the other kind), or () where no
+    stage holds that kind."""
     pp = rs.shape.pp
     lp = rs.cfg.num_layers // pp
     shards = rs.layout.shards("experts", rs.shape)
     e_loc = rs.cfg.num_experts // shards
+    expert = is_expert_param(rs.cfg, name)
     def unstack(a, axis: int):  # lax.split transposes to one concatenate; per-index slices
         # transpose to a zero-padded full-size gradient each, summed (3 x 2.1 s a seed step)
         return [piece.squeeze(axis) for piece in jax.lax.split(a, [1] * a.shape[axis], axis=axis)]
 
-    if is_expert_param(rs.cfg, name):
-        w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
-        if rs.kernel in STACKED_KERNELS:  # local experts stacked: [pp, shards, E_loc, D, F]
-            return tuple(unstack(w, 1))
-        return tuple(tuple(unstack(wl, 2)) for wl in unstack(w, 1))
-    return tuple(unstack(w.reshape((pp, lp) + w.shape[1:]), 1))
+    def per_expert(buf):  # [pp, E, ...] -> [pp, shards, E_loc, ...], or a tuple over local experts
+        buf = buf.reshape((pp, shards, e_loc) + buf.shape[2:])
+        return buf if rs.kernel in STACKED_KERNELS else tuple(unstack(buf, 2))
+
+    if stacks_every_layer(rs.cfg, row(rs.cfg, name)):
+        if expert:
+            w = w.reshape((pp, lp, shards, e_loc) + w.shape[2:])
+            if rs.kernel in STACKED_KERNELS:  # local experts stacked: [pp, shards, E_loc, D, F]
+                return tuple(unstack(w, 1))
+            return tuple(tuple(unstack(wl, 2)) for wl in unstack(w, 1))
+        return tuple(unstack(w.reshape((pp, lp) + w.shape[1:]), 1))
+    slots = []
+    for rows in rs.cfg.slot_rows(row(rs.cfg, name).kind, pp):
+        if max(rows) < 0:
+            slots.append(())
+            continue
+        buf = jnp.stack([w[i] if i >= 0 else jnp.zeros(w.shape[1:], w.dtype) for i in rows])
+        slots.append(per_expert(buf) if expert else buf)
+    return tuple(slots)
 
 
 def to_serving(params: dict, rs: RunSpec) -> dict:
@@ -123,16 +140,22 @@ def serving_specs(rs: RunSpec) -> dict:
     """PartitionSpecs of the `serving_params` pytree: per local layer, and for expert tensors per
     local expert ([pp, shards, D, F] each) or, under the batched and ragged kernels, all local experts in one
     [pp, shards, E_loc, D, F] buffer."""
-    lp = rs.cfg.num_layers // rs.shape.pp
+    pp = rs.shape.pp
+    lp = rs.cfg.num_layers // pp
     e_loc = rs.cfg.num_experts // rs.layout.shards("experts", rs.shape)
 
     def serving(name, spec):
+        if not is_layer_param(rs.cfg, name):
+            return spec
         if is_expert_param(rs.cfg, name) and rs.kernel in STACKED_KERNELS:
-            return (P(spec[0], spec[1], None, *spec[2:]),) * lp
-        if is_expert_param(rs.cfg, name):
-            return ((spec,) * e_loc,) * lp
-        return (spec,) * lp if is_layer_param(rs.cfg, name) else spec
-    return {name: serving(name, spec) for name, spec in param_specs(rs.layout, rs.cfg, rs.quant).items()}
+            one = P(spec[0], spec[1], None, *spec[2:])
+        elif is_expert_param(rs.cfg, name):
+            one = (spec,) * e_loc
+        else:
+            one = spec
+        return tuple(() if max(rows) < 0 else one for rows in rs.cfg.slot_rows(row(rs.cfg, name).kind, pp))
+    axes = param_axes(rs.cfg, rs.quant, stacked=False)
+    return {name: serving(name, rs.layout.spec(a)) for name, a in axes.items()}
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int):
@@ -202,7 +225,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
               "prob_sum": jnp.zeros((layers_loc, cfg.num_experts), F32), "z_sum": jnp.zeros((layers_loc,), F32)}
     layer_fn = rs.family.layer
     if rs.remat:  # keep only each layer's input for the backward pass; recompute the rest
-        layer_fn = jax.checkpoint(layer_fn, static_argnums=(4, 7))
+        layer_fn = jax.checkpoint(layer_fn, static_argnums=(4, 7, 8))
     names = [n for n in params if is_layer_param(cfg, n)]
     experts = {n for n in names if is_expert_param(cfg, n)}
     form = rs.quant_form
@@ -211,12 +234,14 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
         kv_all, stats = state
         row0 = mi * mb
         for l in range(layers_loc):
-            w = {name: _local(params[name][l], name in experts) for name in names}
+            w = {name: _local(params[name][l], name in experts) for name in names
+                 if not (isinstance(params[name][l], tuple) and not params[name][l])}  # () : not on this slot
             if rs.quant:  # each int8 matrix with its scales, in the platform's matmul form
                 for name in quant_dims(cfg):
-                    w[name] = q8.pair(w[name], w.pop(scale_name(name)), form)
+                    if name in w:
+                        w[name] = q8.pair(w[name], w.pop(scale_name(name)), form)
             kv = None if kv_all is None else (_local(kv_all[0][l]), _local(kv_all[1][l]))
-            x_BTD, kv, st = layer_fn(x_BTD, side["valid"], w, side, mode, kv, row0, rs)
+            x_BTD, kv, st = layer_fn(x_BTD, side["valid"], w, side, mode, kv, row0, rs, l)
             if kv is not None:
                 kv_all = tuple(c[:l] + (n[None],) + c[l + 1:] for c, n in zip(kv_all, kv))
             stats = {k: stats[k].at[l].add(st[k]) for k in stats}
@@ -232,7 +257,8 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
                                      stages=rs.shape.pp, axis="pp")
     h = outs.reshape((b_loc,) + outs.shape[2:])
     h = layers.rmsnorm(h, params["final_norm"], cfg.rms_norm_eps)
-    logits = mm("...d,dv->...v", h, params["lm_head"])
+    head = params["lm_head"] if "lm_head" in params else params["embed"].T  # tied: [D, V/tp] either way
+    logits = mm("...d,dv->...v", h, head)
     stats = jax.tree.map(lambda a: jax.lax.psum(a, rs.layout.token_axes()), stats)
     return logits, cache, stats
 

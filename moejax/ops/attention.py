@@ -27,8 +27,9 @@ def bits(x, dtype):
 
 def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platform: str,
                     head_axis: str | None = None):
-    """Pre-norm attention on this device's heads with its KV cache (w: attn_norm, wq, wk, wv, wo, and
-    q_norm, k_norm under `cfg.qk_norm`;
+    """Pre-norm attention on this device's heads with its KV cache (w: attn_norm, wq, wk, wv, wo; bq,
+    bk, bv under `cfg.attention_bias`; q_norm, k_norm under `cfg.qk_norm`; partial and scaled RoPE from
+    `cfg.rotary_dim` and `cfg.rope`;
     `mode` as models/transformer.py `build`; `head_axis`: the mesh axis the heads are split over, for
     `qk_norm: proj`, whose mean of squares spans every head). Returns the partial (over tp) output
     [B, T, D] f32 and kv."""
@@ -36,9 +37,10 @@ def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platf
     h_BTD = layers.rmsnorm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
     b, t, d = x_BTD.shape
     heads = lambda w_: q8.reshape(w_, (d,), (-1,))  # 2-D dots: XLA:CPU runs [.., H, K] contractions 2-3x slower
-    q_BTJ = q8.matmul("btd,dj->btj", h_BTD, heads(w["wq"])).astype(cdt)
-    k_BTJ = q8.matmul("btd,dj->btj", h_BTD, heads(w["wk"])).astype(cdt)
-    v_BTJ = q8.matmul("btd,dj->btj", h_BTD, heads(w["wv"])).astype(cdt)
+    q_BTJ, k_BTJ, v_BTJ = (q8.matmul("btd,dj->btj", h_BTD, heads(w[n])) for n in ("wq", "wk", "wv"))
+    if cfg.attention_bias:  # this device's heads' slices of the q, k, v biases
+        q_BTJ, k_BTJ, v_BTJ = (a + w[n].reshape(-1) for a, n in ((q_BTJ, "bq"), (k_BTJ, "bk"), (v_BTJ, "bv")))
+    q_BTJ, k_BTJ, v_BTJ = (a.astype(cdt) for a in (q_BTJ, k_BTJ, v_BTJ))
     if cfg.qk_norm == "proj":  # over the whole projection: this device's heads are a slice of it
         q_BTJ = layers.sharded_rmsnorm(q_BTJ, w["q_norm"], cfg.rms_norm_eps, cfg.num_heads * cfg.head_dim, head_axis)
         k_BTJ = layers.sharded_rmsnorm(k_BTJ, w["k_norm"], cfg.rms_norm_eps, cfg.num_kv_heads * cfg.head_dim,
@@ -49,7 +51,8 @@ def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platf
     if cfg.qk_norm == "head":  # each head's q and k RMS-normalised over its K dims, before RoPE
         q_BTHK = layers.rmsnorm(q_BTHK, w["q_norm"], cfg.rms_norm_eps)
         k_BTGK = layers.rmsnorm(k_BTGK, w["k_norm"], cfg.rms_norm_eps)
-    cos, sin = layers.rope_tables(side["pos"], cfg.head_dim, cfg.rope_theta, cdt)
+    inv_freq, factor = layers.rope_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope)
+    cos, sin = layers.rope_tables(side["pos"], inv_freq, factor, cdt)
     q_BTHK, k_BTGK = layers.apply_rope(q_BTHK, cos, sin), layers.apply_rope(k_BTGK, cos, sin)
     if mode == "decode":
         mb = x_BTD.shape[0]

@@ -6,8 +6,11 @@ These see local blocks only (a device's heads, its sequences) and issue no colle
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 F32 = jnp.float32
 
@@ -35,18 +38,61 @@ def sharded_rmsnorm(x, w, eps: float, total: int, axis: str | None):
     return (w * y.astype(x.dtype)).astype(x.dtype)
 
 
-def rope_tables(pos_BT, head_dim: int, theta: float, dtype):
-    """cos, sin [B, T, K] for integer positions, rotate-half layout (freqs repeated twice)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))
-    freqs_BTk = pos_BT.astype(F32)[..., None] * inv_freq
+def rope_frequencies(dim: int, theta: float, rope: dict):
+    """Inverse frequencies [dim/2] (float32, numpy) and the factor cos and sin are multiplied by, for
+    `dim` rotated dims, as transformers' modeling_rope_utils computes them: default, linear (the
+    frequencies divided by `factor`) and yarn (interpolated frequencies blended into the original ones
+    over a ramp between the correction dims of beta_fast and beta_slow; attention_factor from mscale)."""
+    kind = rope.get("rope_type", "default")
+    pos_freqs = theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    inv = (1.0 / pos_freqs).astype(np.float32)
+    if kind == "default":
+        return inv, 1.0
+    factor = float(rope["factor"])
+    if kind == "linear":
+        return (inv / np.float32(factor)).astype(np.float32), 1.0
+    orig = rope["original_max_position_embeddings"]
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extrapolation = (1 - ramp).astype(np.float32)
+    interpolation = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    return (interpolation * (1 - extrapolation) + inv * extrapolation).astype(np.float32), float(attention_factor)
+
+
+def rope_tables(pos_BT, inv_freq, attention_factor: float, dtype):
+    """cos, sin [B, T, R] for integer positions (R = 2 x len(inv_freq) rotated dims), rotate-half
+    layout (freqs repeated twice), both scaled by `attention_factor` (yarn's)."""
+    freqs_BTk = pos_BT.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)
     emb_BTK = jnp.concatenate([freqs_BTk, freqs_BTk], axis=-1)
-    return jnp.cos(emb_BTK).astype(dtype), jnp.sin(emb_BTK).astype(dtype)
+    return (jnp.cos(emb_BTK) * attention_factor).astype(dtype), (jnp.sin(emb_BTK) * attention_factor).astype(dtype)
 
 
-def apply_rope(x_BTHK, cos_BTK, sin_BTK):
-    half = x_BTHK.shape[-1] // 2
-    rot = jnp.concatenate([-x_BTHK[..., half:], x_BTHK[..., :half]], axis=-1)
-    return x_BTHK * cos_BTK[:, :, None, :] + rot * sin_BTK[:, :, None, :]
+def apply_rope(x_BTHK, cos_BTR, sin_BTR):
+    """Rotate the first R dims of each head (R from the tables); the rest pass through (partial RoPE)."""
+    r = cos_BTR.shape[-1]
+    x_rot, x_pass = x_BTHK[..., :r], x_BTHK[..., r:]
+    half = r // 2
+    rot = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos_BTR[:, :, None, :] + rot * sin_BTR[:, :, None, :]
+    return out if r == x_BTHK.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 def attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, causal: bool = False, platform: str = "cpu"):

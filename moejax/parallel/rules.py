@@ -28,6 +28,7 @@ LOGICAL_AXES = {
     "kv_heads": ("tp",),  # key/value heads (and the KV cache)
     "experts": ("ep", "tp", "dp"),  # the expert axes: the all-to-all runs over these
     "expert_ffn": ("tp",),  # an expert's hidden dimension
+    "ffn": ("tp",),  # a dense FFN's hidden dimension (shared experts, dense layers)
     "vocab": ("tp",),  # embedding rows and head columns
 }
 
@@ -77,7 +78,8 @@ class Layout:
         """One-line errors for a config or mesh this layout cannot place."""
         dims = {"layers": ("num_layers", cfg.num_layers), "heads": ("num_heads", cfg.num_heads),
                 "kv_heads": ("num_kv_heads", cfg.num_kv_heads), "experts": ("num_experts", cfg.num_experts),
-                "expert_ffn": ("expert_ffn", cfg.expert_ffn), "vocab": ("vocab_size", cfg.vocab_size)}
+                "expert_ffn": ("expert_ffn", cfg.expert_ffn), "vocab": ("vocab_size", cfg.vocab_size),
+                "ffn": ("shared_expert_ffn and dense_ffn", math.gcd(cfg.shared_expert_ffn, cfg.dense_ffn))}
         for logical, (field, size) in dims.items():
             n = self.shards(logical, shape)
             if size % n:

@@ -4,8 +4,8 @@
 
 CE: next-token cross-entropy in float32, position t predicting token t+1, mean over the predicted
 tokens of every sequence (t + 1 < its length: padding is ignored). aux: `load_balancing_loss_func`
-with every layer's router rows taken together: E x sum_e (tokens routed to e / rows) x (mean
-router probability of e), where rows = layers x valid tokens and a token counts once per top-k
+with every MoE layer's router rows taken together: E x sum_e (tokens routed to e / rows) x (mean
+router probability of e), where rows = MoE layers x valid tokens and a token counts once per top-k
 slot (2.0 for top-2 when routing is perfectly even). HF's sum over layers treats expert e of every
 layer as one expert (transformers #28255), so layers can stay skewed in opposite directions while
 aux sits at its minimum; `balance="per-layer"` trains on the mean over layers of each layer's own
@@ -78,9 +78,10 @@ def _device_loss(params, tokens_BT, lengths_B, *, rs: model.RunSpec, z_coef: flo
     if rs.shape.pp > 1:
         load_E, prob_E, z_sum, aux_layers = jax.lax.psum((load_E, prob_E, z_sum, aux_layers), "pp")
         ratio = jax.lax.pmax(ratio, "pp")
-    rows = cfg.num_layers * tok
+    moe_layers = len(cfg.moe_layers)  # HF pools the router rows of the MoE layers only
+    rows = moe_layers * tok
     aux = cfg.num_experts * jnp.sum((load_E / rows) * (prob_E / rows))
-    aux_per_layer = aux_layers / cfg.num_layers
+    aux_per_layer = aux_layers / moe_layers
     z = z_sum / rows
     ce = ce_sum / jnp.maximum(predicted, 1).astype(F32)
     loss = ce + cfg.router_aux_loss_coef * (aux if balance == "hf" else aux_per_layer) + z_coef * z

@@ -76,8 +76,10 @@ def learning_rate(h: Hyper):
 
 
 def optimizer(h: Hyper, cfg) -> optax.GradientTransformation:
-    """AdamW with no weight decay on the family's norm weights (its table's `init: ones` rows)."""
-    decay = {n: init_kind(cfg, n) != "ones" for n in param_shapes(cfg)}
+    """AdamW with weight decay on the family's matrices only (its table's `init: normal` rows): not on
+    norms, biases, or a correction bias the balancing rule trains (whose gradient is zero, so Adam leaves
+    it as it is)."""
+    decay = {n: init_kind(cfg, n) == "normal" for n in param_shapes(cfg)}
     return optax.chain(optax.clip_by_global_norm(h.clip),
                        optax.adamw(learning_rate(h), b1=h.b1, b2=h.b2, eps=h.eps, weight_decay=h.weight_decay,
                                    mask=decay))

@@ -7,5 +7,6 @@ from moejax.models.mixtral.hf import config_from_hf, config_to_hf
 from moejax.models.mixtral.params import PARAMS
 
 FAMILY = Family(model_type="mixtral", hf_architecture="MixtralForCausalLM", params=PARAMS, layer=attention_moe_layer,
-                router="softmax_topk", config_from_hf=config_from_hf, config_to_hf=config_to_hf,
-                fixed=(("qk_norm", "none"),))
+                config_from_hf=config_from_hf, config_to_hf=config_to_hf,
+                fixed=(("qk_norm", "none"), ("attention_bias", False), ("dense_layers", ()),
+                       ("shared_expert_ffn", 0), ("router", "softmax_topk")))

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from moejax.config.model import ModelConfig
 from moejax.errors import UserError
-from moejax.models.hf_config import common_fields, hf_int, refuse
+from moejax.models.hf_config import common_fields, hf_int, refuse, rope_to_hf
 
 
 def config_from_hf(c: dict, path: str) -> dict:
     """ModelConfig fields of a MixtralForCausalLM config.json (what moejax cannot compute is refused)."""
-    refuse(c, path, (("sliding_window", None), ("tie_word_embeddings", False), ("hidden_act", "silu"),
+    refuse(c, path, (("sliding_window", None), ("hidden_act", "silu"),
                      ("attention_bias", False), ("mlp_bias", False)))
     heads = hf_int(c, "num_attention_heads", path)
     hidden = hf_int(c, "hidden_size", path)
@@ -39,8 +39,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "num_attention_heads": cfg.num_heads, "num_experts_per_tok": cfg.experts_per_token,
         "num_hidden_layers": cfg.num_layers, "num_key_value_heads": cfg.num_kv_heads,
         "num_local_experts": cfg.num_experts, "output_router_logits": False, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        "router_aux_loss_coef": cfg.router_aux_loss_coef,
-        "router_jitter_noise": 0.0, "sliding_window": None, "tie_word_embeddings": False, "use_cache": True,
+        "rope_parameters": rope_to_hf(cfg), "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "router_jitter_noise": 0.0, "sliding_window": None, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "use_cache": True,
         "vocab_size": cfg.vocab_size,
     }

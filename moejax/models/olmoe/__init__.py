@@ -8,5 +8,5 @@ from moejax.models.olmoe.hf import config_from_hf, config_to_hf
 from moejax.models.olmoe.params import PARAMS
 
 FAMILY = Family(model_type="olmoe", hf_architecture="OlmoeForCausalLM", params=PARAMS, layer=attention_moe_layer,
-                router="softmax_topk", config_from_hf=config_from_hf, config_to_hf=config_to_hf,
-                fixed=(("qk_norm", "proj"),))
+                config_from_hf=config_from_hf, config_to_hf=config_to_hf,
+                fixed=(("qk_norm", "proj"), ("shared_expert_ffn", 0), ("router", "softmax_topk")))

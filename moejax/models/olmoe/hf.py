@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from moejax.config.model import ModelConfig
 from moejax.errors import UserError
-from moejax.models.hf_config import common_fields, hf_bool, hf_int, refuse
+from moejax.models.hf_config import common_fields, hf_bool, hf_int, refuse, rope_to_hf
 
 
 def config_from_hf(c: dict, path: str) -> dict:
     """ModelConfig fields of an OlmoeForCausalLM config.json; what moejax does not compute is refused."""
-    refuse(c, path, (("tie_word_embeddings", False), ("hidden_act", "silu"), ("attention_bias", False)))
+    refuse(c, path, (("hidden_act", "silu"), ("attention_bias", False)))
     heads = hf_int(c, "num_attention_heads", path)
     hidden = hf_int(c, "hidden_size", path)
     if heads <= 0 or hidden % heads:
@@ -38,7 +38,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
         "num_hidden_layers": cfg.num_layers, "num_key_value_heads": cfg.num_kv_heads,
         "output_router_logits": False, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        "router_aux_loss_coef": cfg.router_aux_loss_coef, "tie_word_embeddings": False, "use_cache": True,
+        "rope_parameters": rope_to_hf(cfg), "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "use_cache": True,
         "vocab_size": cfg.vocab_size,
     }

@@ -12,8 +12,8 @@ from moejax.models.qwen3_moe.params import PARAMS as QWEN3_PARAMS
 _L = "model.layers.{l}."
 _NORMS = {
     "q_norm": Param("q_norm", lambda c: (c.num_layers, c.num_heads * c.head_dim), ("layers", "heads"),
-                    hf=_L + "self_attn.q_norm.weight", init="ones"),
+                    hf=_L + "self_attn.q_norm.weight", init="ones", when=lambda c: c.qk_norm == "proj"),
     "k_norm": Param("k_norm", lambda c: (c.num_layers, c.num_kv_heads * c.head_dim), ("layers", "kv_heads"),
-                    hf=_L + "self_attn.k_norm.weight", init="ones"),
+                    hf=_L + "self_attn.k_norm.weight", init="ones", when=lambda c: c.qk_norm == "proj"),
 }
 PARAMS = tuple(_NORMS.get(p.name, p) for p in QWEN3_PARAMS)

@@ -8,5 +8,5 @@ from moejax.models.qwen3_moe.hf import config_from_hf, config_to_hf
 from moejax.models.qwen3_moe.params import PARAMS
 
 FAMILY = Family(model_type="qwen3_moe", hf_architecture="Qwen3MoeForCausalLM", params=PARAMS,
-                layer=attention_moe_layer, router="softmax_topk", config_from_hf=config_from_hf,
-                config_to_hf=config_to_hf, fixed=(("qk_norm", "head"),))
+                layer=attention_moe_layer, config_from_hf=config_from_hf,
+                config_to_hf=config_to_hf, fixed=(("qk_norm", "head"), ("shared_expert_ffn", 0), ("router", "softmax_topk")))

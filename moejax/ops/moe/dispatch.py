@@ -55,6 +55,9 @@ class MoeSpec:
     # loop with a data-dependent trip count (which reverse-mode autodiff cannot transpose)
     router: str = "softmax_topk"  # router.py ROUTERS key: how a token picks its experts
     renormalize: bool = True  # weight a token's experts by their top-k probabilities renormalised to 1
+    n_group: int = 1  # sigmoid_topk's group-limited choice (router.py)
+    topk_group: int = 1
+    routed_scale: float = 1.0  # the routed experts' weights are multiplied by this
     platform: str = "cpu"  # the run's platform (RunSpec.platform): CPU emulates ragged_all_to_all
 
     def capacity(self, n_tokens: int) -> int:
@@ -243,6 +246,14 @@ def _per_token(got_AD, k: int):
     return y_ND
 
 
+def zero_stats(num_experts: int) -> dict:
+    """`moe_block`'s statistics of a layer without routed experts (a dense layer)."""
+    e = jnp.zeros((num_experts,), I32)
+    return {"load": e, "served_load": e, "dropped": jnp.zeros((), I32), "rerouted": jnp.zeros((), I32),
+            "exchanged_rows": jnp.zeros((), I32), "computed_rows": jnp.zeros((), I32),
+            "prob_sum": jnp.zeros((num_experts,), F32), "z_sum": jnp.zeros((), F32)}
+
+
 def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
     """The MoE sub-layer for this device's tokens: returns y_ND (float32) and statistics.
 
@@ -256,7 +267,7 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
     n_tok, d = x_ND.shape
     k = spec.top_k
     h_ND = rmsnorm(x_ND, w["moe_norm"], eps)
-    probs_NE, experts_NK, lse_N = ROUTERS[spec.router](h_ND, w["router"], k)
+    score_NE, experts_NK, probs_NE, lse_N = ROUTERS[spec.router](h_ND, w, k, spec.n_group, spec.topk_group)
     experts_A = experts_NK.T.reshape(-1)  # assignment a = slot * N + token: first choices first
     valid_A = jnp.tile(valid_N, k)
     pos_A, load_E = queue_positions(experts_A, valid_A, spec.num_experts)
@@ -268,13 +279,15 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
     else:
         served_A = valid_A & (pos_A < capacity)
         if spec.policy == "reroute":
-            experts_A, served_A, rerouted_A = reroute(probs_NE, experts_A, served_A, valid_A, capacity, k)
+            experts_A, served_A, rerouted_A = reroute(score_NE, experts_A, served_A, valid_A, capacity, k)
             pos_A, _ = queue_positions(experts_A, served_A, spec.num_experts)
-    p_NK = jnp.take_along_axis(probs_NE, experts_A.reshape(k, n_tok).T, axis=1)
+    p_NK = jnp.take_along_axis(score_NE, experts_A.reshape(k, n_tok).T, axis=1)
     keep_NK = (served_A if spec.policy == "reroute" else valid_A).reshape(k, n_tok).T
     denom_N = jnp.sum(jnp.where(keep_NK, p_NK, 0.0), axis=1, keepdims=True)
     if spec.renormalize:
         p_NK = p_NK / jnp.where(denom_N > 0, denom_N, 1.0)
+    if spec.routed_scale != 1.0:
+        p_NK = p_NK * spec.routed_scale
     weights_A = p_NK.T.reshape(-1)
 
     h_pad_ND = jnp.concatenate([h_ND, jnp.zeros((1, d), h_ND.dtype)], axis=0)
