@@ -34,7 +34,7 @@ DEFAULTS = {  # used where neither a flag nor the config's train: section sets a
     "lr": 1e-3, "out": None, "save_every": 0, "eval_every": 0, "eval_windows": 64, "warmup": 100,
     "weight_decay": 0.1, "clip": 1.0, "b1": 0.9, "b2": 0.99, "min_lr_ratio": 0.1, "z_loss_coef": 0.0, "balance": "hf",
     "dtype": "bfloat16", "seed": 0, "microbatches": None, "capacity_policy": "dropless", "capacity_factor": None,
-    "moe_kernel": "auto", "remat": False,
+    "moe_kernel": "auto", "remat": False, "bias_update_rate": 0.0,
 }
 
 
@@ -64,6 +64,10 @@ def parse_args(argv):
     ap.add_argument("--balance", choices=("hf", "per-layer"),
                     help="load-balancing loss: HF Mixtral's (all layers' rows together; default) or each "
                          "layer's own, averaged (both are logged)")
+    ap.add_argument("--bias-update-rate", type=float, metavar="G",
+                    help="auxiliary-loss-free balancing (DeepSeek-V3) for routers with a correction bias: after "
+                         "each step, router_bias[layer, e] += G x sign(mean load - load of e) (0: off; "
+                         "DeepSeek-V3: 0.001)")
     flags.add_dtype(ap, help="compute dtype (default bfloat16; master parameters stay float32)")
     ap.add_argument("--remat", action="store_true", default=None, help="recompute layer activations in backward")
     ap.add_argument("--seed", type=int, help="seed for initial weights and data windows")
@@ -102,6 +106,7 @@ def run(args) -> dict:
     use_compile_cache()
 
     cfg = load_config(args.config)
+    train.check_bias_rate(cfg, args.bias_update_rate)
     layout = load_layout(args.layout)
     if not 2 <= args.seq_len <= cfg.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} must be in [2, {cfg.max_seq_len}] (the config's max_seq_len)")
@@ -129,7 +134,7 @@ def run(args) -> dict:
     micro = rs.microbatches
     hyper = train.Hyper(steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                         clip=args.clip, b1=args.b1, b2=args.b2, min_lr_ratio=args.min_lr_ratio,
-                        z_coef=args.z_loss_coef, balance=args.balance)
+                        z_coef=args.z_loss_coef, balance=args.balance, bias_rate=args.bias_update_rate)
     mesh = make_mesh(shape)
     t = time.time()
     trainer = train.Trainer(rs, mesh, hyper, args.batch, args.seq_len)
@@ -145,7 +150,8 @@ def run(args) -> dict:
     gb = lambda b: f"{b / 1e9:.3f} GB" if b is not None else "n/a"
     print(f"config {cfg.name}: {counts.param_count(cfg):,} parameters; mesh {shape} ({shape.size} devices), layout "
           f"{layout.name}, compute {args.dtype}, MoE kernel {rs.kernel}, policy {args.capacity_policy}, "
-          f"{micro} microbatch(es){', remat' if args.remat else ''}")
+          f"{micro} microbatch(es){', remat' if args.remat else ''}"
+          f"{f', correction bias balanced at rate {args.bias_update_rate:g}' if args.bias_update_rate else ''}")
     print(f"per device: master parameters {gb(mem['param_bytes_per_device'])} (float32), optimizer state "
           f"{gb(mem['optimizer_bytes_per_device'])} (Adam moments, ZeRO-1 over dp={shape.dp}), step temporaries "
           f"{gb(mem['step_temp_bytes_per_device'])}")
@@ -158,7 +164,9 @@ def run(args) -> dict:
 
     def show(step: int, record: dict) -> None:
         bar.set_postfix_str(f"loss {record['loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s" +
-                            (f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""), refresh=False)
+                            (f" | val {record['val_loss']:.4f}" if "val_loss" in record else "") +
+                            (f" | bias {record['bias_min']:+.3f}..{record['bias_max']:+.3f}"
+                             if "bias_max" in record else ""), refresh=False)
         bar.update(1)
 
     try:
@@ -172,7 +180,10 @@ def run(args) -> dict:
     if start < args.steps:
         checkpoint.save(model_dir, params, cfg, layout, "float32", args.mesh)
     summary = {"final_train_loss": record.get("loss"), "final_val_loss": record.get("val_loss"),
-               "val_max_load_ratio": record.get("val_max_load_ratio"), "steps": args.steps,
+               "val_max_load_ratio": record.get("val_max_load_ratio"),
+               "val_load_ratio_per_layer": record.get("val_load_ratio_per_layer"),
+               **({"bias_update_rate": args.bias_update_rate, "bias_min": record.get("bias_min"),
+                   "bias_max": record.get("bias_max")} if "bias_min" in record else {}), "steps": args.steps,
                "wall_s": round(time.time() - T0, 2), "compile_s": round(compile_s, 2),
                "tokens_per_s_median": float(np.median(rates)) if rates else None,
                "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3), **mem, "out": out, "model": model_dir}

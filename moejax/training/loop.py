@@ -31,7 +31,7 @@ def fit(trainer: train.Trainer, params, opt_state, train_split, val, *, start: i
     for step in range(start + 1, steps + 1):
         tokens = data.random_windows(train_split, batch, seq_len, seed, step)
         params, opt_state, metrics = trainer.step(params, opt_state, tokens)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: v.tolist() if v.ndim else float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
         rate = batch * seq_len / (now - tick)
         tick = now
@@ -42,12 +42,15 @@ def fit(trainer: train.Trainer, params, opt_state, train_split, val, *, start: i
                             f"finite; training stopped and nothing from this step on was saved (last checkpoint: {kept}); "
                             f"try a lower --lr (now {hyper.lr})")
         record = {"step": step, **{k: metrics[k] for k in ("loss", "ce_loss", "aux_loss", "aux_loss_per_layer",
-                                                             "z_loss", "grad_norm", "max_load_ratio")},
+                                                             "z_loss", "grad_norm", "max_load_ratio",
+                                                             "load_ratio_per_layer")},
+                  **{k: metrics[k] for k in ("bias_min", "bias_max") if k in metrics},  # a correction bias's range
                   "lr": float(train.learning_rate(hyper)(step - 1)), "tokens_per_s": rate}
         if (eval_every and step % eval_every == 0) or step == steps:
             val_metrics = trainer.evaluate(params, val)
             record["val_loss"] = val_metrics["ce_loss"]
             record["val_max_load_ratio"] = val_metrics["max_load_ratio"]
+            record["val_load_ratio_per_layer"] = val_metrics["load_ratio_per_layer"]
             tick = time.time()  # evaluation time does not count against the step rate
         record["wall_s"] = time.time() - t0
         train.append_jsonl(log_path, record)

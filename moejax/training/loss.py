@@ -33,6 +33,7 @@ from moejax.ops.layers import F32
 
 METRICS = ("loss", "ce_loss", "aux_loss", "aux_loss_per_layer", "z_loss", "max_load_ratio", "predicted_tokens")
 BALANCE = ("hf", "per-layer")  # which load-balancing loss the total uses
+KEEP_F32 = "router_bias"  # not cast to the compute dtype (a sigmoid router's correction bias)
 
 
 def _cross_entropy_sum(logits_BTV, targets_BT, mask_BT, vocab_axis):
@@ -54,8 +55,9 @@ def _cross_entropy_sum(logits_BTV, targets_BT, mask_BT, vocab_axis):
     return jnp.sum(jnp.where(mask_BT, ce_BT, 0.0))
 
 
-def _device_loss(params, tokens_BT, lengths_B, *, rs: model.RunSpec, z_coef: float, balance: str):
-    """What one device runs: the model's forward, then the loss terms summed over the mesh."""
+def _device_loss(params, tokens_BT, lengths_B, *, rs: model.RunSpec, z_coef: float, balance: str, loads: bool):
+    """What one device runs: the model's forward, then the loss terms summed over the mesh (and,
+    with `loads`, this stage's per-layer expert loads [L/pp, E], summed over the token axes)."""
     cfg, lay = rs.cfg, rs.layout
     logits_BTV, _, stats = model._device_program(params, tokens_BT, lengths_B, None, rs=rs, mode="forward")
     vocab_axis = "tp" if lay.mesh_axes("vocab") and rs.shape.tp > 1 else None
@@ -85,18 +87,23 @@ def _device_loss(params, tokens_BT, lengths_B, *, rs: model.RunSpec, z_coef: flo
     z = z_sum / rows
     ce = ce_sum / jnp.maximum(predicted, 1).astype(F32)
     loss = ce + cfg.router_aux_loss_coef * (aux if balance == "hf" else aux_per_layer) + z_coef * z
-    return loss, {"loss": loss, "ce_loss": ce, "aux_loss": aux, "aux_loss_per_layer": aux_per_layer, "z_loss": z,
-                  "max_load_ratio": ratio, "predicted_tokens": predicted}
+    metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "aux_loss_per_layer": aux_per_layer, "z_loss": z,
+               "max_load_ratio": ratio, "predicted_tokens": predicted}
+    if loads:
+        metrics["load"] = stats["load"]
+    return loss, metrics
 
 
-def build_loss(rs: model.RunSpec, mesh, z_coef: float = 0.0, balance: str = "hf"):
-    """loss(serving_params, tokens_BT, lengths_B) -> (loss, metrics), all replicated scalars.
+def build_loss(rs: model.RunSpec, mesh, z_coef: float = 0.0, balance: str = "hf", loads: bool = False):
+    """loss(serving_params, tokens_BT, lengths_B) -> (loss, metrics), all replicated scalars; with
+    `loads`, metrics also hold "load": every layer's expert loads [L, E] int32 (top-k assignments of
+    valid tokens; dense layers 0), which the balancing rule of sigmoid routers reads (trainer.py).
     Differentiable with `jax.grad` in the parameters; B must be a multiple of rs.batch_multiple."""
     if balance not in BALANCE:
         raise UserError(f"load-balancing loss {balance!r}; valid: {', '.join(BALANCE)}")
     lay = rs.layout
-    body = functools.partial(_device_loss, rs=rs, z_coef=float(z_coef), balance=balance)
-    out_specs = (P(), {k: P() for k in METRICS})
+    body = functools.partial(_device_loss, rs=rs, z_coef=float(z_coef), balance=balance, loads=loads)
+    out_specs = (P(), {k: P() for k in METRICS} | ({"load": lay.act_spec("moe_counts")} if loads else {}))
     return jax.shard_map(body, mesh=mesh, in_specs=(model.serving_specs(rs), lay.act_spec("tokens"),
                                                      lay.act_spec("lengths")),
                          out_specs=out_specs, check_vma=False)
@@ -105,14 +112,16 @@ def build_loss(rs: model.RunSpec, mesh, z_coef: float = 0.0, balance: str = "hf"
 class Scorer:
     """The loss of stacked parameters (any dtype; cast to the run's) on host token windows."""
 
-    def __init__(self, rs: model.RunSpec, mesh, z_coef: float = 0.0, balance: str = "hf"):
-        self.rs, self.mesh = rs, mesh
-        self.loss = build_loss(rs, mesh, z_coef, balance)
+    def __init__(self, rs: model.RunSpec, mesh, z_coef: float = 0.0, balance: str = "hf", loads: bool = False):
+        self.rs, self.mesh, self.loads = rs, mesh, loads
+        self.loss = build_loss(rs, mesh, z_coef, balance, loads)
         self._compiled = {}
 
     def loss_of(self, params, tokens_BT, lengths_B):
-        """Traceable: cast, split into the serving layout, run the sharded loss."""
-        cast = {n: v.astype(self.rs.dtype) for n, v in params.items()}
+        """Traceable: cast, split into the serving layout, run the sharded loss. A correction bias
+        stays float32, as the router adds it: in bfloat16 it would be rounded to 2^-10 (about
+        0.001, the size of DeepSeek-V3's balancing steps) once |bias| reaches 0.125."""
+        cast = {n: v if n == KEEP_F32 else v.astype(self.rs.dtype) for n, v in params.items()}
         return self.loss(model.to_serving(cast, self.rs), tokens_BT, lengths_B)
 
     def evaluate(self, params, windows: np.ndarray, lengths: np.ndarray | None = None) -> dict:
@@ -128,4 +137,9 @@ class Scorer:
             fn = self._compiled[(b, t)] = jax.jit(self.loss_of)
         lay = self.rs.layout
         _, metrics = fn(params, put(self.mesh, lay, "tokens", toks), put(self.mesh, lay, "lengths", lens))
-        return {k: float(v) for k, v in metrics.items()}
+        out = {k: float(v) for k, v in metrics.items() if k != "load"}
+        if "load" in metrics:  # each MoE layer's max / mean expert load
+            load_ME = np.asarray(metrics["load"], np.float64)[list(self.rs.cfg.moe_layers)]
+            mean_M = load_ME.mean(axis=1)
+            out["load_ratio_per_layer"] = [float(m and x / m) for x, m in zip(load_ME.max(axis=1), mean_M)]
+        return out

@@ -5,6 +5,8 @@ Master parameters are float32 in the stacked checkpoint layout ([L, ...], the fa
 each step casts them to the compute dtype, splits them into the serving layout inside its jit
 (`model.to_serving`), so gradients arrive stacked, and applies
     clip_by_global_norm -> AdamW (no weight decay on norms) with linear warmup + cosine decay.
+A sigmoid router's correction bias (`router_bias`, no gradient) is then moved by DeepSeek-V3's
+auxiliary-loss-free balancing rule (`balance_bias`) in the same jit, from the loads of that step's forward.
 Adam's moments are sharded like their parameters and further split over `dp` (ZeRO-1): XLA's SPMD
 partitioner all-gathers each update over dp before it meets the (dp-replicated) parameter.
 """
@@ -49,6 +51,7 @@ class Hyper:
     min_lr_ratio: float = 0.1  # the cosine ends at lr x this
     z_coef: float = 0.0  # router z-loss coefficient (off by default)
     balance: str = "hf"  # load-balancing loss: HF's (all layers together) or per-layer (loss.py)
+    bias_rate: float = 0.0  # aux-loss-free balancing: router_bias += rate x sign(mean load - load) a step
 
     def __post_init__(self):
         if self.steps < 1:
@@ -60,6 +63,8 @@ class Hyper:
         if not (self.weight_decay >= 0 and self.clip > 0 and self.z_coef >= 0):
             raise UserError(f"--weight-decay {self.weight_decay}, --clip {self.clip} and --z-loss-coef "
                             f"{self.z_coef}: need weight decay >= 0, clip > 0, z-loss coefficient >= 0")
+        if not (self.bias_rate >= 0 and math.isfinite(self.bias_rate)):
+            raise UserError(f"--bias-update-rate {self.bias_rate} must be a number >= 0 (0: off)")
 
 
 def learning_rate(h: Hyper):
@@ -83,6 +88,32 @@ def optimizer(h: Hyper, cfg) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(h.clip),
                        optax.adamw(learning_rate(h), b1=h.b1, b2=h.b2, eps=h.eps, weight_decay=h.weight_decay,
                                    mask=decay))
+
+
+BIAS = "router_bias"  # the correction bias of sigmoid routers [MoE layers, E] (models/rows.py)
+
+
+def check_bias_rate(cfg, rate: float) -> None:
+    """A balancing rate needs a router with a correction bias (one line otherwise)."""
+    if rate and BIAS not in param_shapes(cfg):
+        raise UserError(f"--bias-update-rate {rate}: config {cfg.name}'s router ({cfg.router}, family {cfg.family}) "
+                        f"has no correction bias to update; only sigmoid_topk routers (glm4_moe) have one")
+
+
+def balance_bias(bias_ME, load_LE, moe_layers, rate: float):
+    """DeepSeek-V3's auxiliary-loss-free balancing, one step: each MoE layer's correction bias
+    moves by `rate` towards its underloaded experts, bias[m, e] += rate x sign(mean_e load - load[e]),
+    where load_LE [L, E] counts the step's top-k assignments of valid tokens in every layer (dense
+    layers: zeros, skipped) and row m of bias_ME [MoE layers, E] is layer moe_layers[m]'s."""
+    load_ME = jnp.asarray(load_LE)[np.asarray(moe_layers)].astype(jnp.float32)
+    return bias_ME + rate * jnp.sign(load_ME.mean(axis=1, keepdims=True) - load_ME)
+
+
+def load_ratios(load_LE, moe_layers):
+    """Each MoE layer's max / mean expert load [MoE layers] (0 where a layer saw no token)."""
+    load_ME = jnp.asarray(load_LE)[np.asarray(moe_layers)].astype(jnp.float32)
+    mean_M = load_ME.mean(axis=1)
+    return jnp.where(mean_M > 0, load_ME.max(axis=1) / jnp.maximum(mean_M, 1e-9), 0.0)
 
 
 def zero1_spec(spec: P, shape, mesh_shape) -> P:
@@ -123,7 +154,8 @@ class Trainer:
                 mesh, zero1_spec(self.param_sh[_param_name(path)].spec, a.shape, rs.shape)), opt_shape)
         self.opt_abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                          opt_shape, self.opt_sh)
-        self.scorer = Scorer(rs, mesh, hyper.z_coef, hyper.balance)
+        check_bias_rate(rs.cfg, hyper.bias_rate)
+        self.scorer = Scorer(rs, mesh, hyper.z_coef, hyper.balance, loads=True)
         tok = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=NamedSharding(mesh, lay.act_spec("tokens")))
         lens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, lay.act_spec("lengths")))
         step = jax.jit(self._step, donate_argnums=(0, 1), out_shardings=(self.param_sh, self.opt_sh, None))
@@ -135,7 +167,14 @@ class Trainer:
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
         updates, opt_state = self.tx.update(grads, opt_state, params)
         # a non-finite loss poisons the new state; the caller stops before saving it
-        return optax.apply_updates(params, updates), opt_state, {**metrics, "grad_norm": grad_norm}
+        params = optax.apply_updates(params, updates)
+        cfg, load_LE = self.rs.cfg, metrics.pop("load")
+        metrics["load_ratio_per_layer"] = load_ratios(load_LE, cfg.moe_layers)
+        if BIAS in params:  # zero gradient and no decay: AdamW left it as it was
+            if self.hyper.bias_rate:
+                params = {**params, BIAS: balance_bias(params[BIAS], load_LE, cfg.moe_layers, self.hyper.bias_rate)}
+            metrics["bias_min"], metrics["bias_max"] = jnp.min(params[BIAS]), jnp.max(params[BIAS])
+        return params, opt_state, {**metrics, "grad_norm": grad_norm}
 
     def init_opt(self, params):
         return jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
