@@ -249,25 +249,45 @@ def test_transformers_5_fused_expert_tensors_import_as_the_per_expert_ones(impor
     assert got == checkpoint.read_meta(imported["glm4_moe"])[0]["checksums"]["tensors"] and "w1" in got
 
 
-def test_random_checkpoints_of_a_family_agree_across_formats(tmp_path):
-    """`ckpt make` draws the same tensors as moejax or as HF safetensors (the family's HF names)."""
+@pytest.mark.parametrize("family,has", [("qwen3_moe", "q_norm"), ("qwen2_moe", "shared_gate"),
+                                        ("glm4_moe", "router_bias")])
+def test_random_checkpoints_of_a_family_agree_across_formats(imported, tmp_path, family, has):
+    """`ckpt make` draws the same tensors as moejax or as HF safetensors (the family's HF names: tied
+    head, dense layer, shared expert and correction bias included), from a config file."""
+    import yaml
+
+    cfg = checkpoint.config_of(checkpoint.read_meta(imported[family])[0])
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name"}
+    yaml.safe_dump({**fields, "rope_scaling": dict(cfg.rope_scaling), "dense_layers": list(cfg.dense_layers)},
+                   open(tmp_path / "c.yaml", "w"))
     for fmt in ("moejax", "hf"):
-        r = run_script("make_checkpoint.py", "--config", "tiny-qwen3", "--out", tmp_path / fmt, "--format", fmt, "--seed", "5")
+        r = run_script("make_checkpoint.py", "--config", tmp_path / "c.yaml", "--out", tmp_path / fmt, "--format", fmt,
+                       "--seed", "5")
         assert r.returncode == 0, r.stderr
     r = run_script("import_hf.py", tmp_path / "hf", tmp_path / "imported")
     assert r.returncode == 0, r.stderr
     a = checkpoint.read_meta(str(tmp_path / "moejax"))[0]["checksums"]["tensors"]
     b = checkpoint.read_meta(str(tmp_path / "imported"))[0]["checksums"]["tensors"]
-    assert a == b and "q_norm" in a
+    assert a == b and has in a
 
 
-def test_a_quantized_family_checkpoint_keeps_its_norms_and_serves(tmp_path):
-    r = run_script("make_checkpoint.py", "--config", "tiny-qwen3", "--out", tmp_path / "f", "--seed", "5")
+def test_a_quantized_family_checkpoint_keeps_its_norms_and_serves(imported, tmp_path):
+    """GLM-4.5's int8 checkpoint: every matrix (shared experts and the dense layer's included) within half
+    a step of the float one, norms, biases and the correction bias kept float; it generates on 1x2x2x2."""
+    from moejax.models.params import quant_dims
+    from moejax.ops.quant import scale_name
+
+    r = run_script("quantize.py", imported["glm4_moe"], tmp_path / "q")
     assert r.returncode == 0, r.stderr
-    r = run_script("quantize.py", tmp_path / "f", tmp_path / "q")
-    assert r.returncode == 0, r.stderr
-    _, params, meta = checkpoint.restore(str(tmp_path / "q"), make_mesh(parse_mesh("1x1x1x1")), load_layout("seed"))
-    assert meta["quant"] == "int8" and params["wq"].dtype == np.int8 and params["q_norm"].dtype == np.float32
+    m, lay = make_mesh(parse_mesh("1x1x1x1")), load_layout("seed")
+    cfg, floats, _ = checkpoint.restore(imported["glm4_moe"], m, lay)
+    _, params, meta = checkpoint.restore(str(tmp_path / "q"), m, lay)
+    assert meta["quant"] == "int8" and {"shared_w1", "dense_w2", "wq"} <= set(quant_dims(cfg))
+    for name in quant_dims(cfg):
+        q, s, w = (np.asarray(a, np.float64) for a in (params[name], params[scale_name(name)], floats[name]))
+        assert params[name].dtype == np.int8 and np.all(np.abs(q * s - w) <= s / 2 * (1 + 1e-6)), name
+    for name in ("q_norm", "bq", "router_bias", "shared_gate" if "shared_gate" in params else "router"):
+        assert params[name].dtype == np.float32, name
     r = run_script("infer.py", "--ckpt", tmp_path / "q", "--mesh", "1x2x2x2", "--prompt-ids", "[[1, 2, 3]]",
                    "--max-new-tokens", "4", "--json")
     assert r.returncode == 0, r.stderr

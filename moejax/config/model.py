@@ -59,6 +59,7 @@ class ModelConfig:
     max_seq_len: int = 10240
     bos_token_id: int = 1
     eos_token_id: int = 2
+    pad_token_id: int | None = None  # its embedding row gets no gradient (torch's Embedding padding_idx)
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training (HF Mixtral's)
     family: str = "mixtral"  # the model family (moejax/models/<family>/), a Hugging Face model_type
     qk_norm: str = "none"  # QK_NORMS: "head" normalises q and k per head (weights [K]) before RoPE
@@ -108,7 +109,7 @@ class ModelConfig:
         if not isinstance(self.norm_topk_prob, bool):
             raise UserError(f"config {self.name}: norm_topk_prob={self.norm_topk_prob!r} must be true or false")
         self._validate_families()
-        for f in ("bos_token_id", "eos_token_id"):
+        for f in ("bos_token_id", "eos_token_id") + (("pad_token_id",) if self.pad_token_id is not None else ()):
             v = getattr(self, f)
             if not (isinstance(v, int) and 0 <= v < self.vocab_size):
                 raise UserError(f"config {self.name}: {f}={v!r} must be a token id in [0, {self.vocab_size})")

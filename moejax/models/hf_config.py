@@ -104,6 +104,8 @@ def common_fields(c: dict, path: str, *, num_experts: int, expert_ffn: int, head
         "rms_norm_eps": hf_num(c, "rms_norm_eps", path, eps), "param_dtype": read_dtype(c, path),
         "max_seq_len": hf_int(c, "max_position_embeddings", path, default=4096),
         "bos_token_id": hf_int(c, "bos_token_id", path, default=1),
+        "pad_token_id": c["pad_token_id"] if isinstance(c.get("pad_token_id"), int) and not isinstance(
+            c.get("pad_token_id"), bool) and 0 <= c["pad_token_id"] < hf_int(c, "vocab_size", path) else None,
         "eos_token_id": eos if isinstance(eos, int) and not isinstance(eos, bool) else 2,
         "router_aux_loss_coef": hf_num(c, "router_aux_loss_coef", path, aux_coef),
         "description": f"imported from Hugging Face {os.path.basename(os.path.dirname(os.path.abspath(path)))}",

@@ -37,13 +37,13 @@ MODES = ("forward", "prefill", "decode", "extend")
 # ---- parameters ------------------------------------------------------------------------------
 
 def _init_one(kind: str, shape, key, dtype):
-    if kind == "ones":
-        return jnp.ones(shape, dtype)
+    if kind in ("ones", "zeros"):
+        return (jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype)
     return (0.02 * jax.random.normal(key, shape, F32)).astype(dtype)
 
 
 def init_params(cfg: ModelConfig, seed: int, dtype: str, mesh=None, layout: Layout | None = None):
-    """Random parameters (normal, std 0.02; norms 1), the same whatever the mesh.
+    """Random parameters (normal, std 0.02; norms 1, biases 0), the same whatever the mesh.
 
     Each tensor is drawn whole on one local device, then laid out: generating it under sharded jit
     makes every simulated CPU device hold large RNG temporaries at once (25 GB for the seed config
@@ -205,6 +205,8 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
     mb = b_loc // m_count
     vocab_axis = "tp" if rs.layout.mesh_axes("vocab") and rs.shape.tp > 1 else None
     x_BTD = _embed(tokens_BT, params["embed"], vocab_axis).astype(rs.dtype)
+    if cfg.pad_token_id is not None:  # as torch's Embedding(padding_idx): the pad row is never trained
+        x_BTD = jnp.where((tokens_BT == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(x_BTD), x_BTD)
     if mode == "decode":
         pos_BT = jnp.maximum(lengths_B, 0)[:, None]
         valid_BT = (lengths_B >= 0)[:, None]

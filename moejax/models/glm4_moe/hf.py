@@ -45,7 +45,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                         f"expert_ffn={cfg.expert_ffn} (GLM's shared experts are n_shared_experts x expert_ffn)")
     return {
         "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "attention_bias": cfg.attention_bias,
-        "attention_dropout": 0.0, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "attention_dropout": 0.0, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
         "dtype": cfg.param_dtype, "first_k_dense_replace": len(dense), "head_dim": cfg.head_dim,
         "hidden_act": "silu", "hidden_size": cfg.d_model, "initializer_range": 0.02,
         "intermediate_size": cfg.dense_ffn or cfg.expert_ffn, "max_position_embeddings": cfg.max_seq_len,

@@ -33,7 +33,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                         f"always renormalises its top-k weights): it cannot be exported as Mixtral")
     return {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "attention_dropout": 0.0,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "dtype": cfg.param_dtype,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id, "dtype": cfg.param_dtype,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "hidden_size": cfg.d_model, "initializer_range": 0.02,
         "intermediate_size": cfg.expert_ffn, "max_position_embeddings": cfg.max_seq_len,
         "num_attention_heads": cfg.num_heads, "num_experts_per_tok": cfg.experts_per_token,

@@ -31,7 +31,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                         f"({cfg.head_dim} x {cfg.num_heads} != {cfg.d_model})")
     return {
         "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "attention_bias": False,
-        "attention_dropout": 0.0, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "attention_dropout": 0.0, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
         "clip_qkv": cfg.clip_qkv, "dtype": cfg.param_dtype, "hidden_act": "silu", "hidden_size": cfg.d_model,
         "initializer_range": 0.02, "intermediate_size": cfg.expert_ffn, "max_position_embeddings": cfg.max_seq_len,
         "norm_topk_prob": cfg.norm_topk_prob, "num_attention_heads": cfg.num_heads,

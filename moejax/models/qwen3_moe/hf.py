@@ -44,7 +44,7 @@ def config_from_hf(c: dict, path: str) -> dict:
 def config_to_hf(cfg: ModelConfig) -> dict:
     return {
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": cfg.attention_bias,
-        "attention_dropout": 0.0, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "attention_dropout": 0.0, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
         **dense_to_hf(cfg), "dtype": cfg.param_dtype, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "hidden_size": cfg.d_model, "initializer_range": 0.02,
         "moe_intermediate_size": cfg.expert_ffn,
