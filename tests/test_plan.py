@@ -24,7 +24,8 @@ CPU_RUN = os.path.join(REPO, "results", "cpu-seed-1x1x1x1-4x2x4x4.json")
 
 
 @pytest.mark.parametrize("config,mesh,layout", [("seed", "4x2x4x4", "seed"), ("seed-10b", "2x2x4x2", "ep-tp"),
-                                                ("tiny", "1x1x1x1", "seed")])
+                                                ("tiny", "1x1x1x1", "seed"), ("tiny-glm", "1x2x2x2", "seed"),
+                                                ("tiny-glm", "2x1x2x2", "ep-tp")])
 def test_memory_per_device_is_the_placement_reports(config, mesh, layout):
     cfg, lay, shape = load_config(config), load_layout(layout), parse_mesh(mesh)
     wl = Workload(batch=48, prompt_len=64, context=200)
@@ -37,11 +38,14 @@ def test_memory_per_device_is_the_placement_reports(config, mesh, layout):
 
 
 @pytest.mark.parametrize("config,mesh,layout,micro", [("seed", "4x2x4x4", "seed", 2), ("seed-10b", "2x2x4x2", "ep-tp", 4),
-                                                      ("tiny", "1x1x1x1", "seed", 1), ("tiny", "1x4x2x1", "ep-tp", 4)])
+                                                      ("tiny", "1x1x1x1", "seed", 1), ("tiny", "1x4x2x1", "ep-tp", 4),
+                                                      ("tiny-glm", "1x2x2x2", "seed", 2), ("tiny-glm", "2x1x2x2", "ep-tp", 2),
+                                                      ("tiny-glm", "1x4x2x1", "ep-tp", 4)])
 def test_flops_summed_over_devices_are_the_configs_analytic_count(config, mesh, layout, micro):
     """With exactly the top-k expert rows and no padding, every device's layer FLOPs add up to the
     config's count for the batch; the head runs on last positions only, on every stage, and under
-    ep-tp every tp rank routes the same (gathered) tokens."""
+    ep-tp every tp rank routes the same (gathered) tokens. tiny-glm: a dense first layer, a shared
+    expert and its ffn slices over tp, the stages' layer kinds differing on 1x2x2x2 and 1x4x2x1."""
     cfg, lay, shape = load_config(config), load_layout(layout), parse_mesh(mesh)
     B, T, S = 64, 96, 300  # B fills every batch shard x microbatch of these meshes
     wl = Workload(batch=B, prompt_len=T, context=S, microbatches=micro)
@@ -53,34 +57,77 @@ def test_flops_summed_over_devices_are_the_configs_analytic_count(config, mesh, 
         w = work(cfg, lay, shape, wl, s, rows_factor=1.0)
         layers = shape.size * s.micro * sum(w.flops.values())
         routed_again = (shape.tp - 1) if lay.mesh_axes("expert_ffn") else 0
-        router = 2 * cfg.d_model * cfg.num_experts * cfg.num_layers
+        router = 2 * cfg.d_model * cfg.num_experts * len(cfg.moe_layers)
         assert layers == pytest.approx(tokens * (per_token - head + routed_again * router), rel=1e-12)
         assert shape.size * w.flops_program["head"] / shape.pp == pytest.approx(B * head, rel=1e-12)
 
 
-def _compiled_hlo(mesh: str, layout: str, mode: str, B: int, T: int) -> tuple:
+def test_stages_of_different_layer_kinds_are_costed_apart():
+    """tiny-glm on 1x2x2x2: stage 0 runs the dense layer 0 and MoE layer 1, stage 1 two MoE layers. The
+    per-device figures are the stages' mean; the pipeline step is the slower stage's."""
+    from moejax.planner.costmodel import mean_mix, stage_mix
+
+    cfg, lay, shape = load_config("tiny-glm"), load_layout("seed"), parse_mesh("1x2x2x2")
+    wl = Workload(batch=32, prompt_len=64, context=128, microbatches=2)
+    s = shapes(cfg, lay, shape, wl, "prefill")
+    mixes = [stage_mix(cfg, 2, st) for st in range(2)]
+    assert [(m.moe, m.dense) for m in mixes] == [(1, 1), (2, 0)]
+    per_stage = [work(cfg, lay, shape, wl, s, mix=m) for m in mixes]
+    mean = work(cfg, lay, shape, wl, s)
+    assert mean_mix(cfg, 2).moe == 1.5
+    assert "dense layers' FFN" in per_stage[0].flops and "dense layers' FFN" not in per_stage[1].flops
+    for part in ("flops", "bytes"):
+        total = lambda w: sum(getattr(w, part).values())  # noqa: E731
+        assert total(mean) == pytest.approx((total(per_stage[0]) + total(per_stage[1])) / 2, rel=1e-12)
+    spec = load_spec("h200")
+    c = phase_cost(cfg, lay, shape, wl, spec, FR, "prefill")
+    roofs = [max(sum(w.flops.values()) / (spec.peak_matmul_flops_per_s * FR.matmul),
+                 sum(w.bytes.values()) / (spec.hbm_bandwidth_bytes_per_s * FR.bandwidth)) for w in per_stage]
+    assert max(c.step["compute"], c.step["memory"]) in [pytest.approx(r, rel=1e-12) for r in roofs]
+    assert c.seconds >= c.steps * max(roofs)
+
+
+@pytest.mark.parametrize("mesh,layout", [("1x2x2x2", "seed"), ("2x1x2x2", "ep-tp")])
+def test_placement_is_what_serving_holds(mesh, layout):
+    """The placement report's parameter bytes are the serving buffers on a device: tiny-glm's MoE and
+    dense stacks count one buffer per local slot that holds their kind on some stage."""
+    import jax
+    from helpers import setup
+
+    rs, _, params = setup("tiny-glm", mesh, layout)
+    dev = jax.devices()[0]
+    held = sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(params) for s in leaf.addressable_shards
+               if s.device == dev)
+    assert held == placement(rs.cfg, rs.layout, rs.shape, "float32", 8, 32)["placement"]["param_bytes_per_device"]
+
+
+def _compiled_hlo(config: str, mesh: str, layout: str, mode: str, B: int, T: int) -> tuple:
     from helpers import setup
 
     from moejax.models import transformer as model
     from moejax.inference.generate import put
 
-    rs, m, params = setup("tiny", mesh, layout, dtype="float32", moe_kernel="buffers")
+    rs, m, params = setup(config, mesh, layout, dtype="float32", moe_kernel="buffers")
     tok = put(m, rs.layout, "tokens", np.ones((B, T if mode == "prefill" else 1), np.int32))
     lengths = put(m, rs.layout, "lengths", np.full((B,), T, np.int32))
     cache = model.init_cache(rs, m, B, 2 * T)
     return rs, model.build(rs, m, mode).lower(params, tok, lengths, cache).compile().as_text()
 
 
-@pytest.mark.parametrize("mesh,layout,mode", [("1x2x2x2", "seed", "prefill"), ("1x2x2x2", "seed", "decode"),
-                                              ("2x1x2x2", "ep-tp", "prefill")])
-def test_collective_bytes_equal_the_compiled_programs(mesh, layout, mode):
+@pytest.mark.parametrize("config,mesh,layout,mode", [
+    ("tiny", "1x2x2x2", "seed", "prefill"), ("tiny", "1x2x2x2", "seed", "decode"), ("tiny", "2x1x2x2", "ep-tp", "prefill"),
+    ("tiny-glm", "1x2x2x2", "seed", "prefill"), ("tiny-glm", "1x2x2x2", "ep-tp", "decode"),
+    ("tiny-glm", "2x1x2x2", "ep-tp", "prefill")])
+def test_collective_bytes_equal_the_compiled_programs(config, mesh, layout, mode):
     """Bytes of every collective kind, summed over the call sites of the compiled HLO (bench.py's
     count), against the planner's inventory. XLA may fold the all-reduce of MoE counters that are
-    constant zero under dropless (dropped, rerouted: 4 bytes a layer each); nothing else differs."""
+    constant zero under dropless (dropped, rerouted: 4 bytes a layer each); nothing else differs.
+    tiny-glm: the shared expert's and the dense layer's gathers and reduce-scatters over tp; on pp=2
+    slot 0 holds the dense layer on stage 0 and a MoE layer on stage 1 (a switch: both in the HLO)."""
     from moejax.planner.hlo import collective_bytes
 
     B, T = 8, 16
-    rs, hlo = _compiled_hlo(mesh, layout, mode, B, T)
+    rs, hlo = _compiled_hlo(config, mesh, layout, mode, B, T)
     wl = Workload(batch=B, prompt_len=T, context=2 * T, dtype="float32", kernel="buffers", microbatches=1)
     want = hlo_bytes_by_kind(collectives(rs.cfg, rs.layout, rs.shape, wl, shapes(rs.cfg, rs.layout, rs.shape, wl, mode)))
     got = collective_bytes(hlo)

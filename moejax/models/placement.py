@@ -1,7 +1,10 @@
 """The placement report: where every layer, head and expert lives, from shapes alone.
 
 Nothing is allocated: parameter shapes come from the rules' table of shapes (the initialiser's) and
-are divided by the mesh axes the rules table gives each dimension.
+are divided by the mesh axes the rules table gives each dimension. A layer tensor is counted as
+serving holds it: one buffer per local layer slot of its stage; a stack of one kind (MoE or dense
+layers) in a model that mixes them has a buffer in each slot that holds that kind on some stage
+(`ModelConfig.slot_rows`), not the whole stack (kept whole on every stage only until serving_params).
 """
 
 from __future__ import annotations
@@ -10,13 +13,30 @@ import math
 
 from moejax.config.model import ModelConfig, dtype_bytes
 from moejax.parallel.mesh import MeshShape
-from moejax.models.params import param_axes, param_dtypes, param_shapes
+from moejax.models.params import param_axes, param_dtypes, param_shapes, row
 from moejax.parallel.rules import ACT_AXES, Layout
 from moejax.models import counts
 
 
 def _local_shape(shape, logical_axes, layout: Layout, mesh: MeshShape):
     return tuple(d // (layout.shards(a, mesh) if a else 1) for d, a in zip(shape, logical_axes))
+
+
+def serving_bytes(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, quant: str | None = None) -> int:
+    """Parameter bytes per device of the serving layout: a layer tensor's local slots (every slot for a
+    tensor of every layer, L/pp; the slots holding its kind on some stage for a kind's stack) x one
+    layer's local elements, plus the global tensors' local shapes."""
+    dtypes = param_dtypes(cfg, dtype, quant)
+    axes = param_axes(cfg, quant, stacked=False)
+    total = 0
+    for name, shape in param_shapes(cfg, quant).items():
+        local = _local_shape(shape, axes[name], layout, mesh)
+        p = row(cfg, name)
+        if p.per_layer:
+            slots = sum(max(r) >= 0 for r in cfg.slot_rows(p.kind, mesh.pp))
+            local = (slots,) + local[1:]
+        total += math.prod(local) * dtype_bytes(dtypes[name])
+    return total
 
 
 def expert_ids(layout: Layout, mesh: MeshShape, coords: dict, num_experts: int) -> list[int]:
@@ -36,9 +56,7 @@ def placement(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, bat
     layout.validate(cfg, mesh)
     nbytes = dtype_bytes(dtype)
     dtypes = param_dtypes(cfg, dtype, quant)
-    axes = param_axes(cfg, quant)
-    param_bytes = sum(math.prod(_local_shape(s, axes[n], layout, mesh)) * dtype_bytes(dtypes[n])
-                      for n, s in param_shapes(cfg, quant).items())
+    param_bytes = serving_bytes(cfg, layout, mesh, dtype, quant)
     batch_shards = layout.shards("batch", mesh)
     padded_batch = -(-batch // batch_shards) * batch_shards
     kv_local = _local_shape(cache_shape(cfg, padded_batch, max_len), ACT_AXES["kv_cache"], layout, mesh)

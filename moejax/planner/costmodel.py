@@ -11,6 +11,13 @@ embeds and applies the head to its rows. Time of a step on a GPU:
 
 and a prefill is (M + P - 1) such steps. Simulated CPU devices share the host's cores (`shared_host`):
 stages never overlap, bubble steps are skipped, so the time is the sum of every device's steps.
+
+Weights are read from the family's parameter table (models/params.py), not by name: attention is every
+row with a heads axis (projections, their biases and a norm over the projection), the experts every row
+with an experts axis, a dense SwiGLU every row with an `ffn` axis (the shared expert in MoE layers, the
+FFN of `dense_layers`), norms and biases add bytes but no FLOPs. Where the stages hold different layer
+kinds (dense layers in a MoE model), each stage's step is costed on its own layers: the pipeline runs
+at the slowest stage's pace, and the per-device figures are the mean over stages.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from moejax.ops.moe.ragged import GROUPED_GEMMS
 from moejax.parallel.pipeline import default_microbatches
 from moejax.parallel.rules import Layout
 from moejax.planner.specs import Fractions, MachineSpec
-from moejax.models import counts
+from moejax.models.params import table
 
 KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 F32 = 4
@@ -131,39 +138,104 @@ def shapes(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, phas
                   layers_local=cfg.num_layers // mesh.pp, moe=spec, rows=spec.buffer_rows(moe_tokens))
 
 
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    """Which of a device's local layers run which FFN in one pipeline step: `moe` and `dense` layers,
+    and the gathers of the MoE's token mask (XLA merges the identical gathers of the MoE layers at the
+    top level into one; a slot whose stages hold different kinds runs its MoE in a switch branch, with
+    its own gather)."""
+
+    moe: float
+    dense: float
+    mask_gathers: float
+
+
+def stage_mix(cfg: ModelConfig, pp: int, stage: int) -> Mix:
+    """What stage `stage` runs in each pipeline step."""
+    moe = [r[stage] >= 0 for r in cfg.slot_rows("moe", pp)]
+    mixed = [len({x >= 0 for x in r}) > 1 for r in cfg.slot_rows("moe", pp)]
+    plain = any(m and not x for m, x in zip(moe, mixed))
+    return Mix(moe=sum(moe), dense=len(moe) - sum(moe), mask_gathers=int(plain) + sum(m and x for m, x in zip(moe, mixed)))
+
+
+def mean_mix(cfg: ModelConfig, pp: int) -> Mix:
+    """The mean over stages: per-device figures that add up over the mesh to the model's."""
+    mixes = [stage_mix(cfg, pp, st) for st in range(pp)]
+    sums = [sum(getattr(m, f) for m in mixes) for f in ("moe", "dense", "mask_gathers")]
+    return Mix(*(x // pp if x % pp == 0 else x / pp for x in sums))
+
+
+def program_mix(cfg: ModelConfig, pp: int) -> Mix:
+    """The call sites of the compiled program (what its HLO text shows): a slot's MoE where any stage
+    holds a MoE layer there, its dense FFN where any stage holds a dense one (both in a switch)."""
+    rows = cfg.slot_rows("moe", pp)
+    any_moe = sum(max(r) >= 0 for r in rows)
+    any_dense = sum(min(r) < 0 for r in rows)
+    mixed = sum(max(r) >= 0 > min(r) for r in rows)
+    return Mix(moe=any_moe, dense=any_dense, mask_gathers=int(any_moe > mixed) + mixed)
+
+
+def stage_mixes(cfg: ModelConfig, pp: int) -> list[tuple[Mix, int]]:
+    """Each distinct stage mix with the number of stages that run it."""
+    out: dict = {}
+    for st in range(pp):
+        m = stage_mix(cfg, pp, st)
+        out[m] = out.get(m, 0) + 1
+    return list(out.items())
+
+
 def decides_round(s: Shapes) -> bool:
     """Whether each MoE layer sizes its dropless exchange at run time (pmax, then a loop or switch)."""
     return s.moe.kernel not in GROUPED_GEMMS and s.rows < s.moe_tokens
 
 
-def collectives(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Shapes) -> list[Collective]:
+def ffn_tokens(layout: Layout, mesh: MeshShape, s: Shapes) -> int:
+    """Tokens a device's dense SwiGLU (shared expert, dense layer) computes: its 1/tp share, or every tp
+    rank's tokens gathered when the hidden dim is split over tp (padding rows included)."""
+    return s.n_pad // mesh.tp * layout.shards("ffn", mesh)
+
+
+def collectives(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Shapes,
+                mix: Mix | None = None) -> list[Collective]:
     """Every collective the compiled program issues, with its per-device result bytes: per pipeline
-    step (the layers are unrolled, so `calls` counts each layer) or once per program."""
+    step (the layers are unrolled, so `calls` counts each layer) or once per program. `mix`: which
+    layers run a MoE and which a dense FFN; default: the program's call sites (`program_mix`)."""
     b, D, E, L = dtype_bytes(wl.dtype), cfg.d_model, cfg.num_experts, s.layers_local
+    mix = mix or program_mix(cfg, mesh.pp)
     tp, spec, out = mesh.tp, s.moe, []
     group = lambda axes: math.prod(getattr(mesh, a) for a in axes)
+    ffn_over_tp = tp > 1 and layout.shards("ffn", mesh) > 1
 
     def add(name, kind, axes, nbytes, calls, per_step):
-        out.append(Collective(name, kind, tuple(axes), group(axes), int(nbytes), calls, per_step))
+        if calls:
+            out.append(Collective(name, kind, tuple(axes), group(axes), int(nbytes), calls, per_step))
 
     if tp > 1 and "tp" in layout.mesh_axes("vocab"):
         add("embedding rows (psum over tp)", "all-reduce", ("tp",), s.b_loc * s.t * D * b, 1, False)
     if tp > 1:
         add("attention output (psum_scatter over tp)", "reduce-scatter", ("tp",), s.n_pad // tp * D * F32, L, True)
     if spec.ffn_axis:
-        add("tokens to the expert FFN slices (all_gather over tp)", "all-gather", ("tp",), s.n_pad * D * b, L, True)
-        add("token mask (all_gather over tp; one call: XLA merges the layers' identical gathers)", "all-gather", ("tp",), s.n_pad, 1, True)
+        add("tokens to the expert FFN slices (all_gather over tp)", "all-gather", ("tp",), s.n_pad * D * b, mix.moe, True)
+        # Mix.mask_gathers: XLA merges the MoE layers' identical gathers, not those in a switch branch
+        add("token mask (all_gather over tp; one call: XLA merges the layers' identical gathers)",
+            "all-gather", ("tp",), s.n_pad, mix.mask_gathers, True)
     if decides_round(s):
-        add("fullest expert queue (pmax)", "all-reduce", spec.round_axes, 4, L, True)
+        add("fullest expert queue (pmax)", "all-reduce", spec.round_axes, 4, mix.moe, True)
     if spec.expert_shards > 1:
         rows = exchanged_rows(wl, s)
         back = F32 if spec.ffn_axis else b
-        add("expert dispatch (all_to_all)", "all-to-all", spec.expert_axes, E * rows * D * b, L, True)
+        add("expert dispatch (all_to_all)", "all-to-all", spec.expert_axes, E * rows * D * b, mix.moe, True)
         if spec.kernel == "buffers":
-            add("rows per expert (all_to_all)", "all-to-all", spec.expert_axes, E * 4, L, True)
-        add("expert outputs back (all_to_all)", "all-to-all", spec.expert_axes, E * rows * D * back, L, True)
+            add("rows per expert (all_to_all)", "all-to-all", spec.expert_axes, E * 4, mix.moe, True)
+        add("expert outputs back (all_to_all)", "all-to-all", spec.expert_axes, E * rows * D * back, mix.moe, True)
     if spec.ffn_axis:
-        add("expert partial sums (psum_scatter over tp)", "reduce-scatter", ("tp",), s.n_pad // tp * D * F32, L, True)
+        add("expert partial sums (psum_scatter over tp)", "reduce-scatter", ("tp",), s.n_pad // tp * D * F32, mix.moe, True)
+    if ffn_over_tp:
+        for what, calls in (("shared expert", mix.moe if cfg.shared_expert_ffn else 0), ("dense layer FFN", mix.dense)):
+            add(f"tokens to the {what}'s hidden slices (all_gather over tp)", "all-gather", ("tp",), s.n_pad * D * b,
+                calls, True)
+            add(f"{what} partial sums (psum_scatter over tp)", "reduce-scatter", ("tp",), s.n_pad // tp * D * F32,
+                calls, True)
     if tp > 1:
         add("tokens back to every tp rank (all_gather over tp)", "all-gather", ("tp",), s.n_pad * D * b, L, True)
     if mesh.pp > 1:
@@ -171,7 +243,8 @@ def collectives(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload,
         add("last stage's outputs to every stage (psum over pp)", "all-reduce", ("pp",), s.micro * s.mb * D * b,
             1, False)
     token_axes = layout.token_axes()
-    add("MoE statistics (psum over token axes)", "all-reduce", token_axes, 4 * L * (3 * E + 5), 1, False)
+    add("MoE statistics (psum over token axes)", "all-reduce", token_axes,  # a dense layer's are zeros
+        4 * L * (3 * E + 5), 1, False)
     return out
 
 
@@ -205,23 +278,68 @@ class Work:
     expert_rows: float  # expert rows one layer computes in one step
 
 
+def _layer_local(cfg: ModelConfig, layout: Layout, mesh: MeshShape, p) -> int:
+    """Elements of one layer of a per-layer row (of the whole tensor otherwise) that a device holds."""
+    dims, axes = (p.shape(cfg)[1:], p.axes[1:]) if p.per_layer else (p.shape(cfg), p.axes)
+    return math.prod(d // (layout.shards(a, mesh) if a else 1) for d, a in zip(dims, axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """One device's elements of one layer, by the part of the program that uses them (from the table)."""
+
+    attention: int  # projections: every row with a heads or kv_heads axis that is a matrix
+    attention_other: int  # their biases, a norm over the projection (bytes only)
+    norms: int  # the layer's other vectors (pre-norms, per-head QK norms)
+    router: int  # the router matrix, on the routed tokens
+    moe_other: int  # a MoE layer's unsharded matrices besides the router (the shared expert's gate), on the
+    # device's own tokens
+    moe_vectors: int  # the correction bias
+    expert: int  # one expert's slice (every row with an experts axis, per local expert)
+    shared: int  # the shared expert's slice (rows with an ffn axis of MoE layers)
+    dense: int  # a dense layer's FFN slice
+
+
+def layer_weights(cfg: ModelConfig, layout: Layout, mesh: MeshShape) -> LayerWeights:
+    parts = {f.name: 0 for f in dataclasses.fields(LayerWeights)}
+    e_local = cfg.num_experts // layout.shards("experts", mesh)
+    for p in table(cfg):
+        if not p.per_layer:
+            continue
+        n, matrix = _layer_local(cfg, layout, mesh, p), p.init == "normal"
+        if p.per_expert:
+            parts["expert"] += n // e_local
+        elif "heads" in p.axes or "kv_heads" in p.axes:
+            parts["attention" if matrix else "attention_other"] += n
+        elif "ffn" in p.axes:
+            parts["shared" if p.kind == "moe" else "dense"] += n
+        elif p.kind == "moe":
+            parts["router" if p.name == "router" else "moe_other" if matrix else "moe_vectors"] += n
+        else:
+            parts["norms"] += n
+    return LayerWeights(**parts)
+
+
 def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Shapes,
-         rows_factor: float | None = None, context: float | None = None) -> Work:
+         rows_factor: float | None = None, context: float | None = None, mix: Mix | None = None) -> Work:
     """Executed work per device. `rows_factor` overrides the executed/top-k expert rows (1.0 gives
-    the analytic top-k work); decode attends to `context` positions (default: the workload's)."""
+    the analytic top-k work); decode attends to `context` positions (default: the workload's); `mix`:
+    the MoE and dense layers of one step (default: the mean over stages, `mean_mix`)."""
     b = dtype_bytes(wl.dtype)
-    D, H, G, K, F, E, k, V = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.expert_ffn,
-                              cfg.num_experts, cfg.experts_per_token, cfg.vocab_size)
-    L, tp = s.layers_local, mesh.tp
-    lp = counts.layer_params(cfg)
-    heads_local, kv_local = H // layout.shards("heads", mesh), G // layout.shards("kv_heads", mesh)
+    D, K, F, E, k, V = (cfg.d_model, cfg.head_dim, cfg.expert_ffn, cfg.num_experts, cfg.experts_per_token,
+                        cfg.vocab_size)
+    mix = mix or mean_mix(cfg, mesh.pp)
+    L, tp, Lm, Ld = s.layers_local, mesh.tp, mix.moe, mix.dense
+    lw = layer_weights(cfg, layout, mesh)
+    heads_local, kv_local = cfg.num_heads // layout.shards("heads", mesh), cfg.num_kv_heads // layout.shards("kv_heads", mesh)
     f_local = F // layout.shards("expert_ffn", mesh)
     e_local = E // layout.shards("experts", mesh)
     act = s.attention_active
     ctx = (s.t + 1) / 2 if s.phase == "prefill" else (context if context is not None else wl.context)
-    attn_weights = (lp["wq"] + lp["wk"] + lp["wv"] + lp["wo"]) // layout.shards("heads", mesh)
     # tokens a device routes, less the padding (neither padded rows nor the rows that pad N to tp are routed)
     valid_tokens = (s.n if s.moe_tokens == s.n_pad else s.n / tp) * s.valid_frac
+    own_tokens = s.n_pad // tp  # a device's share after the attention's psum_scatter
+    ffn_n = ffn_tokens(layout, mesh, s)
     factor = rows_factor if rows_factor is not None else (wl.rows_factor if s.phase == "prefill" else 1.0)
     if rows_factor is None and s.moe.kernel == "batched":  # every buffer row computes, filled or not
         rows = e_local * s.moe.expert_shards * exchanged_rows(wl, s)
@@ -230,20 +348,29 @@ def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Sha
         rows = valid_tokens * k * factor
         experts_read = e_local if s.moe.kernel == "batched" else e_local * expert_hit_rate(cfg, layout, mesh, wl, s)
     flops = {
-        "attention projections": 2 * s.n * attn_weights * act * L,
+        "attention projections": 2 * s.n * lw.attention * act * L,
         "attention scores": 4 * s.n * ctx * heads_local * K * act * L,
-        "router": 2 * valid_tokens * D * E * L,
-        "experts": 2 * 3 * D * f_local * rows * L,
+        "router": 2 * valid_tokens * lw.router * Lm,
+        "experts": 2 * lw.expert * rows * Lm,
     }
+    if lw.moe_other:
+        flops["shared expert gate"] = 2 * own_tokens * lw.moe_other * Lm
+    if lw.shared:
+        flops["shared expert"] = 2 * ffn_n * lw.shared * Lm
+    if Ld:
+        flops["dense layers' FFN"] = 2 * ffn_n * lw.dense * Ld
     emitted = s.b_loc  # last position of each row (prefill) or the new token (decode)
     v_local = V // layout.shards("vocab", mesh)
     flops_program = {"head": 2 * emitted * D * v_local}
     kv_row = 2 * kv_local * K * b  # keys and values of one position of one layer
+    f_rows = lambda n: n * act_bytes_per_row_f(b)  # noqa: E731  per computed FFN element of n rows
     nbytes = {
-        "weights": L * b * (attn_weights * act + lp["router"] + lp["attn_norm"] + lp["moe_norm"]
-                            + experts_read * 3 * D * f_local),
+        "weights": b * (L * ((lw.attention + lw.attention_other) * act + lw.norms)
+                        + Lm * (lw.router + lw.moe_other + lw.moe_vectors + lw.shared + experts_read * lw.expert)
+                        + Ld * lw.dense),
         "kv cache": L * (s.mb * ctx * kv_row * act if s.phase == "decode" else 0) + L * s.n * kv_row * act,
-        "activations": L * (s.n * D * ACT_BYTES_PER_TOKEN_D + rows * f_local * act_bytes_per_row_f(b)),
+        "activations": L * s.n * D * ACT_BYTES_PER_TOKEN_D + Lm * f_rows(rows * f_local)
+                       + f_rows(ffn_n * (Lm * cfg.shared_expert_ffn + Ld * cfg.dense_ffn) // layout.shards("ffn", mesh)),
     }
     bytes_program = {"head weights": D * v_local * b, "logits": emitted * v_local * F32}
     return Work(flops, flops_program, nbytes, bytes_program, rows)
@@ -302,33 +429,47 @@ class PhaseCost:
 
 def phase_cost(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, spec: MachineSpec,
                fr: Fractions, phase: str, context: float | None = None) -> PhaseCost:
+    """A phase's time and per-device figures. Stages that hold different layer kinds are costed
+    apart: the pipeline step is the slowest stage's; work, bytes and collectives are the mean over
+    stages (so that they add up over the mesh)."""
     s = shapes(cfg, layout, mesh, wl, phase)
-    w = work(cfg, layout, mesh, wl, s, context=context)
-    colls = collectives(cfg, layout, mesh, wl, s)
     flop_rate = spec.peak_matmul_flops_per_s * fr.matmul
     byte_rate = spec.hbm_bandwidth_bytes_per_s * fr.bandwidth
-    compute = sum(w.flops.values()) / flop_rate
-    memory = sum(w.bytes.values()) / byte_rate
-    launches = s.layers_local * fr.layer_overhead_s
-    rounds = s.layers_local * fr.round_overhead_s if decides_round(s) else 0.0
-    coll_step = sum(collective_seconds(spec, mesh, c) for c in colls if c.per_step)
-    coll_program = sum(collective_seconds(spec, mesh, c) for c in colls if not c.per_step)
-    program = max(sum(w.flops_program.values()) / flop_rate, sum(w.bytes_program.values()) / byte_rate)
     steps = s.micro + mesh.pp - 1
-    if spec.shared_host:  # every device's steps run one after another; bubble steps are skipped
-        step = {"compute": compute, "memory": memory, "overhead": launches + rounds, "collectives": coll_step}
-        busy = max(compute, memory) + launches + rounds + coll_step
-        seconds = mesh.size * (s.micro * busy + program + coll_program)
-    else:
-        step = {"compute": compute, "memory": memory, "launch floor": launches, "round syncs": rounds,
-                "collectives": coll_step}
-        busy = max(compute, memory, launches) + rounds + coll_step
-        seconds = steps * busy + program + coll_program
+
     def calls(c):  # a stage skips its layers in bubble steps; the stage-to-stage send runs every step
         return c.calls * ((steps if c.kind == "collective-permute" else s.micro) if c.per_step else 1)
 
+    stages = []  # (stages running it, step terms, busy seconds, collectives)
+    for mix, count in stage_mixes(cfg, mesh.pp):
+        w = work(cfg, layout, mesh, wl, s, context=context, mix=mix)
+        colls = collectives(cfg, layout, mesh, wl, s, mix)
+        compute = sum(w.flops.values()) / flop_rate
+        memory = sum(w.bytes.values()) / byte_rate
+        launches = s.layers_local * fr.layer_overhead_s
+        rounds = mix.moe * fr.round_overhead_s if decides_round(s) else 0.0
+        coll_step = sum(collective_seconds(spec, mesh, c) for c in colls if c.per_step)
+        if spec.shared_host:
+            step = {"compute": compute, "memory": memory, "overhead": launches + rounds, "collectives": coll_step}
+            busy = max(compute, memory) + launches + rounds + coll_step
+        else:
+            step = {"compute": compute, "memory": memory, "launch floor": launches, "round syncs": rounds,
+                    "collectives": coll_step}
+            busy = max(compute, memory, launches) + rounds + coll_step
+        stages.append((count, step, busy, colls))
+    w = work(cfg, layout, mesh, wl, s, context=context)  # the mean over stages
+    mean = collectives(cfg, layout, mesh, wl, s, mean_mix(cfg, mesh.pp))
+    coll_program = sum(collective_seconds(spec, mesh, c) for c in mean if not c.per_step)
+    program = max(sum(w.flops_program.values()) / flop_rate, sum(w.bytes_program.values()) / byte_rate)
+    _, step, busy, _ = max(stages, key=lambda x: x[2])
+    if spec.shared_host:  # every device's steps run one after another; bubble steps are skipped
+        per_stage = mesh.size // mesh.pp
+        seconds = per_stage * sum(n * s.micro * b for n, _, b, _ in stages) + mesh.size * (program + coll_program)
+    else:
+        seconds = steps * busy + program + coll_program
+
     coll_bytes = {k: 0 for k in KINDS}
-    for c in colls:
+    for c in mean:
         coll_bytes[c.kind] += c.nbytes * calls(c)
     flops_dev = s.micro * sum(w.flops.values()) + sum(w.flops_program.values())
     bytes_dev = s.micro * sum(w.bytes.values()) + sum(w.bytes_program.values())
@@ -336,5 +477,5 @@ def phase_cost(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, 
                   "calls": calls(c),
                   "link": "-" if c.group == 1 or spec.shared_host else
                   ("nvlink" if link_bandwidth(spec, mesh, c.axes) == spec.nvlink_bandwidth_bytes_per_s else "network")}
-                 for c in colls]
+                 for c in mean]
     return PhaseCost(seconds, step, flops_dev, bytes_dev, coll_bytes, steps, (mesh.pp - 1) / steps, s, w, inventory)

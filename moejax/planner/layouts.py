@@ -9,7 +9,7 @@ from moejax.errors import UserError
 from moejax.parallel.mesh import MeshShape
 from moejax.models.placement import placement
 from moejax.parallel.rules import Layout
-from moejax.planner.costmodel import F32, Workload, phase_cost
+from moejax.planner.costmodel import F32, Workload, ffn_tokens, phase_cost
 from moejax.planner.specs import Fractions, MachineSpec
 from moejax.models import counts
 
@@ -34,7 +34,8 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Work
                      prefill) -> int:
     """Peak temporaries of one prefill step on a device (an estimate: the largest live tensors of
     one layer, not XLA's buffer assignment): residual stream and attention in float32, the four
-    exchange buffers, the experts' float32 intermediates, unfused attention scores, the logits."""
+    exchange buffers, the experts' float32 intermediates, a dense SwiGLU's (the shared expert's or a
+    dense layer's, the larger), unfused attention scores, the logits."""
     s, w = prefill.shapes, prefill.work
     b, D = dtype_bytes(wl.dtype), cfg.d_model
     heads = cfg.num_heads // layout.shards("heads", mesh)
@@ -43,6 +44,8 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Work
     total = 6 * s.n * D * F32
     total += 4 * cfg.num_experts * s.rows * D * b
     total += 3 * rows_layer * f_local * F32
+    dense_hidden = max(cfg.shared_expert_ffn, cfg.dense_ffn) // layout.shards("ffn", mesh)
+    total += 3 * ffn_tokens(layout, mesh, s) * dense_hidden * F32
     if not fused_attention:
         total += s.mb * heads * s.t * s.t * F32
     total += s.b_loc * (cfg.vocab_size // layout.shards("vocab", mesh)) * F32
