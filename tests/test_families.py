@@ -210,16 +210,24 @@ def test_a_family_config_that_does_not_fit_its_weights_is_one_line():
         registry.family_of(config_from_dict({**base, "qk_norm": "head"}, "x"))
 
 
-@pytest.mark.parametrize("change,needle", [
-    (lambda c: {**c, "use_sliding_window": True}, "use_sliding_window=True is not supported"),
-    (lambda c: {**c, "hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
-    (lambda c: {**c, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0}}, "rope_type='dynamic' is not supported"),
-    (lambda c: {**c, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "yarn RoPE needs an integer original_max"),
-    (lambda c: {**c, "mlp_only_layers": "all"}, "mlp_only_layers='all' must be a list"),
+@pytest.mark.parametrize("family,change,needle", [
+    ("qwen3_moe", lambda c: {**c, "use_sliding_window": True}, "use_sliding_window=True is not supported"),
+    ("qwen3_moe", lambda c: {**c, "hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ("qwen3_moe", lambda c: {**c, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0}},
+     "rope_type='dynamic' is not supported"),
+    ("qwen3_moe", lambda c: {**c, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+     "yarn RoPE needs an integer original_max"),
+    ("qwen3_moe", lambda c: {**c, "mlp_only_layers": "all"}, "mlp_only_layers='all' must be a list"),
+    ("qwen2_moe", lambda c: {**c, "use_sliding_window": True}, "use_sliding_window=True is not supported"),
+    ("qwen2_moe", lambda c: {**c, "shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size=0"),
+    ("glm4_moe", lambda c: {**c, "first_k_dense_replace": 4}, "first_k_dense_replace=4 must be in [0, "),
+    ("glm4_moe", lambda c: {**c, "n_group": 3}, "n_group=3, topk_group=2 must divide num_experts=8"),
+    ("glm4_moe", lambda c: {**c, "topk_group": 1, "num_experts_per_tok": 3}, "experts_per_token=3 exceeds the 2"),
+    ("glm4_moe", lambda c: {**c, "model_type": "deepseek_v3"}, "model family 'deepseek_v3' is not implemented"),
 ])
-def test_a_qwen3_moe_field_moejax_does_not_compute_is_refused_in_one_line(tmp_path, change, needle):
+def test_a_field_moejax_does_not_compute_is_refused_in_one_line(tmp_path, family, change, needle):
     hf = tmp_path / "hf"
-    shutil.copytree(QWEN3, hf)
+    shutil.copytree(FIXTURES[family], hf)
     c = json.load(open(hf / "config.json"))
     json.dump(change(c), open(hf / "config.json", "w"))
     r = run_script("import_hf.py", hf, tmp_path / "out")
