@@ -32,7 +32,7 @@ from moejax.ops.moe.ragged import GROUPED_GEMMS
 from moejax.parallel.pipeline import default_microbatches
 from moejax.parallel.rules import Layout
 from moejax.planner.specs import Fractions, MachineSpec
-from moejax.models.params import table
+from moejax.models.params import param_dtypes, table
 
 KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 F32 = 4
@@ -300,13 +300,17 @@ class LayerWeights:
     dense: int  # a dense layer's FFN slice
 
 
-def layer_weights(cfg: ModelConfig, layout: Layout, mesh: MeshShape) -> LayerWeights:
+def layer_weights(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str | None = None) -> LayerWeights:
+    """Elements per part; with `dtype`, bytes per part instead, each row at its stored dtype (the
+    compute dtype, or float32 for a row the family keeps in float32)."""
     parts = {f.name: 0 for f in dataclasses.fields(LayerWeights)}
     e_local = cfg.num_experts // layout.shards("experts", mesh)
+    stored = param_dtypes(cfg, dtype) if dtype else {}
     for p in table(cfg):
         if not p.per_layer:
             continue
         n, matrix = _layer_local(cfg, layout, mesh, p), p.init == "normal"
+        n *= dtype_bytes(stored[p.name]) if dtype else 1
         if p.per_expert:
             parts["expert"] += n // e_local
         elif "heads" in p.axes or "kv_heads" in p.axes:
@@ -330,7 +334,7 @@ def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Sha
                         cfg.vocab_size)
     mix = mix or mean_mix(cfg, mesh.pp)
     L, tp, Lm, Ld = s.layers_local, mesh.tp, mix.moe, mix.dense
-    lw = layer_weights(cfg, layout, mesh)
+    lw, lb = layer_weights(cfg, layout, mesh), layer_weights(cfg, layout, mesh, wl.dtype)  # elements, bytes
     heads_local, kv_local = cfg.num_heads // layout.shards("heads", mesh), cfg.num_kv_heads // layout.shards("kv_heads", mesh)
     f_local = F // layout.shards("expert_ffn", mesh)
     e_local = E // layout.shards("experts", mesh)
@@ -365,9 +369,9 @@ def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Sha
     kv_row = 2 * kv_local * K * b  # keys and values of one position of one layer
     f_rows = lambda n: n * act_bytes_per_row_f(b)  # noqa: E731  per computed FFN element of n rows
     nbytes = {
-        "weights": b * (L * ((lw.attention + lw.attention_other) * act + lw.norms)
-                        + Lm * (lw.router + lw.moe_other + lw.moe_vectors + lw.shared + experts_read * lw.expert)
-                        + Ld * lw.dense),
+        "weights": (L * ((lb.attention + lb.attention_other) * act + lb.norms)
+                    + Lm * (lb.router + lb.moe_other + lb.moe_vectors + lb.shared + experts_read * lb.expert)
+                    + Ld * lb.dense),
         "kv cache": L * (s.mb * ctx * kv_row * act if s.phase == "decode" else 0) + L * s.n * kv_row * act,
         "activations": L * s.n * D * ACT_BYTES_PER_TOKEN_D + Lm * f_rows(rows * f_local)
                        + f_rows(ffn_n * (Lm * cfg.shared_expert_ffn + Ld * cfg.dense_ffn) // layout.shards("ffn", mesh)),
