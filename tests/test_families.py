@@ -300,3 +300,14 @@ def test_a_quantized_family_checkpoint_keeps_its_norms_and_serves(imported, tmp_
                    "--max-new-tokens", "4", "--json")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout.strip().splitlines()[-1])["generated_ids"][0]) == 4
+
+
+def test_a_sigmoid_router_stays_float32_in_a_bfloat16_checkpoint(tmp_path):
+    """transformers keeps GLM-4.5's gate.weight and e_score_correction_bias in float32
+    (_keep_in_fp32_modules_strict): a bfloat16 import stores them float32, and restore keeps them so."""
+    r = run_script("import_hf.py", FIXTURES["glm4_moe"], tmp_path / "ck", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    _, params, meta = checkpoint.restore(str(tmp_path / "ck"), make_mesh(parse_mesh("1x1x1x1")), load_layout("seed"),
+                                         "bfloat16")
+    assert meta["dtype"] == "bfloat16" and params["wq"].dtype.name == "bfloat16"
+    assert params["router"].dtype == np.float32 and params["router_bias"].dtype == np.float32

@@ -12,7 +12,7 @@ from moejax.config.model import ModelConfig, config_from_dict
 from moejax.errors import UserError
 from moejax.models import registry
 from moejax.models.hf_map import config_to_hf, fused_units, hf_tensors, to_hf
-from moejax.models.params import param_shapes
+from moejax.models.params import param_dtypes, param_shapes
 
 __all__ = ["config_from_hf", "config_to_hf", "hf_tensors", "to_hf", "read_hf", "write_hf", "write_hf_streaming",
            "HFReader"]
@@ -65,7 +65,8 @@ def _weight_files(hf_dir: str) -> dict[str, str]:
 def read_hf(hf_dir: str, progress=None) -> tuple[ModelConfig, dict]:
     """Config and stacked host parameters, read tensor by tensor (peak ~ one copy of the model)."""
     cfg = config_from_hf(hf_dir)
-    params = {n: np.empty(s, _np_dtype(cfg.param_dtype)) for n, s in param_shapes(cfg).items()}
+    dtypes = param_dtypes(cfg, cfg.param_dtype)
+    params = {n: np.empty(s, _np_dtype(dtypes[n])) for n, s in param_shapes(cfg).items()}
     reader = HFReader(hf_dir, cfg)
     try:
         for i, (name, idx) in enumerate(reader.units):
@@ -93,10 +94,10 @@ def write_hf_streaming(out_dir: str, cfg: ModelConfig, fill, max_shard_bytes: in
 
     entries = list(hf_tensors(cfg))
     shapes = param_shapes(cfg)
-    item = np.dtype(_np_dtype(cfg.param_dtype)).itemsize
+    dtypes = param_dtypes(cfg, cfg.param_dtype)  # float32 where the family keeps it so
     groups, cur, size = [], [], 0
     for e in entries:
-        n = int(np.prod(shapes[e[1]][len(e[2]):])) * item
+        n = int(np.prod(shapes[e[1]][len(e[2]):])) * np.dtype(_np_dtype(dtypes[e[1]])).itemsize
         if cur and size + n > max_shard_bytes:
             groups.append(cur)
             cur, size = [], 0
@@ -108,7 +109,7 @@ def write_hf_streaming(out_dir: str, cfg: ModelConfig, fill, max_shard_bytes: in
     weight_map, done, total = {}, 0, 0
     for fname, group in zip(names, groups):
         by_name = {hf_name: (name, idx) for hf_name, name, idx, _ in group}
-        hf_shapes = [(hf_name, to_hf(cfg, name, np.empty(shapes[name][len(idx):], np.uint8)).shape, cfg.param_dtype)
+        hf_shapes = [(hf_name, to_hf(cfg, name, np.empty(shapes[name][len(idx):], np.uint8)).shape, dtypes[name])
                      for hf_name, name, idx, _ in group]
         total += write_safetensors(os.path.join(out_dir, fname), hf_shapes, lambda h: fill(*by_name[h]),
                                    metadata={"format": "pt"})

@@ -22,6 +22,7 @@ from moejax.checkpoint.store import read_meta
 from moejax.checkpoint.transaction import check_destination, commit_dir, remove_stale, staging_dir
 from moejax.errors import UserError
 from moejax.models import counts
+from moejax.models.params import param_dtypes
 from moejax.parallel.mesh import MeshShape
 from moejax.parallel.rules import load_layout
 
@@ -36,8 +37,8 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, max_memory_gb: fl
     cfg = hf.config_from_hf(hf_dir)
     reader = hf.HFReader(hf_dir, cfg)
     dtype = dtype or cfg.param_dtype
-    cast = dtype != cfg.param_dtype
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
+    dtypes = param_dtypes(cfg, dtype)  # float32 where the family keeps it so (a sigmoid router)
     layout = load_layout("seed")
     out = os.path.abspath(out)
     step = 0
@@ -49,13 +50,14 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, max_memory_gb: fl
     else:
         tmp = staging_dir(out)
         step_dir = os.path.join(tmp, "0")
-    specs = {n: (s, dtype) for n, s in reader.shapes.items()}
+    specs = {n: (s, dtypes[n]) for n, s in reader.shapes.items()}
     split = {name: len(idx) - 1 for (name, idx) in reader.units}
     shards = blocks.shard_shapes(cfg, layout, MeshShape(1, 1, 1, 1))
 
     def fill(name, index, off):
         x = reader.block(name, index)
-        return x.astype(blocks.np_dtype(dtype)) if cast else x
+        want = blocks.np_dtype(dtypes[name])
+        return x if x.dtype == want else x.astype(want)
 
     try:
         try:
@@ -80,7 +82,7 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, max_memory_gb: fl
             commit_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    nbytes = sum(int(np.prod(s)) for s, _ in specs.values()) * np.dtype(blocks.np_dtype(dtype)).itemsize
+    nbytes = sum(int(np.prod(s)) * np.dtype(blocks.np_dtype(d)).itemsize for s, d in specs.values())
     return {"out": given, "step": step, "config": cfg.name, "family": cfg.family, "params_total": counts.param_count(cfg),
             "dtype": dtype, "bytes": nbytes, "seconds": time.perf_counter() - t0, "max_memory_bytes": bound,
             "verified": True}

@@ -23,7 +23,7 @@ from moejax.checkpoint.format import build_meta
 from moejax.checkpoint.transaction import check_destination, commit_dir, staging_dir
 from moejax.config.model import load_config
 from moejax.models import counts
-from moejax.models.params import init_kind, param_shapes
+from moejax.models.params import init_kind, param_dtypes, param_shapes
 from moejax.parallel.mesh import MeshShape
 from moejax.parallel.rules import load_layout
 
@@ -51,8 +51,8 @@ def random_block(seed: int, tensor: str, shape: tuple, idx: tuple, dtype: str, i
     out = []
     for ix in lead:
         flat = int(np.ravel_multi_index(ix, shape[:u])) if u else 0
-        if init == "ones":
-            m = np.ones(mat, np.float32)
+        if init in ("ones", "zeros"):
+            m = (np.ones if init == "ones" else np.zeros)(mat, np.float32)
         else:
             m = np.random.default_rng([seed, tag, flat]).standard_normal(mat, dtype=np.float32) * np.float32(0.02)
         out.append(m.astype(blocks.np_dtype(dtype)))
@@ -100,16 +100,17 @@ def make(config: str, out: str, fmt: str = "moejax", dtype: str | None = None, s
 
 
 def _write_moejax(tmp, cfg, layout, shape, dtype, shapes, bound, seed, show):
-    specs = {n: (s, dtype) for n, s in shapes.items()}
+    dtypes = param_dtypes(cfg, dtype)
+    specs = {n: (s, dtypes[n]) for n, s in shapes.items()}
     shards = blocks.shard_shapes(cfg, layout, MeshShape(1, shape.pp, shape.tp, shape.ep))
     split = {n: unit_axes(s) - 1 for n, s in shapes.items()}  # blocks of whole matrices
     writer = blocks.StepWriter(os.path.join(tmp, "0"))
     def fill(n, idx, off):
-        return random_block(seed, n, shapes[n], idx, dtype, init_kind(cfg, n))
+        return random_block(seed, n, shapes[n], idx, dtypes[n], init_kind(cfg, n))
 
     sums = blocks.write_tensors(writer, specs, shards, fill, bound, split_axes=split, progress=show)
     writer.finish(build_meta(cfg, layout, dtype, str(shape), sums))
-    return sum(int(np.prod(s)) * np.dtype(blocks.np_dtype(dtype)).itemsize for s in shapes.values())
+    return sum(int(np.prod(s)) * np.dtype(blocks.np_dtype(d)).itemsize for s, d in specs.values())
 
 
 def _write_hf(tmp, cfg, dtype, shapes, seed, max_shard_gb, show):
@@ -117,8 +118,10 @@ def _write_hf(tmp, cfg, dtype, shapes, seed, max_shard_gb, show):
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf.config_to_hf(cfg), f, indent=2)
 
+    dtypes = param_dtypes(cfg, dtype)
+
     def fill(name, idx):
-        return hf.to_hf(cfg, name, random_block(seed, name, shapes[name], idx, dtype, init_kind(cfg, name)))
+        return hf.to_hf(cfg, name, random_block(seed, name, shapes[name], idx, dtypes[name], init_kind(cfg, name)))
 
     hf.write_hf_streaming(tmp, cfg, fill, int(max_shard_gb * 2**30), show)
-    return counts.param_count(cfg) * np.dtype(blocks.np_dtype(dtype)).itemsize
+    return sum(int(np.prod(s)) * np.dtype(blocks.np_dtype(dtypes[n])).itemsize for n, s in shapes.items())

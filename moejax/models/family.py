@@ -33,6 +33,7 @@ class Param:
     when: Callable[[ModelConfig], bool] | None = None  # the tensor exists only under configs where this holds
     hf_fused: str = ""  # transformers 5.x's fused 3-D expert tensor holding this one ([E, chunks x R, ...])
     hf_chunk: tuple = (0, 1)  # (which, of how many) equal chunks of the fused tensor's second dim this is
+    f32: bool = False  # kept in float32 whatever the model's dtype (HF's _keep_in_fp32_modules: a sigmoid router)
     trained: bool = True  # False: no gradient step and no weight decay (a balancing bias updated by a rule)
 
     @property

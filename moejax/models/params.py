@@ -58,8 +58,9 @@ def param_shapes(cfg: ModelConfig, quant: str | None = None) -> dict[str, tuple[
 
 
 def param_dtypes(cfg: ModelConfig, dtype: str, quant: str | None = None) -> dict[str, str]:
-    """Stored dtype of each parameter: `dtype`, except int8 matrices and their float32 scales."""
-    out = {name: dtype for name in param_axes(cfg, quant)}
+    """Stored dtype of each parameter: `dtype`, except int8 matrices and their float32 scales, and rows the
+    family keeps in float32 (`Param.f32`)."""
+    out = {name: "float32" if row(cfg, name).f32 else dtype for name in param_axes(cfg, quant)}
     if quant:
         for name in quant_dims(cfg):
             out[name], out[scale_name(name)] = "int8", "float32"

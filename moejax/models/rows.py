@@ -56,4 +56,4 @@ def router_bias(hf: str) -> Param:
     """The sigmoid router's correction bias [L_moe, E]: added to the scores only to choose experts;
     trained by a balancing rule, not by gradients (HF keeps it float32 and zero-initialised)."""
     return Param("router_bias", lambda c: (len(c.moe_layers), c.num_experts), ("layers", None), hf=L + hf,
-                 init="zeros", kind="moe", trained=False, when=lambda c: c.router == "sigmoid_topk")
+                 init="zeros", kind="moe", trained=False, f32=True, when=lambda c: c.router == "sigmoid_topk")

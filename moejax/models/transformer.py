@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax.config.model import ModelConfig
-from moejax.models.params import (base_name, expert_names, init_kind, layer_names, param_axes, param_shapes,
+from moejax.models.params import (base_name, expert_names, init_kind, layer_names, param_axes, param_dtypes, param_shapes,
                                   param_specs, quant_dims, row, scale_name, stacks_every_layer)
 from moejax.models.runspec import RunSpec
 from moejax.ops import layers
@@ -49,11 +49,12 @@ def init_params(cfg: ModelConfig, seed: int, dtype: str, mesh=None, layout: Layo
     makes every simulated CPU device hold large RNG temporaries at once (25 GB for the seed config
     on 128 devices). Every process draws the same values, so multi-process placement is a slice."""
     shapes = param_shapes(cfg)
+    dtypes = param_dtypes(cfg, dtype)
     key = jax.random.key(seed)
     shardings = None if mesh is None else param_shardings(mesh, layout, cfg)
     params = {}
     for i, name in enumerate(sorted(shapes)):
-        draw = jax.jit(functools.partial(_init_one, init_kind(cfg, name), shapes[name], dtype=dtype))
+        draw = jax.jit(functools.partial(_init_one, init_kind(cfg, name), shapes[name], dtype=dtypes[name]))
         value = draw(jax.random.fold_in(key, i))
         if shardings is None:
             params[name] = value

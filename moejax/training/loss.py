@@ -27,13 +27,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from moejax.models import transformer as model
+from moejax.models.params import row
 from moejax.inference.generate import put, round_up
 from moejax.errors import UserError
 from moejax.ops.layers import F32
 
 METRICS = ("loss", "ce_loss", "aux_loss", "aux_loss_per_layer", "z_loss", "max_load_ratio", "predicted_tokens")
 BALANCE = ("hf", "per-layer")  # which load-balancing loss the total uses
-KEEP_F32 = "router_bias"  # not cast to the compute dtype (a sigmoid router's correction bias)
 
 
 def _cross_entropy_sum(logits_BTV, targets_BT, mask_BT, vocab_axis):
@@ -121,7 +121,8 @@ class Scorer:
         """Traceable: cast, split into the serving layout, run the sharded loss. A correction bias
         stays float32, as the router adds it: in bfloat16 it would be rounded to 2^-10 (about
         0.001, the size of DeepSeek-V3's balancing steps) once |bias| reaches 0.125."""
-        cast = {n: v if n == KEEP_F32 else v.astype(self.rs.dtype) for n, v in params.items()}
+        keep = {n for n in params if row(self.rs.cfg, n).f32}  # a sigmoid router's weight and bias stay float32
+        cast = {n: v if n in keep else v.astype(self.rs.dtype) for n, v in params.items()}
         return self.loss(model.to_serving(cast, self.rs), tokens_BT, lengths_B)
 
     def evaluate(self, params, windows: np.ndarray, lengths: np.ndarray | None = None) -> dict:
