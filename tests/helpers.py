@@ -1,9 +1,12 @@
 """Shared test helpers: build a run on a mesh, compare against the float64 reference."""
 
+import atexit
 import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -64,9 +67,27 @@ def forward(config: str, mesh: str, tokens, layout: str = "seed", lengths=None, 
     return np.asarray(logits), {k: np.asarray(v) for k, v in stats.items()}
 
 
-def run_script(script: str, *args, env=None, timeout=600):
-    e = dict(os.environ)
-    e.pop("XLA_FLAGS", None)  # scripts provision their own devices
+_XLA_CACHE: list[str] = []
+
+
+def command_env(env=None) -> dict:
+    """The environment of a command a test starts: no XLA_FLAGS (commands provision their own
+    devices) and one persistent XLA compilation cache per test process (every program, however
+    quick to compile), so that commands compiling the same programs (the tiny config's parameter
+    draws, a mesh's prefill) load them instead of compiling again. The cache starts empty (a
+    directory of this process, removed at exit): nothing is read from an earlier session or from
+    ~/.cache, and a cached executable is the one the same program compiled to. `env` overrides."""
+    if not _XLA_CACHE:
+        _XLA_CACHE.append(tempfile.mkdtemp(prefix="moejax-tests-xla-"))
+        atexit.register(shutil.rmtree, _XLA_CACHE[0], True)
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    e.update({"JAX_COMPILATION_CACHE_DIR": _XLA_CACHE[0], "MOEJAX_CACHE_DIR": _XLA_CACHE[0],
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
     e.update(env or {})
+    return e
+
+
+def run_script(script: str, *args, env=None, timeout=600):
+    e = command_env(env)
     return subprocess.run([sys.executable, os.path.join(REPO, "scripts", script), *map(str, args)],
                           capture_output=True, text=True, cwd=REPO, env=e, timeout=timeout)

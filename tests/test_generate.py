@@ -138,11 +138,11 @@ def test_two_processes_get_the_same_tokens_as_one(start, single_process_report):
     import subprocess
     import sys
 
-    from helpers import REPO
+    from helpers import REPO, command_env
     port = _free_port()
     procs = []
     for i in range(2):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env = command_env()
         extra = []
         if start == "flags":
             extra = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import FIXTURE, REPO, run_script
+from helpers import FIXTURE, REPO, command_env, run_script
 from moejax.checkpoint import store as checkpoint
 from moejax.parallel.mesh import make_mesh, parse_mesh
 from moejax.parallel.rules import load_layout
@@ -78,7 +78,7 @@ def test_a_run_killed_during_a_save_resumes_from_the_last_complete_step(tmp_path
     out = str(tmp_path / "killed")
     cmd = [sys.executable, os.path.join(REPO, "scripts", "train.py"), *COMMON, "--steps", "400", "--save-every",
            "1", "--out", out]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = command_env()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = os.path.join(out, "state")
     deadline, caught = time.time() + 240, False
