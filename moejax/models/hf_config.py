@@ -94,6 +94,8 @@ def common_fields(c: dict, path: str, *, num_experts: int, expert_ffn: int, head
     field names or defaults differ between families."""
     heads = hf_int(c, "num_attention_heads", path)
     eos = c.get("eos_token_id")
+    if isinstance(eos, list) and eos:  # several stop ids (GLM-4.5): moejax stops at the first one
+        eos = eos[0]
     return {
         "num_layers": hf_int(c, "num_hidden_layers", path), "num_experts": num_experts,
         "experts_per_token": hf_int(c, "num_experts_per_tok", path), "d_model": hf_int(c, "hidden_size", path),
