@@ -231,22 +231,43 @@ def test_reshard_catches_an_injected_mismatch_and_leaves_no_destination(imported
     assert os.listdir(tmp_path) == []  # no DST, no temporary directory
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"tie_word_embeddings": True}, "tie_word_embeddings=True is not supported by moejax (needs False)"),
-    ({"attention_bias": True}, "attention_bias=True is not supported"),
-    ({"mlp_bias": True}, "mlp_bias=True is not supported"),
-    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}},
-     "rope_parameters rope_type='yarn' is not supported"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling rope_type='linear' is not supported"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling rope_type='dynamic' is not supported"),
-])
-def test_import_refuses_tied_embeddings_biases_and_rope_scaling(change, message, tmp_path):
-    from moejax.checkpoint import hf
-
+def _config_with(tmp_path, change):
     d = tmp_path / "hf"
     d.mkdir()
     cfg = json.load(open(os.path.join(FIXTURE, "config.json")))
     cfg.update(change)
     json.dump(cfg, open(d / "config.json", "w"))
+    return str(d)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=True is not supported"),
+    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "llama3", "factor": 8.0}},
+     "rope_parameters rope_type='llama3' is not supported (moejax implements default, linear, yarn)"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling rope_type='dynamic' is not supported"),
+])
+def test_import_refuses_biases_and_rope_scaling_it_does_not_compute(change, message, tmp_path):
+    from moejax.checkpoint import hf
+
     with pytest.raises(UserError, match=re.escape(message)):
-        hf.config_from_hf(str(d))
+        hf.config_from_hf(_config_with(tmp_path, change))
+
+
+@pytest.mark.parametrize("change, theta, scaling", [
+    # a legacy rope_scaling object replaces rope_parameters (transformers 5.x's convert_rope_params_to_dict)
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 5e5}, 5e5,
+     {"rope_type": "linear", "factor": 2.0}),
+    # yarn without original_max_position_embeddings: max_position_embeddings (standardize_rope_params)
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}}, 1e4,
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 131072}),
+    # a top-level original_max_position_embeddings wins, and a missing factor is max / original
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "original_max_position_embeddings": 8},
+      "original_max_position_embeddings": 4096}, 1e4,
+     {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096}),
+])
+def test_import_reads_rope_scaling_as_transformers_standardizes_it(change, theta, scaling, tmp_path):
+    from moejax.checkpoint import hf
+
+    cfg = hf.config_from_hf(_config_with(tmp_path, change))
+    assert (cfg.rope_theta, cfg.rope) == (theta, scaling)

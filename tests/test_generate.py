@@ -134,7 +134,6 @@ _MULTI_COMMON = ["--mesh", "1x2x2x2", "--config", "tiny", "--prompt-ids", json.d
 
 @pytest.mark.parametrize("start", ["flags", "env"])  # README documents both
 def test_two_processes_get_the_same_tokens_as_one(start, single_process_report):
-    import os
     import subprocess
     import sys
 

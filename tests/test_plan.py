@@ -14,7 +14,9 @@ from moejax.parallel.mesh import parse_mesh
 from moejax.models.placement import placement
 from moejax.parallel.rules import load_layout
 from moejax.planner import calibrate
-from moejax.planner.costmodel import Workload, collectives, hlo_bytes_by_kind, phase_cost, shapes, work
+from moejax.planner.comms import collectives, hlo_bytes_by_kind
+from moejax.planner.costmodel import phase_cost, work
+from moejax.planner.shapes import Workload, shapes
 from moejax.planner.layouts import evaluate, meshes_of, plan
 from moejax.planner.specs import Fractions, load_spec
 from moejax.models import counts
@@ -65,7 +67,7 @@ def test_flops_summed_over_devices_are_the_configs_analytic_count(config, mesh, 
 def test_stages_of_different_layer_kinds_are_costed_apart():
     """tiny-glm on 1x2x2x2: stage 0 runs the dense layer 0 and MoE layer 1, stage 1 two MoE layers. The
     per-device figures are the stages' mean; the pipeline step is the slower stage's."""
-    from moejax.planner.costmodel import mean_mix, stage_mix
+    from moejax.planner.shapes import mean_mix, stage_mix
 
     cfg, lay, shape = load_config("tiny-glm"), load_layout("seed"), parse_mesh("1x2x2x2")
     wl = Workload(batch=32, prompt_len=64, context=128, microbatches=2)

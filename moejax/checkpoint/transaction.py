@@ -41,7 +41,7 @@ def check_destination(dst: str, sources: dict[str, str], force: bool | None, wha
             raise UserError(f"DST {dst[:200]!r} is inside {flag} {src[:200]!r}: write outside it")
         if _within(s, real):
             raise UserError(f"DST {dst[:200]!r} contains {flag} {src[:200]!r}"
-                            + ("" if add_to else f", which --force would delete") + ": write to a new directory")
+                            + ("" if add_to else ", which --force would delete") + ": write to a new directory")
     if force is None and os.path.lexists(dst):
         raise UserError(f"{dst[:200]!r} exists: give a new directory (nothing is overwritten)")
     if os.path.exists(dst) and not os.path.isdir(dst):

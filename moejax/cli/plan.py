@@ -84,7 +84,7 @@ def run_plan(args) -> None:
     from moejax.config.model import load_config
     from moejax.parallel.mesh import parse_mesh
     from moejax.planner import calibrate, report
-    from moejax.planner.costmodel import Workload
+    from moejax.planner.shapes import Workload
     from moejax.planner.layouts import plan
     from moejax.planner.specs import load_spec
     from moejax.parallel.rules import load_layout

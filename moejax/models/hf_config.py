@@ -48,20 +48,28 @@ def read_dtype(c: dict, path: str) -> str:
 
 
 def rope_fields(c: dict, path: str, theta: float, partial: float = 1.0) -> dict:
-    """rope_theta, rope_scaling and partial_rotary_factor from `rope_parameters` (transformers 5.x) or
-    the older top-level `rope_theta` / `rope_scaling` / `partial_rotary_factor`; RoPE scaling other
-    than default, linear and yarn is refused."""
-    rope = c.get("rope_parameters") or {}
-    scaling = c.get("rope_scaling") or {}
-    for field, value in (("rope_parameters", rope), ("rope_scaling", scaling)):
-        if not isinstance(value, dict):
-            raise UserError(f"{path}: {field} must be a JSON object, not {type(value).__name__}")
-    merged = {**scaling, **rope}
-    kind = merged.get("rope_type", merged.get("type", "default"))
+    """rope_theta, rope_scaling and partial_rotary_factor as transformers 5.x standardizes them: a legacy
+    `rope_scaling` object replaces `rope_parameters`; rope_theta and partial_rotary_factor come from that
+    object, else the top level, else the family's default; yarn's original_max_position_embeddings is a
+    top-level one, else the object's, else max_position_embeddings, and its missing factor is
+    max_position_embeddings / original. RoPE scaling other than default, linear and yarn is refused."""
+    for field in ("rope_parameters", "rope_scaling"):
+        if c.get(field) is not None and not isinstance(c[field], dict):
+            raise UserError(f"{path}: {field} must be a JSON object, not {type(c[field]).__name__}")
+    field = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+    rope = dict(c.get(field) or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ROPE_TYPES:
-        raise UserError(f"{path}: rope_type={kind!r} is not supported (moejax implements "
+        raise UserError(f"{path}: {field} rope_type={kind!r} is not supported (moejax implements "
                         f"{', '.join(ROPE_TYPES)})")
-    scaled = {k: merged[k] for k in ROPE_KEYS[kind] if merged.get(k) is not None}
+    if kind == "yarn":
+        orig_field = "original_max_position_embeddings"
+        if orig_field in c:
+            rope[orig_field] = hf_int(c, orig_field, path)
+        rope.setdefault(orig_field, hf_int(c, "max_position_embeddings", path, default=4096))
+        if rope.get("factor") is None and isinstance(rope[orig_field], int) and rope[orig_field] > 0:
+            rope["factor"] = hf_int(c, "max_position_embeddings", path, default=4096) / rope[orig_field]
+    scaled = {k: rope[k] for k in ROPE_KEYS[kind] if rope.get(k) is not None}
     for k, v in scaled.items():
         if k != "truncate" and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise UserError(f"{path}: rope {k}={repr(v)[:40]} must be a number")

@@ -116,9 +116,9 @@ def format_placement(p: dict) -> str:
         "layer-0 experts on stage 0 (rows tp, columns ep; the same on every dp replica, and each stage"
         " holds the same ids for its own layers):",
     ]
-    width = max(len(",".join(map(str, ids))) for row in pl["layer0_experts_by_tp_ep"] for ids in row)
-    for t, row in enumerate(pl["layer0_experts_by_tp_ep"]):
-        lines.append(f"  tp={t}: " + " ".join(",".join(map(str, ids)).rjust(width) for ids in row))
+    width = max(len(",".join(map(str, ids))) for tp_row in pl["layer0_experts_by_tp_ep"] for ids in tp_row)
+    for t, tp_row in enumerate(pl["layer0_experts_by_tp_ep"]):
+        lines.append(f"  tp={t}: " + " ".join(",".join(map(str, ids)).rjust(width) for ids in tp_row))
     lines += [
         f"parameter bytes per device: {_gb(pl['param_bytes_per_device'])}",
         f"KV-cache bytes per device: {_gb(pl['kv_bytes_per_device'])} (batch {pl['kv_batch']}, "

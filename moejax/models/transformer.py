@@ -36,7 +36,9 @@ MODES = ("forward", "prefill", "decode", "extend")
 
 # ---- parameters ------------------------------------------------------------------------------
 
-def _init_one(kind: str, shape, key, dtype):
+@functools.partial(jax.jit, static_argnames=("kind", "shape", "dtype"))
+def _init_one(key, *, kind: str, shape: tuple, dtype: str):
+    """One tensor's draw; compiled once per (kind, shape, dtype), not once per tensor."""
     if kind in ("ones", "zeros"):
         return (jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype)
     return (0.02 * jax.random.normal(key, shape, F32)).astype(dtype)
@@ -54,8 +56,8 @@ def init_params(cfg: ModelConfig, seed: int, dtype: str, mesh=None, layout: Layo
     shardings = None if mesh is None else param_shardings(mesh, layout, cfg)
     params = {}
     for i, name in enumerate(sorted(shapes)):
-        draw = jax.jit(functools.partial(_init_one, init_kind(cfg, name), shapes[name], dtype=dtypes[name]))
-        value = draw(jax.random.fold_in(key, i))
+        value = _init_one(jax.random.fold_in(key, i), kind=init_kind(cfg, name), shape=tuple(shapes[name]),
+                          dtype=dtypes[name])
         if shardings is None:
             params[name] = value
         elif jax.process_count() == 1:
@@ -142,7 +144,6 @@ def serving_specs(rs: RunSpec) -> dict:
     local expert ([pp, shards, D, F] each) or, under the batched and ragged kernels, all local experts in one
     [pp, shards, E_loc, D, F] buffer."""
     pp = rs.shape.pp
-    lp = rs.cfg.num_layers // pp
     e_loc = rs.cfg.num_experts // rs.layout.shards("experts", rs.shape)
 
     def serving(name, spec):

@@ -3,7 +3,9 @@ memory, work and collectives per step, and times from a cost model whose machine
 from files (a GPU spec, bench.py results).
 
   specs.py      machine constants: a datasheet spec file, the fitted fractions
-  costmodel.py  per-device work of a phase (FLOPs, bytes, collectives) and its predicted time
+  shapes.py     a phase's per-device shapes: the workload, microbatches, rows, each stage's layer kinds
+  comms.py      the collectives a step or program issues, and their time on the links
+  costmodel.py  per-device work of a phase (FLOPs, bytes) and its predicted time
   layouts.py    the layouts of N devices, feasibility from the rules table, one evaluated row each
   calibrate.py  bench.py JSON -> points; fitting the fractions; predicted against measured
   hlo.py        bytes each collective moves, read from compiled HLO text (for tests and checks)

@@ -20,7 +20,8 @@ from moejax.config.model import load_config
 from moejax.errors import UserError
 from moejax.parallel.mesh import parse_mesh
 from moejax.parallel.rules import load_layout
-from moejax.planner.costmodel import Workload, phase_cost
+from moejax.planner.costmodel import phase_cost
+from moejax.planner.shapes import Workload
 from moejax.planner.specs import Fractions, MachineSpec, load_spec, sampled_cpu_spec
 
 METRICS = ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")

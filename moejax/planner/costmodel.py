@@ -26,16 +26,14 @@ import dataclasses
 import math
 
 from moejax.config.model import ModelConfig, dtype_bytes
-from moejax.parallel.mesh import AXES, MeshShape
-from moejax.ops.moe.dispatch import MoeSpec
-from moejax.ops.moe.ragged import GROUPED_GEMMS
-from moejax.parallel.pipeline import default_microbatches
-from moejax.parallel.rules import Layout
-from moejax.planner.specs import Fractions, MachineSpec
 from moejax.models.params import param_dtypes, table
+from moejax.parallel.mesh import MeshShape
+from moejax.parallel.rules import Layout
+from moejax.planner.comms import KINDS, collective_seconds, collectives, exchanged_rows, link_bandwidth
+from moejax.planner.shapes import (F32, Mix, Shapes, Workload, decides_round, ffn_tokens, mean_mix, shapes,
+                                   stage_mixes)
+from moejax.planner.specs import Fractions, MachineSpec
 
-KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
-F32 = 4
 # Activation traffic per layer, beyond weights and cache (estimates from the program, not fitted):
 ACT_BYTES_PER_TOKEN_D = 64  # per token and model dimension: ~16 float32 passes (norms, q/k/v/o,
 # residuals, dispatch gather, combine)
@@ -45,226 +43,6 @@ def act_bytes_per_row_f(b: int) -> int:
     """Per computed expert row and FFN element: gate and up written in float32 and read back to be
     cast (2 x (4 + 4 + b)), SwiGLU reads two and writes one (3 b), the down matmul reads it (b)."""
     return 2 * (2 * F32 + b) + 3 * b + b
-
-
-# Executed expert rows over top-k rows in prefill when the user gives none: the batched kernel's
-# buffer holds the fullest queue rounded up to 1.25/1.5/2 x the mean, and a trained router keeps
-# the fullest queue near 1.25-1.5x (moe.TRAIN_FRACTIONS); the buffers kernel computes m/2 .. 3m/2
-# row steps, ~1.13x under near-even routing (docs/PERFORMANCE.md). Random weights route worse.
-DEFAULT_EXPERT_ROWS_FACTOR = {"batched": 1.5, "buffers": 1.13}
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    batch: int  # B sequences over the whole mesh
-    prompt_len: int  # T
-    context: int  # cache positions a decode step attends to
-    dtype: str = "bfloat16"
-    kernel: str = "batched"  # MoE kernel: batched (GPU default) or buffers (CPU default)
-    microbatches: int | None = None  # None: 2 x pp bounded by the rows per batch shard
-    capacity_factor: float = 2.0
-    expert_rows_factor: float | None = None  # executed / top-k expert rows in prefill
-    skip_padding_attention: bool = False  # CPU: a device whose rows are all padding skips attention
-
-    @property
-    def rows_factor(self) -> float:
-        return self.expert_rows_factor or DEFAULT_EXPERT_ROWS_FACTOR[self.kernel]
-
-
-@dataclasses.dataclass(frozen=True)
-class Collective:
-    name: str
-    kind: str  # one of KINDS
-    axes: tuple  # mesh axes of the group
-    group: int  # devices in the group
-    nbytes: int  # the result buffer per device (tuples summed), as HLO shapes count it
-    calls: int  # calls per pipeline step (per_step) or per program
-    per_step: bool
-
-    def wire_bytes(self) -> float:
-        """Bytes one device sends for one call (ring algorithms)."""
-        g = self.group
-        if g == 1:
-            return 0.0
-        factor = {"all-reduce": 2 * (g - 1) / g, "all-gather": (g - 1) / g, "reduce-scatter": g - 1,
-                  "all-to-all": (g - 1) / g, "collective-permute": 1.0}[self.kind]
-        return factor * self.nbytes
-
-
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-    """Per-device shapes of one phase (prefill or decode) on one layout."""
-
-    phase: str
-    micro: int  # M
-    b_pad: int  # the batch padded to batch shards x M
-    b_loc: int  # rows per batch shard
-    mb: int  # rows per microbatch
-    t: int  # new tokens per row
-    n: int  # tokens a device's attention sees per step (mb x t)
-    n_pad: int
-    moe_tokens: int  # N: tokens a device routes per step
-    valid_frac: float  # real rows / padded rows
-    attention_active: float  # share of devices that run attention (CPU padding skip)
-    layers_local: int
-    moe: MoeSpec
-    rows: int  # buffer rows per (source, expert) of one exchange round
-
-
-def shapes(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, phase: str) -> Shapes:
-    shards = layout.shards("batch", mesh)
-    micro = wl.microbatches or default_microbatches(mesh.pp, wl.batch, shards, "gpu")  # a GPU target
-    mult = shards * micro
-    b_pad = -(-wl.batch // mult) * mult
-    b_loc = b_pad // shards
-    mb = b_loc // micro
-    t = wl.prompt_len if phase == "prefill" else 1
-    n = mb * t
-    tp = mesh.tp
-    n_pad = -(-n // tp) * tp
-    ffn = layout.mesh_axes("expert_ffn")
-    ffn_axis = ffn[0] if ffn and tp > 1 else None
-    moe_tokens = n_pad if ffn_axis or tp == 1 else n_pad // tp
-    spec = MoeSpec(num_experts=cfg.num_experts, top_k=cfg.experts_per_token, policy="dropless",
-                   capacity_factor=wl.capacity_factor, expert_axes=layout.mesh_axes("experts"),
-                   expert_shards=layout.shards("experts", mesh), ffn_axis=ffn_axis,
-                   ffn_shards=layout.shards("expert_ffn", mesh), round_axes=tuple(a for a in AXES if a != "pp"),
-                   kernel=wl.kernel)
-    active = 1.0
-    if wl.skip_padding_attention:
-        active = min(1.0, -(-wl.batch // b_loc) / shards)
-    return Shapes(phase=phase, micro=micro, b_pad=b_pad, b_loc=b_loc, mb=mb, t=t, n=n, n_pad=n_pad,
-                  moe_tokens=moe_tokens, valid_frac=wl.batch / b_pad, attention_active=active,
-                  layers_local=cfg.num_layers // mesh.pp, moe=spec, rows=spec.buffer_rows(moe_tokens))
-
-
-@dataclasses.dataclass(frozen=True)
-class Mix:
-    """Which of a device's local layers run which FFN in one pipeline step: `moe` and `dense` layers,
-    and the gathers of the MoE's token mask (XLA merges the identical gathers of the MoE layers at the
-    top level into one; a slot whose stages hold different kinds runs its MoE in a switch branch, with
-    its own gather)."""
-
-    moe: float
-    dense: float
-    mask_gathers: float
-
-
-def stage_mix(cfg: ModelConfig, pp: int, stage: int) -> Mix:
-    """What stage `stage` runs in each pipeline step."""
-    moe = [r[stage] >= 0 for r in cfg.slot_rows("moe", pp)]
-    mixed = [len({x >= 0 for x in r}) > 1 for r in cfg.slot_rows("moe", pp)]
-    plain = any(m and not x for m, x in zip(moe, mixed))
-    return Mix(moe=sum(moe), dense=len(moe) - sum(moe), mask_gathers=int(plain) + sum(m and x for m, x in zip(moe, mixed)))
-
-
-def mean_mix(cfg: ModelConfig, pp: int) -> Mix:
-    """The mean over stages: per-device figures that add up over the mesh to the model's."""
-    mixes = [stage_mix(cfg, pp, st) for st in range(pp)]
-    sums = [sum(getattr(m, f) for m in mixes) for f in ("moe", "dense", "mask_gathers")]
-    return Mix(*(x // pp if x % pp == 0 else x / pp for x in sums))
-
-
-def program_mix(cfg: ModelConfig, pp: int) -> Mix:
-    """The call sites of the compiled program (what its HLO text shows): a slot's MoE where any stage
-    holds a MoE layer there, its dense FFN where any stage holds a dense one (both in a switch)."""
-    rows = cfg.slot_rows("moe", pp)
-    any_moe = sum(max(r) >= 0 for r in rows)
-    any_dense = sum(min(r) < 0 for r in rows)
-    mixed = sum(max(r) >= 0 > min(r) for r in rows)
-    return Mix(moe=any_moe, dense=any_dense, mask_gathers=int(any_moe > mixed) + mixed)
-
-
-def stage_mixes(cfg: ModelConfig, pp: int) -> list[tuple[Mix, int]]:
-    """Each distinct stage mix with the number of stages that run it."""
-    out: dict = {}
-    for st in range(pp):
-        m = stage_mix(cfg, pp, st)
-        out[m] = out.get(m, 0) + 1
-    return list(out.items())
-
-
-def decides_round(s: Shapes) -> bool:
-    """Whether each MoE layer sizes its dropless exchange at run time (pmax, then a loop or switch)."""
-    return s.moe.kernel not in GROUPED_GEMMS and s.rows < s.moe_tokens
-
-
-def ffn_tokens(layout: Layout, mesh: MeshShape, s: Shapes) -> int:
-    """Tokens a device's dense SwiGLU (shared expert, dense layer) computes: its 1/tp share, or every tp
-    rank's tokens gathered when the hidden dim is split over tp (padding rows included)."""
-    return s.n_pad // mesh.tp * layout.shards("ffn", mesh)
-
-
-def collectives(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Shapes,
-                mix: Mix | None = None) -> list[Collective]:
-    """Every collective the compiled program issues, with its per-device result bytes: per pipeline
-    step (the layers are unrolled, so `calls` counts each layer) or once per program. `mix`: which
-    layers run a MoE and which a dense FFN; default: the program's call sites (`program_mix`)."""
-    b, D, E, L = dtype_bytes(wl.dtype), cfg.d_model, cfg.num_experts, s.layers_local
-    mix = mix or program_mix(cfg, mesh.pp)
-    tp, spec, out = mesh.tp, s.moe, []
-    group = lambda axes: math.prod(getattr(mesh, a) for a in axes)
-    ffn_over_tp = tp > 1 and layout.shards("ffn", mesh) > 1
-
-    def add(name, kind, axes, nbytes, calls, per_step):
-        if calls:
-            out.append(Collective(name, kind, tuple(axes), group(axes), int(nbytes), calls, per_step))
-
-    if tp > 1 and "tp" in layout.mesh_axes("vocab"):
-        add("embedding rows (psum over tp)", "all-reduce", ("tp",), s.b_loc * s.t * D * b, 1, False)
-    if tp > 1:
-        add("attention output (psum_scatter over tp)", "reduce-scatter", ("tp",), s.n_pad // tp * D * F32, L, True)
-    if spec.ffn_axis:
-        add("tokens to the expert FFN slices (all_gather over tp)", "all-gather", ("tp",), s.n_pad * D * b, mix.moe, True)
-        # Mix.mask_gathers: XLA merges the MoE layers' identical gathers, not those in a switch branch
-        add("token mask (all_gather over tp; one call: XLA merges the layers' identical gathers)",
-            "all-gather", ("tp",), s.n_pad, mix.mask_gathers, True)
-    if decides_round(s):
-        add("fullest expert queue (pmax)", "all-reduce", spec.round_axes, 4, mix.moe, True)
-    if spec.expert_shards > 1:
-        rows = exchanged_rows(wl, s)
-        back = F32 if spec.ffn_axis else b
-        add("expert dispatch (all_to_all)", "all-to-all", spec.expert_axes, E * rows * D * b, mix.moe, True)
-        if spec.kernel == "buffers":
-            add("rows per expert (all_to_all)", "all-to-all", spec.expert_axes, E * 4, mix.moe, True)
-        add("expert outputs back (all_to_all)", "all-to-all", spec.expert_axes, E * rows * D * back, mix.moe, True)
-    if spec.ffn_axis:
-        add("expert partial sums (psum_scatter over tp)", "reduce-scatter", ("tp",), s.n_pad // tp * D * F32, mix.moe, True)
-    if ffn_over_tp:
-        for what, calls in (("shared expert", mix.moe if cfg.shared_expert_ffn else 0), ("dense layer FFN", mix.dense)):
-            add(f"tokens to the {what}'s hidden slices (all_gather over tp)", "all-gather", ("tp",), s.n_pad * D * b,
-                calls, True)
-            add(f"{what} partial sums (psum_scatter over tp)", "reduce-scatter", ("tp",), s.n_pad // tp * D * F32,
-                calls, True)
-    if tp > 1:
-        add("tokens back to every tp rank (all_gather over tp)", "all-gather", ("tp",), s.n_pad * D * b, L, True)
-    if mesh.pp > 1:
-        add("activations to the next stage (ppermute)", "collective-permute", ("pp",), s.mb * s.t * D * b, 1, True)
-        add("last stage's outputs to every stage (psum over pp)", "all-reduce", ("pp",), s.micro * s.mb * D * b,
-            1, False)
-    token_axes = layout.token_axes()
-    add("MoE statistics (psum over token axes)", "all-reduce", token_axes,  # a dense layer's are zeros
-        4 * L * (3 * E + 5), 1, False)
-    return out
-
-
-def exchanged_rows(wl: Workload, s: Shapes) -> int:
-    """Rows per (source, expert) in one executed exchange. The buffers kernel sends fixed rounds of
-    `rows`; the batched kernel one buffer sized to the fullest queue (the rows factor x the mean)
-    unless N <= 64 tokens, which take N rows."""
-    if s.moe.kernel == "batched" and s.rows < s.moe_tokens:
-        mean = s.moe_tokens * s.moe.top_k / s.moe.num_experts
-        return min(s.moe_tokens, math.ceil(wl.rows_factor * mean))
-    return s.rows
-
-
-def hlo_bytes_by_kind(colls: list[Collective]) -> dict[str, int]:
-    """What the compiled HLO text shows: each collective once per call site (loops are not unrolled
-    in the text: the pipeline scan and the dropless round loop appear once)."""
-    got = {k: 0 for k in KINDS}
-    for c in colls:
-        got[c.kind] += c.nbytes * c.calls
-    return got
 
 
 @dataclasses.dataclass
@@ -396,25 +174,6 @@ def expert_hit_rate(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workl
         tokens[key] = tokens.get(key, 0) + real_rows * s.t / s.micro
     p_idle = 1 - cfg.experts_per_token / cfg.num_experts
     return sum(1 - p_idle ** n for n in tokens.values()) / len(tokens)
-
-
-def link_bandwidth(spec: MachineSpec, mesh: MeshShape, axes: tuple) -> float:
-    """NVLink when the group lies inside one node (devices are numbered dp-major, ep-minor, as
-    mesh.make_mesh lays them out), else the network."""
-    stride, strides = 1, {}
-    for a in reversed(AXES):
-        strides[a] = stride
-        stride *= getattr(mesh, a)
-    span = max((strides[a] * getattr(mesh, a) for a in axes), default=1)
-    return spec.nvlink_bandwidth_bytes_per_s if span <= spec.gpus_per_node else spec.network_bandwidth_bytes_per_s
-
-
-def collective_seconds(spec: MachineSpec, mesh: MeshShape, c: Collective) -> float:
-    if c.group == 1:
-        return 0.0
-    if spec.shared_host:  # a copy through the host's memory
-        return c.calls * c.wire_bytes() / spec.hbm_bandwidth_bytes_per_s
-    return c.calls * (spec.collective_latency_s + c.wire_bytes() / link_bandwidth(spec, mesh, c.axes))
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from moejax.planner.costmodel import KINDS
+from moejax.planner.comms import KINDS
 
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                "f32": 4, "s64": 8, "u64": 8, "f64": 8}

@@ -9,7 +9,8 @@ from moejax.errors import UserError
 from moejax.parallel.mesh import MeshShape
 from moejax.models.placement import placement
 from moejax.parallel.rules import Layout
-from moejax.planner.costmodel import F32, Workload, ffn_tokens, phase_cost
+from moejax.planner.costmodel import phase_cost
+from moejax.planner.shapes import F32, Workload, ffn_tokens
 from moejax.planner.specs import Fractions, MachineSpec
 from moejax.models import counts
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.planner.costmodel import KINDS, Workload
+from moejax.planner.comms import KINDS
+from moejax.planner.shapes import Workload
 from moejax.planner.layouts import Row
 from moejax.planner.specs import Fractions, MachineSpec
 from moejax.models import counts
