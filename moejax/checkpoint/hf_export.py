@@ -17,6 +17,7 @@ from moejax.checkpoint.format import config_of, hex_sums, host_sums, saved_check
 from moejax.checkpoint.storage import data_files, read_error
 from moejax.checkpoint.store import read_meta, refuse_quantized, verify
 from moejax.checkpoint.transaction import check_destination, commit_dir, staging_dir
+from moejax.tokenizers import copy_tokenizer_files, tokenizer_dir
 from moejax.errors import UserError
 from moejax.models import counts
 from moejax.models.params import param_shapes
@@ -75,6 +76,7 @@ def export_hf(ckpt: str, out: str, max_shard_gb: float = 5.0, max_memory_gb: flo
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(hf.config_to_hf(cfg), f, indent=2)
             files = hf.write_hf_streaming(tmp, cfg, fill, int(max_shard_gb * 2**30), progress)
+            tok_files = copy_tokenizer_files(tokenizer_dir(ckpt), tmp)  # the checkpoint's tokenizer, if any
         except (OSError, ValueError) as e:
             err = e if isinstance(e, UserError) else blocks.write_error(e, repr(out))
             if err is None:
@@ -100,4 +102,4 @@ def export_hf(ckpt: str, out: str, max_shard_gb: float = 5.0, max_memory_gb: flo
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": given, "files": files, "params_total": counts.param_count(cfg), "dtype": meta["dtype"],
             "bytes": sum(os.path.getsize(os.path.join(out, f)) for f in files),
-            "seconds": time.perf_counter() - t0, "verified": True}
+            "seconds": time.perf_counter() - t0, "verified": True, "tokenizer_files": tok_files}

@@ -25,6 +25,7 @@ from moejax.models import counts
 from moejax.models.params import param_dtypes
 from moejax.parallel.mesh import MeshShape
 from moejax.parallel.rules import load_layout
+from moejax.tokenizers import CKPT_SUBDIR, copy_tokenizer_files, tokenizer_dir
 
 
 def import_hf(hf_dir: str, out: str, dtype: str | None = None, max_memory_gb: float | None = None,
@@ -59,6 +60,7 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, max_memory_gb: fl
         want = blocks.np_dtype(dtypes[name])
         return x if x.dtype == want else x.astype(want)
 
+    tok_files = []
     try:
         try:
             writer = blocks.StepWriter(step_dir)
@@ -75,9 +77,12 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, max_memory_gb: fl
         bad = sorted(n for n in specs if back[n] != written[n])
         if bad:
             raise blocks.read_back_error(os.path.join(step_dir, "params"), bad, repr(out))
-        if step_dir == tmp:
+        if step_dir == tmp:  # a step added to a checkpoint: its tokenizer is kept if it has one
+            if tokenizer_dir(out) is None:
+                tok_files = copy_tokenizer_files(hf_dir, os.path.join(out, CKPT_SUBDIR))
             os.rename(tmp, os.path.join(out, str(step)))
         else:
+            tok_files = copy_tokenizer_files(hf_dir, os.path.join(tmp, CKPT_SUBDIR))
             read_meta(tmp)  # orbax sees one complete step
             commit_dir(tmp, out)
     finally:
@@ -85,4 +90,4 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, max_memory_gb: fl
     nbytes = sum(int(np.prod(s)) * np.dtype(blocks.np_dtype(d)).itemsize for s, d in specs.values())
     return {"out": given, "step": step, "config": cfg.name, "family": cfg.family, "params_total": counts.param_count(cfg),
             "dtype": dtype, "bytes": nbytes, "seconds": time.perf_counter() - t0, "max_memory_bytes": bound,
-            "verified": True}
+            "verified": True, "tokenizer_files": tok_files}

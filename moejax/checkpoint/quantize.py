@@ -15,6 +15,7 @@ from moejax.models.params import quant_dims
 from moejax.ops.quant import quantize as quantize_params
 from moejax.parallel.mesh import MeshShape, make_mesh
 from moejax.parallel.rules import load_layout
+from moejax.tokenizers import CKPT_SUBDIR, copy_tokenizer_files, tokenizer_dir
 
 
 def quantize(ckpt: str, out: str, scheme: str = "int8") -> dict:
@@ -36,6 +37,7 @@ def quantize(ckpt: str, out: str, scheme: str = "int8") -> dict:
         save(tmp, params, cfg, layout, meta["dtype"], "1x1x1x1", step=0)
         del params
         restore(tmp, mesh, layout)  # every tensor read back against its saved checksum
+        copy_tokenizer_files(tokenizer_dir(ckpt), os.path.join(tmp, CKPT_SUBDIR))
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,7 @@ from moejax.checkpoint.format import CHECKSUM, build_meta, config_of, hex_sums, 
 from moejax.checkpoint.storage import data_files, read_error
 from moejax.checkpoint.store import read_meta, verify
 from moejax.checkpoint.transaction import check_destination, commit_dir, staging_dir
+from moejax.tokenizers import CKPT_SUBDIR, copy_tokenizer_files, tokenizer_dir
 from moejax.errors import UserError
 from moejax.models.params import param_dtypes, param_shapes
 from moejax.parallel.mesh import MeshShape
@@ -114,6 +115,7 @@ def reshard(src: str, dst: str, shape: MeshShape, layout: str | None = None, dty
         bad = sorted(n for n in want if back[n] != want[n])
         if bad:
             raise blocks.read_back_error(os.path.join(tmp, "0", "params"), bad, repr(dst))
+        copy_tokenizer_files(tokenizer_dir(src), os.path.join(tmp, CKPT_SUBDIR))
         commit_dir(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

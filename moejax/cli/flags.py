@@ -26,6 +26,38 @@ def add_model(ap: argparse.ArgumentParser, *, config_default: str | None = None,
         g.add_argument("--ckpt", required=ckpt_required, help="moejax checkpoint directory (its latest complete step)")
 
 
+def add_tokenizer(ap: argparse.ArgumentParser, *, chat: bool = False) -> None:
+    """--tokenizer DIR (and --chat-template FILE for the server): how text becomes ids."""
+    g = ap.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer", metavar="DIR", help="a Hugging Face tokenizer directory (tokenizer.json, "
+                   "tokenizer_config.json, generation_config.json); default: the checkpoint's own (import_hf "
+                   "copies it in), else bytes (token id = UTF-8 byte)")
+    if chat:
+        g.add_argument("--chat-template", metavar="FILE", help="a jinja chat template replacing the tokenizer's")
+
+
+def tokenizer(args: argparse.Namespace, cfg: ModelConfig):
+    """The run's tokenizer: --tokenizer, else the checkpoint's, else bytes; --chat-template read and
+    checked here (a one-line error for a missing file or a template that does not parse)."""
+    from moejax.errors import UserError, os_reason
+    from moejax.tokenizers import load_tokenizer, tokenizer_dir
+    from moejax.tokenizers.chat import check_template
+
+    template = None
+    path = getattr(args, "chat_template", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as e:
+            raise UserError(f"--chat-template: cannot read {os_reason(e, path)}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"--chat-template {path!r} is not UTF-8 text") from None
+        check_template(template, f"--chat-template {path!r}")
+    return load_tokenizer(getattr(args, "tokenizer", None) or tokenizer_dir(getattr(args, "ckpt", None)), cfg,
+                          template)
+
+
 def add_mesh(ap: argparse.ArgumentParser, *, default: str | None = "1x1x1x1", repeat: bool = False,
              layout_default: str | None = DEFAULT_LAYOUT) -> None:
     """--mesh DPxPPxTPxEP (repeatable to compare meshes) and --layout (the sharding rules)."""

@@ -23,6 +23,7 @@ def parse_args(argv):
     ap = ArgumentParser(__doc__)
     flags.add_mesh(ap)
     flags.add_model(ap)
+    flags.add_tokenizer(ap)
     ap.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
     ap.add_argument("--prompt-ids", help="JSON list of lists of token ids, inline or @file")
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -79,6 +80,7 @@ def run(args) -> dict:
     cfg = serving_config(args.ckpt, args.config)
     quant = resolve_quant(args.ckpt, args.quant)
     layout.validate(cfg, shape)
+    tok = flags.tokenizer(args, cfg)
     dtype = args.dtype or cfg.param_dtype  # --plan: as stored (no platform is started)
     for name, v in (("--max-new-tokens", args.max_new_tokens), ("--microbatches", args.microbatches),
                     ("--batch", args.batch), ("--max-len", args.max_len)):
@@ -104,7 +106,6 @@ def run(args) -> dict:
     from moejax.parallel.mesh import make_mesh
     from moejax.models.placement import format_placement, placement
     from moejax.inference.sampling import Sampling
-    from moejax.tokenizers.bytes import decode, encode
 
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
@@ -122,7 +123,7 @@ def run(args) -> dict:
     if args.prompt_ids:
         prompts, text_mode = read_prompt_ids(args.prompt_ids), False
     else:
-        prompts, text_mode = [encode(p, cfg.vocab_size) for p in (args.prompt or [DEFAULT_PROMPT])], True
+        prompts, text_mode = [tok.encode(p) for p in (args.prompt or [DEFAULT_PROMPT])], True
     check_prompts(prompts, cfg.vocab_size)
     longest = max(len(p) for p in prompts)
     max_len = args.max_len or (longest + args.max_new_tokens)
@@ -150,12 +151,12 @@ def run(args) -> dict:
             print(f"\rdecoding {step}/{total} steps  {step * len(prompts) / max(secs, 1e-9):.1f} tok/s",
                   end="", file=sys.stderr, flush=True)
 
-    res = gen.generate(prompts, args.max_new_tokens, sampling, cfg.eos_token_id, progress)
+    res = gen.generate(prompts, args.max_new_tokens, sampling, tok.eos_ids, progress)
     if lead and res["new_tokens"] > len(prompts):
         print(file=sys.stderr)
     origin = "" if args.ckpt else f" [random weights (seed {args.seed}), no --ckpt: not a trained model]"
     for i, out in enumerate(res["generated_ids"]):
-        shown = f"{decode(prompts[i])!r} -> {decode(out)!r} (ids {out})" if text_mode else str(out)
+        shown = f"{tok.decode(prompts[i])!r} -> {tok.decode(out)!r} (ids {out})" if text_mode else str(out)
         say(f"[{i}] {shown}{origin}")
     moe = res["moe"]
     say(f"TTFT {res['ttft_s'] * 1e3:.1f} ms | prefill {res['prefill_tokens_per_s']:.1f} tok/s | decode "
@@ -163,6 +164,7 @@ def run(args) -> dict:
     say(f"MoE: {moe['assignments']} assignments, dropped {moe['dropped']}, rerouted {moe['rerouted']}, "
         f"max/mean expert load requested {moe['max_load_ratio']:.2f}, served {moe['served_max_load_ratio']:.2f}")
     rep.update({k: v for k, v in res.items()})
+    rep.update({"generated_text": [tok.decode(o) for o in res["generated_ids"]], "tokenizer": tok.source or tok.kind})
     rep.update({"weights": args.ckpt or f"random (seed {args.seed})", "process_index": jax.process_index(),
                 "process_count": jax.process_count(),
                 "compile_s": gen.compile_s, "decode_chunk": chunk, "capacity_policy": rs.policy,

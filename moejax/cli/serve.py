@@ -30,6 +30,7 @@ def parse_args(argv):
     ap = ArgumentParser(__doc__)
     flags.add_mesh(ap)  # each of the dp replicas is an engine
     flags.add_model(ap)
+    flags.add_tokenizer(ap, chat=True)
     ap.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint directory's "
                     "name, or the config's file name for random weights)")
     ap.add_argument("--slots", type=int, default=8, help="decode slots (KV-cache rows) per replica")
@@ -117,6 +118,7 @@ def run(args):
     name = (os.path.basename(os.path.normpath(args.ckpt)) if args.ckpt
             else os.path.splitext(os.path.basename(args.config or "configs/seed.yaml"))[0])
     layout.validate(cfg, shape)
+    tok = flags.tokenizer(args, cfg)
     max_len = args.max_len or min(cfg.max_seq_len, 2048)
     if max_len > cfg.max_seq_len:
         raise UserError(f"--max-len {max_len} exceeds the config's max_seq_len {cfg.max_seq_len}")
@@ -148,7 +150,8 @@ def run(args):
     rs = flags.run_spec(args, cfg, layout, replica, batch=args.slots, platform=jax.default_backend(), dtype=dtype,
                         quant=quant)
     check_slots(args.slots, rs)
-    served = ServedModel(args.served_model_name or name, max_len, cfg.vocab_size)
+    served = ServedModel(args.served_model_name or name, max_len, cfg.vocab_size, tok,
+                         os.path.abspath(args.ckpt) if args.ckpt else None)
     metrics = Metrics(served.id, shape.dp, args.slots)
     engines = []
     for index, mesh in replica_meshes(shape):

@@ -130,7 +130,7 @@ class Generator:
         if key_ in self._chunks:
             return self._chunks[key_]
         decode = model.build(self.rs, self.mesh, "decode")
-        eos = -1 if eos_id is None else eos_id
+        eos = jnp.asarray(eos_id if eos_id else (-1,), jnp.int32)
 
         def run(params, tok_B, lengths_B, done_B, step0, key_data, cache):
             # the key travels as its raw data: a key that came out of this program carries the
@@ -145,7 +145,7 @@ class Generator:
                 logits, cache, stats = decode(params, tok_B[:, None], pos_B, cache)
                 key, sub = jax.random.split(key)
                 nxt_B = sample(logits, sub, **opts)
-                done_B = was_done_B | (nxt_B == eos) | (step + 2 >= max_new)
+                done_B = was_done_B | jnp.isin(nxt_B, eos) | (step + 2 >= max_new)
                 return (jnp.where(was_done_B, tok_B, nxt_B), done_B, key, cache), (nxt_B, ~was_done_B, stats)
 
             (tok_B, done_B, key, cache), (toks_KB, new_KB, stats) = jax.lax.scan(
@@ -155,10 +155,12 @@ class Generator:
         self._chunks[key_] = jax.jit(run, donate_argnums=(6,))
         return self._chunks[key_]
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, eos_id: int | None,
-                 progress=None, keep_logits: bool = False) -> dict:
-        """New tokens for each prompt (stopping at EOS, which is kept), timings and MoE statistics.
-        keep_logits: also return the logits each new token was sampled from ([steps][n, V])."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
+                 eos_id: int | tuple | None, progress=None, keep_logits: bool = False) -> dict:
+        """New tokens for each prompt (stopping at an EOS id, which is kept), timings and MoE statistics.
+        eos_id: one id or a tuple of them (a tokenizer's generation_config list). keep_logits: also
+        return the logits each new token was sampled from ([steps][n, V])."""
+        eos_id = () if eos_id is None else (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
         rs, mesh, lay = self.rs, self.mesh, self.rs.layout
         n = len(prompts)
         lengths = np.zeros((self.batch,), np.int32)
@@ -180,7 +182,7 @@ class Generator:
         totals = stats  # summed on the devices; read once, after decoding
         out = [[int(nxt[i])] for i in range(n)]
         step_logits = [fetch(logits)[:n]] if keep_logits else []
-        done = np.array([max_new_tokens <= 1 or out[i][-1] == eos_id for i in range(n)]
+        done = np.array([max_new_tokens <= 1 or out[i][-1] in eos_id for i in range(n)]
                         + [True] * (self.batch - n))
         t1 = time.perf_counter()
         steps = 0
@@ -219,7 +221,7 @@ class Generator:
             for i in range(n):
                 if not done[i]:
                     out[i].append(int(nxt[i]))
-                    done[i] = out[i][-1] == eos_id or len(out[i]) >= max_new_tokens
+                    done[i] = out[i][-1] in eos_id or len(out[i]) >= max_new_tokens
             if progress:
                 progress(steps, max_new_tokens - 1, time.perf_counter() - t1)
         decode_s = time.perf_counter() - t1

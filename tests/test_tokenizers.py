@@ -1,0 +1,114 @@
+"""The tokenizer interface against what `tokenizers` and transformers 5.24 compute: encode/decode on
+mixed text, emoji and special tokens, chat templates rendered to the same text and ids as
+`apply_chat_template`, incremental decoding joined equal to one decode. Expected values are committed
+by scripts/hf_tokenizer_fixtures.py (the `.[hf]` extra); no transformers here."""
+
+import json
+import os
+
+import pytest
+
+from helpers import REPO
+from moejax.config.model import load_config
+from moejax.errors import UserError
+from moejax.serving.chat import chat_messages
+from moejax.tokenizers import ByteTokenizer, copy_tokenizer_files, load_tokenizer, tokenizer_dir
+from moejax.tokenizers.chat import ChatTemplateError, content_format, render
+from moejax.tokenizers.hf import HFTokenizer
+
+FIXTURES = os.path.join(REPO, "tests", "data", "tokenizer-fixtures")
+EXPECTED = json.load(open(os.path.join(FIXTURES, "expected.json")))
+DIRS = {"shakespeare-bpe": os.path.join(REPO, "data", "shakespeare-bpe"),
+        "tok-sp-like": os.path.join(FIXTURES, "tok-sp-like")}
+LONG = open(os.path.join(REPO, "data", "tinyshakespeare.txt")).read()[5000:8000] + " 👨‍👩‍👧‍👦 日本語 café ❤️ end"
+
+
+@pytest.fixture(scope="module", params=sorted(DIRS))
+def tok(request):
+    return request.param, HFTokenizer(DIRS[request.param])
+
+
+def test_encode_and_decode_as_the_tokenizers_library(tok):
+    name, t = tok
+    cases = EXPECTED[name]["encode"]
+    assert len(cases) == 8
+    for c in cases:
+        assert t.encode(c["text"]) == c["ids_special"], c["text"]
+        assert t.encode(c["text"], add_special_tokens=False) == c["ids_plain"], c["text"]
+        assert t.decode(c["ids_special"]) == c["decode_skip"], c["text"]
+        assert t.decode(c["ids_special"], skip_special_tokens=False) == c["decode_keep"], c["text"]
+    assert [[i, t.token_str(i)] for i, _ in EXPECTED[name]["id_tokens"]] == EXPECTED[name]["id_tokens"]
+
+
+def test_special_tokens_and_every_eos_id_from_the_files(tok):
+    name, t = tok
+    sp = EXPECTED[name]["specials"]
+    assert t.vocab_size == sp["vocab_size"]
+    assert list(t.eos_ids) == sp["eos_token_ids"]  # generation_config.json's list (or its one int)
+    assert t.bos_id == sp["bos_token_id"]
+    assert {k: t.special.get(k) for k in ("bos_token", "eos_token", "pad_token")} == {
+        k: sp[k] for k in ("bos_token", "eos_token", "pad_token")}
+
+
+def test_the_chat_template_renders_what_apply_chat_template_renders(tok):
+    name, t = tok
+    assert content_format(t.chat_template) == EXPECTED[name]["content_format"]
+    chats = EXPECTED[name]["chat"]
+    assert len(chats) >= 5
+    for c in chats:
+        msgs = chat_messages({"messages": c["messages"]}, content_format(t.chat_template) == "openai")
+        text = render(t.chat_template, msgs, t.special, c["add_generation_prompt"])
+        assert text == c["text"], c["name"]
+        assert t.encode(text, add_special_tokens=False) == c["ids"], c["name"]
+
+
+@pytest.mark.parametrize("prompt_len", [0, 40])
+def test_incremental_decoding_joins_to_one_decode(tok, prompt_len):
+    _, t = tok
+    ids = t.encode(LONG, add_special_tokens=False)
+    prompt, gen = ids[:prompt_len], ids[prompt_len:]
+    d = t.detokenizer(prompt)
+    pieces = [d.step(i) for i in gen]
+    joined = "".join(pieces) + d.flush()
+    want = t.decode(gen) if not prompt else t.decode(prompt + gen)[len(t.decode(prompt)):]
+    assert joined == want
+    assert not any("\ufffd" in p for p in pieces)  # never half a character (the emoji span several tokens)
+    assert sum(1 for p in pieces if p == "") > 0  # some steps waited for the rest of a character
+
+
+def test_bytes_stream_never_splits_a_character():
+    t = ByteTokenizer(256)
+    ids = t.encode("日本 ❤️ x")
+    d = t.detokenizer([])
+    pieces = [d.step(i) for i in ids]
+    assert "".join(pieces) + d.flush() == "日本 ❤️ x" and "\ufffd" not in "".join(pieces)
+
+
+def test_a_template_error_and_a_bad_template_are_clear():
+    with pytest.raises(ChatTemplateError, match="refused these messages: no system role"):
+        render("{{ raise_exception('no system role') }}", [{"role": "user", "content": "x"}], {})
+    with pytest.raises(ChatTemplateError, match="does not parse"):
+        render("{% for m in messages %}", [{"role": "user", "content": "x"}], {})
+    # the sandbox: a template cannot reach Python internals
+    with pytest.raises(ChatTemplateError, match="refused"):
+        render("{{ messages.__class__.__mro__ }}", [{"role": "user", "content": "x"}], {})
+
+
+def test_a_tokenizer_larger_than_the_model_or_missing_is_refused(tmp_path):
+    cfg = load_config("tiny")  # a 256-id vocabulary
+    with pytest.raises(UserError, match="has 2048 ids, more than the model's vocabulary of 256"):
+        load_tokenizer(DIRS["shakespeare-bpe"], cfg)
+    with pytest.raises(UserError, match="holds no tokenizer.json"):
+        load_tokenizer(str(tmp_path), cfg)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="tokenizer.json: not a tokenizer"):
+        load_tokenizer(str(tmp_path), cfg)
+
+
+def test_a_checkpoint_carries_its_tokenizer_files(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    copied = copy_tokenizer_files(DIRS["tok-sp-like"], str(ckpt / "tokenizer"))
+    assert sorted(copied) == sorted(os.listdir(DIRS["tok-sp-like"]))
+    assert tokenizer_dir(str(ckpt)) == str(ckpt / "tokenizer") and tokenizer_dir(str(tmp_path)) is None
+    t = load_tokenizer(tokenizer_dir(str(ckpt)), load_config("shakespeare-bpe"))
+    assert t.chat_template == open(os.path.join(DIRS["tok-sp-like"], "chat_template.jinja")).read()
