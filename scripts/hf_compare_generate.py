@@ -14,11 +14,13 @@ MOEJAX_JSON is the last stdout line of `scripts/infer.py --json` (a file holding
 whole stdout capture: the last line that parses as a JSON object with `generated_ids` is used). Its
 report holds the generated ids but not the prompt ids (only their total, `prompt_tokens`), so give
 the same prompts: `--prompt TEXT` repeated, in infer.py's order (byte-level: token id = UTF-8 byte,
-no BOS, as moejax.tokenizers.bytes.encode), or `--prompt-ids` with the JSON list of lists infer.py took.
+no BOS, as moejax.tokenizers.bytes.encode; or, when HF_DIR holds a tokenizer.json, transformers'
+AutoTokenizer with its special tokens, as moejax's HF tokenizer encodes a text prompt), or `--prompt-ids`
+with the JSON list of lists infer.py took.
 
-transformers runs MixtralForCausalLM in float32, one prompt at a time (no padding), greedy
-(do_sample=False) for as many new tokens as moejax's run produced, stopping at the config's EOS as
-moejax's Generator does (EOS is kept; pass --no-eos to generate the full length regardless). The
+transformers runs AutoModelForCausalLM (any family moejax exports) in float32, one prompt at a time (no
+padding), greedy (do_sample=False) for as many new tokens as moejax's run produced, stopping at the
+config's EOS (every eos id of generation_config.json with a tokenizer) as moejax's Generator does (EOS is kept; pass --no-eos to generate the full length regardless). The
 comparison is token by token; the report also gives, per prompt and overall, the smallest gap
 between transformers' top-1 and top-2 logits over the generated steps (raw logits, before any logits
 processor): the margin by which each greedy choice was made, i.e. how much numerical difference it
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from moejax.tokenizers.bytes import decode  # jax-free; with moejax installed, or PYTHONPATH=<repo>
@@ -51,7 +54,7 @@ def read_moejax_report(path: str) -> dict:
              f"scripts/infer.py --json)")
 
 
-def prompt_ids_of(args, vocab_size: int) -> tuple[list[list[int]], bool]:
+def prompt_ids_of(args, vocab_size: int, tokenizer=None) -> tuple[list[list[int]], bool]:
     if args.prompt and args.prompt_ids:
         sys.exit("error: give --prompt or --prompt-ids, not both")
     if args.prompt_ids:
@@ -66,6 +69,8 @@ def prompt_ids_of(args, vocab_size: int) -> tuple[list[list[int]], bool]:
     if not args.prompt:
         sys.exit("error: the moejax report holds no prompt ids: pass the prompts infer.py ran with "
                  "(--prompt TEXT, repeated, in order; infer.py's default was 'The quick brown fox')")
+    if tokenizer is not None:
+        return [tokenizer(p)["input_ids"] for p in args.prompt], True
     if vocab_size < 256:
         sys.exit(f"error: text prompts need a byte vocabulary (>= 256); this model has {vocab_size}")
     return [list(p.encode("utf-8")) for p in args.prompt], True
@@ -88,16 +93,19 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
     import transformers
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     rep_mj = read_moejax_report(args.moejax_json)
     mj_ids = rep_mj["generated_ids"]
-    model = MixtralForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
     model.eval()
     cfg = model.config
-    prompts, text_mode = prompt_ids_of(args, cfg.vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(args.hf_dir) if os.path.exists(
+        os.path.join(args.hf_dir, "tokenizer.json")) else None
+    text = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else decode
+    prompts, text_mode = prompt_ids_of(args, cfg.vocab_size, tokenizer)
     if len(prompts) != len(mj_ids):
         sys.exit(f"error: {len(prompts)} prompt(s) given, the moejax report has {len(mj_ids)} generated list(s)")
     if "prompt_tokens" in rep_mj and rep_mj["prompt_tokens"] != sum(len(p) for p in prompts):
@@ -108,19 +116,22 @@ def main(argv=None) -> int:
     if rep_mj.get("weights", "").startswith("random"):
         print("note: moejax ran random weights (no --ckpt); HF_DIR must be an export of those", file=sys.stderr)
     max_new = args.max_new_tokens or max(len(g) for g in mj_ids)
-    eos = None if args.no_eos else cfg.eos_token_id
+    eos = None if args.no_eos else (model.generation_config.eos_token_id if tokenizer is not None
+                                    else cfg.eos_token_id)
+    eos_ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
 
     results, margins_all = [], []
     for i, (p, mj) in enumerate(zip(prompts, mj_ids)):
         x = torch.tensor([p], dtype=torch.long)
         with torch.no_grad():
             out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
-                                 min_new_tokens=0, eos_token_id=eos, pad_token_id=eos if eos is not None else 0,
+                                 min_new_tokens=0, eos_token_id=eos, pad_token_id=eos_ids[0] if eos_ids else 0,
                                  num_beams=1, temperature=None, top_k=None, top_p=None,
                                  return_dict_in_generate=True, output_logits=True)
         hf = out.sequences[0, len(p):].tolist()
-        if eos is not None and eos in hf:  # batch of one: nothing after EOS, but be explicit
-            hf = hf[: hf.index(eos) + 1]
+        stop = [j for j, t in enumerate(hf) if t in eos_ids]
+        if stop:  # batch of one: nothing after EOS, but be explicit
+            hf = hf[: stop[0] + 1]
         logits = torch.cat([s.float() for s in out.logits], 0)[: len(hf)].numpy().astype(np.float64)
         top2 = np.sort(logits, axis=-1)[:, -2:]
         margin = top2[:, 1] - top2[:, 0]
@@ -137,9 +148,9 @@ def main(argv=None) -> int:
                           "transformers_margin": float(margin[lead]) if lead < len(margin) else None}
         margins_all.extend(margin.tolist())
         results.append({
-            "prompt": decode(p) if text_mode else None, "prompt_ids": p,
+            "prompt": text(p) if text_mode else None, "prompt_ids": p,
             "moejax_ids": mj, "transformers_ids": hf,
-            "moejax_text": decode(mj), "transformers_text": decode(hf),
+            "moejax_text": text(mj), "transformers_text": text(hf),
             "equal_leading_tokens": lead, "moejax_tokens": len(mj), "transformers_tokens": len(hf),
             "all_equal": hf == mj, "first_difference": first_diff,
             "min_top1_top2_logit_margin": float(margin.min()) if len(margin) else None,
@@ -148,7 +159,8 @@ def main(argv=None) -> int:
         })
 
     report = {
-        "what": "greedy generation: transformers MixtralForCausalLM (float32) on the exported checkpoint vs moejax",
+        "what": f"greedy generation: transformers {type(model).__name__} (float32) on the exported checkpoint vs "
+                "moejax", "tokenizer": "transformers AutoTokenizer" if tokenizer is not None else "bytes",
         "hf_dir": args.hf_dir, "moejax_report": args.moejax_json,
         "moejax_weights": rep_mj.get("weights"), "moejax_mesh": rep_mj.get("mesh"),
         "moejax_dtype": rep_mj.get("dtype"), "moejax_moe_kernel": rep_mj.get("moe_kernel"),

@@ -36,8 +36,8 @@ def add_tokenizer(ap: argparse.ArgumentParser, *, chat: bool = False) -> None:
         g.add_argument("--chat-template", metavar="FILE", help="a jinja chat template replacing the tokenizer's")
 
 
-def tokenizer(args: argparse.Namespace, cfg: ModelConfig):
-    """The run's tokenizer: --tokenizer, else the checkpoint's, else bytes; --chat-template read and
+def tokenizer(args: argparse.Namespace, cfg: ModelConfig, ckpt: str | None = None):
+    """The run's tokenizer: --tokenizer, else the checkpoint's (--ckpt, or `ckpt`), else bytes; --chat-template read and
     checked here (a one-line error for a missing file or a template that does not parse)."""
     from moejax.errors import UserError, os_reason
     from moejax.tokenizers import load_tokenizer, tokenizer_dir
@@ -54,8 +54,8 @@ def tokenizer(args: argparse.Namespace, cfg: ModelConfig):
         except UnicodeDecodeError:
             raise UserError(f"--chat-template {path!r} is not UTF-8 text") from None
         check_template(template, f"--chat-template {path!r}")
-    return load_tokenizer(getattr(args, "tokenizer", None) or tokenizer_dir(getattr(args, "ckpt", None)), cfg,
-                          template)
+    ckpt = ckpt or getattr(args, "ckpt", None)
+    return load_tokenizer(getattr(args, "tokenizer", None) or tokenizer_dir(ckpt), cfg, template)
 
 
 def add_mesh(ap: argparse.ArgumentParser, *, default: str | None = "1x1x1x1", repeat: bool = False,

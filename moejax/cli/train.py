@@ -34,7 +34,7 @@ DEFAULTS = {  # used where neither a flag nor the config's train: section sets a
     "lr": 1e-3, "out": None, "save_every": 0, "eval_every": 0, "eval_windows": 64, "warmup": 100,
     "weight_decay": 0.1, "clip": 1.0, "b1": 0.9, "b2": 0.99, "min_lr_ratio": 0.1, "z_loss_coef": 0.0, "balance": "hf",
     "dtype": "bfloat16", "seed": 0, "microbatches": None, "capacity_policy": "dropless", "capacity_factor": None,
-    "moe_kernel": "auto", "remat": False, "bias_update_rate": 0.0,
+    "moe_kernel": "auto", "remat": False, "bias_update_rate": 0.0, "tokenizer": None,
 }
 
 
@@ -42,11 +42,12 @@ def parse_args(argv):
     ap = ArgumentParser(__doc__)
     flags.add_model(ap, config_default="configs/shakespeare.yaml", ckpt=False)
     flags.add_mesh(ap, default=None, layout_default=None)
-    ap.add_argument("--data", help="byte-level text file: first 90%% trains, last 10%% validates")
+    ap.add_argument("--data", help="text file: first 90%% of its tokens train, the last 10%% validate")
+    flags.add_tokenizer(ap)
     ap.add_argument("--init-ckpt", help="start from this moejax checkpoint's parameters (same config)")
     ap.add_argument("--steps", type=int, help="total optimizer steps (a resumed run continues up to this)")
     ap.add_argument("--batch", type=int, help="sequences per step (a multiple of batch shards x microbatches)")
-    ap.add_argument("--seq-len", type=int, help="bytes per training window")
+    ap.add_argument("--seq-len", type=int, help="tokens per training window")
     ap.add_argument("--lr", type=float, help="peak learning rate")
     ap.add_argument("--out", help="run directory (default runs/<config name>)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT's latest complete train state")
@@ -97,6 +98,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from moejax.checkpoint import store as checkpoint
+    from moejax.tokenizers import CKPT_SUBDIR, copy_tokenizer_files
     from moejax.training import data
     from moejax.training import trainer as train
     from moejax.training.loop import fit
@@ -114,7 +116,9 @@ def run(args) -> dict:
         raise UserError("--batch and --eval-windows must be >= 1, --save-every and --eval-every >= 0")
     if not args.data:
         raise UserError("no --data FILE given (and the config's train: section names none)")
-    text = data.read_bytes(args.data)
+    tok = flags.tokenizer(args, cfg, args.init_ckpt)
+    text = data.read_tokens(args.data, tok)
+    unit = "byte" if tok.kind == "bytes" else "token"
     train_split, val_split = data.split(text, "train"), data.split(text, "val")
     data.check_windows(train_split, args.seq_len, f"the training split of {args.data!r} (first 90%)")
     data.check_windows(val_split, args.seq_len, f"the validation split of {args.data!r} (last 10%)")
@@ -155,11 +159,13 @@ def run(args) -> dict:
     print(f"per device: master parameters {gb(mem['param_bytes_per_device'])} (float32), optimizer state "
           f"{gb(mem['optimizer_bytes_per_device'])} (Adam moments, ZeRO-1 over dp={shape.dp}), step temporaries "
           f"{gb(mem['step_temp_bytes_per_device'])}")
-    print(f"data {args.data}: {len(train_split):,} train / {len(val_split):,} validation bytes; batch {args.batch} x "
+    print(f"data {args.data}: {len(train_split):,} train / {len(val_split):,} validation {unit}s "
+          f"({tok.source or 'bytes'}); batch {args.batch} x "
           f"{args.seq_len} = {args.batch * args.seq_len:,} tokens a step; steps {start + 1}..{args.steps}; "
           f"compiled in {compile_s:.1f} s")
     val = data.spaced_windows(val_split, args.eval_windows, args.seq_len)
-    meta_extra = {"data": os.path.abspath(args.data), "batch": args.batch, "seq_len": args.seq_len}
+    meta_extra = {"data": os.path.abspath(args.data), "batch": args.batch, "seq_len": args.seq_len,
+                  "tokenizer": tok.source}
     bar = tqdm(total=args.steps, initial=start, file=sys.stderr, unit="step", mininterval=1.0, dynamic_ncols=True)
 
     def show(step: int, record: dict) -> None:
@@ -179,6 +185,7 @@ def run(args) -> dict:
         bar.close()
     if start < args.steps:
         checkpoint.save(model_dir, params, cfg, layout, "float32", args.mesh)
+        copy_tokenizer_files(tok.source, os.path.join(model_dir, CKPT_SUBDIR))  # serve and export find it there
     summary = {"final_train_loss": record.get("loss"), "final_val_loss": record.get("val_loss"),
                "val_max_load_ratio": record.get("val_max_load_ratio"),
                "val_load_ratio_per_layer": record.get("val_load_ratio_per_layer"),
@@ -189,7 +196,7 @@ def run(args) -> dict:
                "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3), **mem, "out": out, "model": model_dir}
     if record:
         print(f"step {args.steps}: train loss {record['loss']:.4f}, validation loss {record.get('val_loss', 0):.4f} "
-              f"nats/byte, {summary['tokens_per_s_median']:,.0f} tokens/s (median), {summary['wall_s']:.1f} s, "
+              f"nats/{unit}, {summary['tokens_per_s_median']:,.0f} tokens/s (median), {summary['wall_s']:.1f} s, "
               f"model in {model_dir}")
     else:
         print(f"nothing to do: {out} is already at step {start} of {args.steps}")

@@ -1,4 +1,5 @@
-"""Byte-level text data for training and evaluation (token id = byte, as `tokenizer.py`).
+"""Text data for training and evaluation: a file's bytes (the byte tokenizer: token id = byte) or its
+text encoded by a tokenizer (`read_tokens`).
 
 The first 90% of the file trains, the last 10% validates (nanoGPT's shakespeare_char split). The
 training batch of step s is a function of (seed, s) alone, so a resumed run draws exactly the
@@ -33,6 +34,19 @@ def read_bytes(path: str) -> np.ndarray:
     if data.size == 0:
         raise UserError(f"data file {path!r} is empty")
     return data
+
+
+def read_tokens(path: str, tok) -> np.ndarray:
+    """The file's token ids: its bytes for the byte tokenizer, else its UTF-8 text encoded whole with
+    `tok` (no special tokens added), as int32."""
+    raw = read_bytes(path)
+    if tok.kind == "bytes":
+        return raw
+    try:
+        text = raw.tobytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file {path!r} is not UTF-8 text (byte {e.start}): a tokenizer reads text") from None
+    return np.asarray(tok.encode(text, add_special_tokens=False), np.int32)
 
 
 def split(data: np.ndarray, which: str) -> np.ndarray:
