@@ -29,8 +29,9 @@ from moejax.parallel.mesh import parse_mesh, provision_host_devices
 def parse_args(argv):
     ap = ArgumentParser(__doc__)
     flags.add_model(ap, ckpt_required=True)
-    ap.add_argument("--data", required=True, help="byte-level text file")
-    ap.add_argument("--seq-len", type=int, required=True, help="bytes per window")
+    ap.add_argument("--data", required=True, help="text file (read through the checkpoint's tokenizer, else as bytes)")
+    flags.add_tokenizer(ap)
+    ap.add_argument("--seq-len", type=int, required=True, help="tokens per window")
     ap.add_argument("--split", default="all", choices=("all", "train", "val"),
                     help="all of the file, or train.py's first 90%% / last 10%%")
     flags.add_mesh(ap)
@@ -60,7 +61,7 @@ def run(args) -> dict:
     cfg = checkpoint.serving_config(args.ckpt, args.config)  # a --config beside --ckpt must match it
     if not 2 <= args.seq_len <= cfg.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} must be in [2, {cfg.max_seq_len}] (the model's max_seq_len)")
-    text = data.split(data.read_bytes(args.data), args.split)
+    text = data.split(data.read_tokens(args.data, flags.tokenizer(args, cfg)), args.split)
     data.check_windows(text, args.seq_len, f"the {args.split} split of {args.data!r}")
     windows = data.consecutive_windows(text, args.seq_len, args.max_windows)
     mesh = make_mesh(shape)
