@@ -171,7 +171,7 @@ BAD = [
     ({"top_p": 0}, 400, "top_p"),
     ({"top_k": 1.5}, 400, "top_k"),
     ({"stop_token_ids": [300]}, 400, "stop_token_ids"),
-    ({"logprobs": 3}, 400, "logprobs"),
+    ({"logprobs": 21}, 400, "logprobs"),
     ({"stream": "yes"}, 400, "stream"),
     ({"model": "gpt-4"}, 404, "model"),
     ({"temperature": float("nan")}, 400, "temperature"),

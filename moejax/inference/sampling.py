@@ -72,3 +72,14 @@ def sample_rows(logits_BV, seeds_B, counts_B, temperature_B, top_k_B, top_p_B):
     keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counts_B)
     drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, x_BV).astype(jnp.int32)
     return jnp.where(sampled_B, drawn_B, greedy_B)
+
+
+def logprobs_at(logits, targets, k: int):
+    """The model's distribution at each row: float32 log-softmax of logits [..., V] (before any
+    temperature, top-k or top-p: vLLM's raw logprobs), read at targets [...] (int), and its k best
+    (values, ids), best first: ([...], [..., k], [..., k]). A target's value and the same token's
+    top-k value are the same float. Vocab-sharded logits are reduced over their shards by XLA."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    values, ids = jax.lax.top_k(lp, min(k, lp.shape[-1]))
+    return chosen, values, ids.astype(jnp.int32)

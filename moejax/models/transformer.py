@@ -197,11 +197,13 @@ def _local(a, expert: bool = False):
     return a.reshape(a.shape[1:])
 
 
-def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=None, *, rs: RunSpec, mode: str):
+def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=None, *, rs: RunSpec, mode: str,
+                    every_position: bool = False):
     """What one device runs. tokens_BT: [B/batch_shards, T]; lengths_B: prompt lengths (prefill,
     forward), the position of the new token (decode, -1 for padding rows) or the number of new
     tokens (extend, 0 for padding rows). extend only: the new tokens of row b sit at positions
-    starts_B[b], ... of this device's cache row rows_B[b]."""
+    starts_B[b], ... of this device's cache row rows_B[b]; every_position: the head at every
+    position of the chunk (logits [B, T, V]: prompt logprobs), not only at each row's last."""
     cfg, m_count = rs.cfg, rs.microbatches
     b_loc, t = tokens_BT.shape
     mb = b_loc // m_count
@@ -252,7 +254,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
         return x_BTD, (kv_all, stats)
 
     def emit(y_BTD, side):
-        if mode == "forward":
+        if mode == "forward" or every_position:
             return y_BTD
         last_B = jnp.zeros_like(side["len"]) if mode == "decode" else jnp.maximum(side["len"], 1) - 1
         return y_BTD[jnp.arange(y_BTD.shape[0]), last_B]
@@ -274,7 +276,7 @@ def stats_specs(lay: Layout) -> dict:
             **{k: P("pp") for k in MOE_COUNTERS + ("z_sum",)}}
 
 
-def build(rs: RunSpec, mesh, mode: str):
+def build(rs: RunSpec, mesh, mode: str, every_position: bool = False):
     """A jitted function for `mode`, taking `serving_params`:
       forward(params, tokens_BT, lengths_B)              -> logits_BTV f32, stats
       prefill(params, tokens_BT, lengths_B, cache)       -> logits_BV f32, cache, stats
@@ -283,8 +285,10 @@ def build(rs: RunSpec, mesh, mode: str):
     B must be a multiple of rs.batch_multiple. extend writes row b's first counts_B[b] tokens at
     positions starts_B[b], ... of cache row rows_B[b] (an index into the cache rows of row b's own
     batch shard) and attends to that row's earlier positions: a prompt chunk of one slot of a
-    continuous-batching engine (serving/engine.py); its logits are at each row's last new token."""
-    if mode not in MODES:
+    continuous-batching engine (serving/engine.py); its logits are at each row's last new token, or
+    with `every_position` (extend only) at every position of the chunk: logits_BTV f32, the prompt
+    logprobs of an echo request (a separate program: the others never compute [B, T, V])."""
+    if mode not in MODES or (every_position and mode != "extend"):
         raise ValueError(mode)
     if mesh_shape_of(mesh) != rs.shape:
         raise ValueError(f"mesh {mesh_shape_of(mesh)} does not match the run's {rs.shape}")
@@ -293,8 +297,8 @@ def build(rs: RunSpec, mesh, mode: str):
     param_specs = serving_specs(rs)
     cache_spec = (lay.act_spec("kv_cache"),) * lp
     stats_spec = stats_specs(lay)
-    logits_spec = lay.act_spec("logits" if mode == "forward" else "last_logits")
-    fn = functools.partial(_device_program, rs=rs, mode=mode)
+    logits_spec = lay.act_spec("logits" if mode == "forward" or every_position else "last_logits")
+    fn = functools.partial(_device_program, rs=rs, mode=mode, every_position=every_position)
     if mode == "forward":
         body = lambda p, tok, ln: (lambda r: (r[0], r[2]))(fn(p, tok, ln, None))
         in_specs = (param_specs, lay.act_spec("tokens"), lay.act_spec("lengths"))

@@ -31,6 +31,7 @@ from starlette.routing import Route
 from moejax.errors import UserError
 from moejax.serving.metrics import CONTENT_TYPE
 from moejax.serving.protocol import ApiError, ServedModel, cut, decode_completion, error_body, error_response
+from moejax.serving.protocol import logprobs_json, merge_logprobs, prompt_text
 from moejax.serving.replicas import EngineDead, QueueFull, Router
 from moejax.serving.request import Event, Request
 from moejax.serving.server import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
@@ -209,11 +210,29 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             return usage
 
-        def choice_json(c, text, ids, reason):
-            out = {"index": c, "text": text, "logprobs": None, "finish_reason": reason}
+        def choice_json(c, text, ids, reason, logprobs=None):
+            out = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": reason}
             if opt["return_token_ids"]:
                 out["token_ids"] = ids
             return out
+
+        started, offsets = [False] * len(subs), [0] * len(subs)
+
+        def piece(c, ev):
+            """(text, logprobs) of choice c's event: its first carries the prompt with echo (text, then
+            the prompt's rows ahead of the token's); text_offset continues across a choice's events."""
+            text, lp = ev.text, None
+            first = not started[c]
+            started[c] = True
+            if first and opt["echo"]:
+                req = subs[c][0]
+                text = (opt["prompt_texts"][c // n] or prompt_text(req.prompt)) + text
+                if opt["logprobs"] is not None:
+                    lp, offsets[c] = logprobs_json(ev.prompt_logprobs, offsets[c], first=req.prompt[0])
+            if opt["logprobs"] is not None:
+                more, offsets[c] = logprobs_json(ev.logprobs, offsets[c])
+                lp = merge_logprobs(lp, more)
+            return text, lp
 
         if opt["stream"]:
             async def stream():
@@ -230,7 +249,8 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
                             yield _sse(err)
                             yield "data: [DONE]\n\n"
                             return
-                        chunk = {**head, "choices": [choice_json(c, ev.text, ev.token_ids, ev.finish_reason)]}
+                        text, lp = piece(c, ev)
+                        chunk = {**head, "choices": [choice_json(c, text, ev.token_ids, ev.finish_reason, lp)]}
                         open_ -= ev.finish_reason is not None
                         if not open_:
                             chunk["usage"] = finish_usage()
@@ -243,6 +263,7 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
             return _Stream(stream(), abort_all, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         texts, ids, reasons = [""] * len(subs), [[] for _ in subs], [None] * len(subs)
+        lps = [None] * len(subs)
         checked = time.monotonic()
         try:
             while None in reasons:
@@ -261,12 +282,15 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
                         life.dropped += 1
                         return error_response(503, ev.error, None, shutting_down)
                     return error_response(503, f"the engine stopped while serving the request: {ev.error}")
-                texts[c] += ev.text
+                text, lp = piece(c, ev)
+                texts[c] += text
                 ids[c] += ev.token_ids
                 reasons[c] = ev.finish_reason
+                if lp is not None:
+                    lps[c] = merge_logprobs(lps[c], lp)
         finally:
             abort_all()
-        choices = [choice_json(c, texts[c], ids[c], reasons[c]) for c in range(len(subs))]
+        choices = [choice_json(c, texts[c], ids[c], reasons[c], lps[c]) for c in range(len(subs))]
         return JSONResponse({**head, "choices": choices, "usage": finish_usage()})
 
     async def models(_):

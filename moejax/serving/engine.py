@@ -14,6 +14,9 @@ The engine owns S decode slots, each a row of a preallocated KV cache of `max_le
      a finished sequence frees its slot at once.
 Programs are the serving program of model.py (`build("extend")`, `build("decode")`); extend
 batches come in power-of-two row counts and lengths (>= 16), compiled on first use or by `warmup`.
+Each program also returns every row's logprobs (the sampled token's and the top MAX_LOGPROBS),
+fetched only for requests that ask; prompt logprobs (echo) come from an extend variant with the
+head at every position, compiled when a request first asks for them.
 Nothing crosses replicas: each engine has its own mesh, parameters, cache and thread.
 """
 
@@ -27,12 +30,13 @@ import time
 import traceback
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax.models import transformer as model
 from moejax.inference.generate import fetch, put
-from moejax.inference.sampling import sample_rows
-from moejax.serving.request import Event, Request
+from moejax.inference.sampling import logprobs_at, sample_rows
+from moejax.serving.request import MAX_LOGPROBS, Event, Request
 
 log = logging.getLogger("moejax.serving")
 MIN_CHUNK = 16
@@ -75,7 +79,7 @@ class Engine:
         self.cache = model.init_cache(rs, mesh, slots, max_len)
         self.eos_id = rs.cfg.eos_token_id
         self._decode = None
-        self._extend: dict[tuple[int, int], object] = {}
+        self._extend: dict[tuple[int, int, bool], object] = {}
         self.compile_s = 0.0
         self.slot_req: list[Request | None] = [None] * slots
         self.waiting: collections.deque[Request] = collections.deque()
@@ -88,18 +92,30 @@ class Engine:
         self.steps = {"extend": 0, "decode": 0}
 
     # ---- compiled programs --------------------------------------------------------------------
-    def _compile(self, fn, n_inputs: int, b: int, length: int):
+    def _compile(self, fn, n_inputs: int, b: int, length: int, every_position: bool = False):
         """fn(params, *inputs, cache) followed by per-row sampling, as one executable:
-        (params, *inputs, cache, *sampling rows) -> (tokens [b], cache)."""
+        (params, *inputs, cache, [targets_BT,] *sampling rows) -> ((tokens [b], their logprobs [b],
+        top-K logprobs [b, K], their ids [b, K][, prompt logprobs of targets_BT [b, T], top-K
+        [b, T, K], ids [b, T, K]]), cache). K = MAX_LOGPROBS; the logprobs stay on the device unless
+        a request asked for them. every_position: fn's logits are the chunk's every position
+        (`build(..., every_position=True)`), read at targets_BT (each position's next prompt token);
+        the sampled token comes from each row's last one."""
         def step(params, *args):
-            inputs, cache, rows = args[:n_inputs], args[n_inputs], args[n_inputs + 1:]
+            inputs, cache, rest = args[:n_inputs], args[n_inputs], args[n_inputs + 1:]
             logits, cache, _ = fn(params, *inputs, cache)
-            return sample_rows(logits, *rows), cache
+            prompt = ()
+            if every_position:
+                targets, rest = rest[0], rest[1:]
+                prompt = logprobs_at(logits, targets, MAX_LOGPROBS)
+                last = jnp.maximum(inputs[1], 1) - 1  # extend's counts
+                logits = logits[jnp.arange(logits.shape[0]), last]
+            tokens = sample_rows(logits, *rest)
+            return (tokens, *logprobs_at(logits, tokens, MAX_LOGPROBS), *prompt), cache
 
         lay = self.rs.layout
         tok = put(self.mesh, lay, "tokens", np.zeros((b, length), np.int32))
         vec = put(self.mesh, lay, "lengths", np.full((b,), -1, np.int32))  # every row padding: writes nothing
-        rows = _sampling_rows([None] * b)
+        rows = ((tok,) if every_position else ()) + _sampling_rows([None] * b)
         t0 = time.perf_counter()
         compiled = jax.jit(step, donate_argnums=(n_inputs + 1,)).lower(
             self.params, tok, *[vec] * (n_inputs - 1), self.cache, *rows).compile()
@@ -114,11 +130,13 @@ class Engine:
             self._decode = self._compile(model.build(self.rs, self.mesh, "decode"), 2, self.slots, 1)
         return self._decode
 
-    def _compiled_extend(self, rows: int, length: int):
-        key = (rows, length)
+    def _compiled_extend(self, rows: int, length: int, every_position: bool = False):
+        """every_position: the variant with prompt logprobs, compiled when a request first asks
+        for them (echo with logprobs); warmup compiles the others only."""
+        key = (rows, length, every_position)
         if key not in self._extend:
-            fn = model.build(self.rs_extend, self.mesh, "extend")
-            self._extend[key] = self._compile(fn, 4, rows * self.shards, length)
+            fn = model.build(self.rs_extend, self.mesh, "extend", every_position=every_position)
+            self._extend[key] = self._compile(fn, 4, rows * self.shards, length, every_position)
         return self._extend[key]
 
     def extend_shapes(self) -> list[tuple[int, int]]:
@@ -246,8 +264,8 @@ class Engine:
         if self.metrics:
             self.metrics.finished(self.index, req)
 
-    def _emit_token(self, req: Request, token: int):
-        event = req.accept(token, self.eos_id)
+    def _emit_token(self, req: Request, token: int, row: tuple | None = None):
+        event = req.accept(token, self.eos_id, row)
         if self.metrics:
             self.metrics.token(self.index, req)
         if req.finish_reason:
@@ -282,20 +300,32 @@ class Engine:
                 tokens[i, :n] = r.prompt[r.prefilled: r.prefilled + n]
                 counts[i], starts[i], cache_rows[i] = n, r.prefilled, r.slot % self.per_shard
                 row_req[i] = r
-        fn = self._compiled_extend(rows, length)
         lay = self.rs.layout
+        scored = [r if r is not None and r.params.prompt_logprobs is not None else None for r in row_req]
+        targets = ()
+        if any(scored):  # each position's next prompt token (the prompt's end: none, its row is the token's)
+            tgt = np.zeros((b, length), np.int32)
+            for i, r in enumerate(scored):
+                if r is not None:
+                    nxt = r.prompt[r.prefilled + 1: r.prefilled + take[r.id] + 1]
+                    tgt[i, :len(nxt)] = nxt
+            targets = (put(self.mesh, lay, "tokens", tgt),)
+        fn = self._compiled_extend(rows, length, bool(targets))
         done = [r if r is not None and r.prefilled + take[r.id] == len(r.prompt) else None for r in row_req]
-        sampled, self.cache = fn(self.params, put(self.mesh, lay, "tokens", tokens),
-                                 *(put(self.mesh, lay, "lengths", a) for a in (counts, starts, cache_rows)),
-                                 self.cache, *_sampling_rows(done))
+        out, self.cache = fn(self.params, put(self.mesh, lay, "tokens", tokens),
+                             *(put(self.mesh, lay, "lengths", a) for a in (counts, starts, cache_rows)),
+                             self.cache, *targets, *_sampling_rows(done))
         self.steps["extend"] += 1
+        if targets:
+            plp, ptop, pids = (fetch(a) for a in out[4:7])
+            for i, r in enumerate(scored):
+                if r is not None:
+                    m = min(take[r.id], len(r.prompt) - 1 - r.prefilled)
+                    r.add_prompt_rows(tgt[i, :m], plp[i, :m], pids[i, :m], ptop[i, :m])
         for r in filter(None, row_req):
             r.prefilled += take[r.id]
         if any(done):
-            sampled = fetch(sampled)
-            for i, r in enumerate(done):
-                if r is not None:
-                    self._emit_token(r, int(sampled[i]))
+            self._emit_sampled(done, out)
 
     def _run_decode(self):
         reqs = [r if r is not None and r.decoding else None for r in self.slot_req]
@@ -306,14 +336,27 @@ class Engine:
                 tokens[i, 0] = r.generated[-1]
                 pos[i] = len(r.prompt) + len(r.generated) - 1
         lay = self.rs.layout
-        sampled, self.cache = self._compiled_decode()(
+        out, self.cache = self._compiled_decode()(
             self.params, put(self.mesh, lay, "tokens", tokens), put(self.mesh, lay, "lengths", pos), self.cache,
             *_sampling_rows(reqs))
         self.steps["decode"] += 1
-        sampled = fetch(sampled)
+        self._emit_sampled(reqs, out)
+
+    def _emit_sampled(self, reqs: list[Request | None], out):
+        """Each request's sampled token (out[0]), with its logprob row when it asked for one (the
+        logprobs are fetched only then); a request scoring its prompt only (max_tokens 0) ends."""
+        sampled = fetch(out[0])
+        rows = None
+        if any(r is not None and r.params.logprobs is not None for r in reqs):
+            lp, top, ids = (fetch(a) for a in out[1:4])
+            rows = [(lp[i], ids[i], top[i]) for i in range(len(reqs))]
         for i, r in enumerate(reqs):
-            if r is not None:
-                self._emit_token(r, int(sampled[i]))
+            if r is None:
+                continue
+            if r.params.max_tokens == 0:
+                self._finish(r, "length", r.score_only())
+            else:
+                self._emit_token(r, int(sampled[i]), rows[i] if rows else None)
 
     def _publish(self):
         if self.metrics:

@@ -18,13 +18,14 @@ import time
 
 from starlette.responses import JSONResponse
 
-from moejax.serving.request import SamplingParams
+from moejax.serving.request import MAX_LOGPROBS, Logprobs, SamplingParams
 from moejax.serving.server import ECHO_CHARS, MAX_STOP, MAX_STOP_CHARS
+from moejax.tokenizers.bytes import decode as decode_bytes
 from moejax.tokenizers.bytes import encode
 
 # fields OpenAI defines that this server does not implement: accepted only at their default
 # (a number matches a neutral number of either type: presence_penalty 0 and 0.0 are both neutral)
-UNSUPPORTED = {"logprobs": (None,), "echo": (False, None), "suffix": (None, ""), "best_of": (None, 1),
+UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "prompt_logprobs": (None,),
                "logit_bias": (None, {}), "presence_penalty": (0, None), "frequency_penalty": (0, None),
                "min_p": (0, None)}
 class ApiError(Exception):
@@ -169,7 +170,13 @@ def parse_completion(body, served: ServedModel, capacity: int | None = None
         if name in body and not _neutral(body[name], neutral):
             raise _bad(f"{name} {show(body[name])} is not supported by this server (leave it out or at "
                        f"{neutral[0]!r})", name)
-    max_tokens = _number(body, "max_tokens", 16, 1, None, integer=True)
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise _bad(f"echo {show(echo)} must be true or false", "echo")
+    logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    max_tokens = _number(body, "max_tokens", 16, 0 if echo else 1, None, integer=True)
+    if max_tokens == 0 and not echo:
+        raise _bad("max_tokens 0 must be >= 1 (0 only with echo: true, which scores the prompt)", "max_tokens")
     n = _number(body, "n", 1, 1, 16, integer=True)
     raw = body["prompt"]
     # prompt: a string, a list of token ids, or a list of either (one choice each)
@@ -207,7 +214,10 @@ def parse_completion(body, served: ServedModel, capacity: int | None = None
     if not isinstance(so, dict):
         raise _bad("stream_options must be an object", "stream_options")
     options["include_usage"] = bool(so.get("include_usage", False))
+    options["echo"], options["logprobs"] = bool(echo), logprobs
+    options["prompt_texts"] = [p if isinstance(p, str) else None for p in raw]  # echo: the text as sent
     params = SamplingParams(
+        logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
         max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
         top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True), top_k=max(top_k, 0),
         seed=secrets.randbits(63) if seed is None else seed, stop=tuple(stop),
@@ -265,3 +275,60 @@ def decode_completion(raw: bytes, served: ServedModel, capacity: int | None = No
         return parse_completion(body, served, capacity)
     except (RecursionError, OverflowError, ValueError) as e:
         raise _bad(f"the request could not be read: {type(e).__name__}: {cut(str(e))}", None) from None
+
+
+# ---- logprobs (vLLM's completions semantics) ----------------------------------------------------
+
+LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for -inf
+
+
+def token_text(token_id: int) -> str:
+    """One token's text as logprobs name it (`tokens`, the keys of `top_logprobs`): the one place
+    the API turns a single token into text."""
+    return decode_bytes([token_id])
+
+
+def prompt_text(ids: list[int]) -> str:
+    """A prompt sent as token ids, as text (echo)."""
+    return decode_bytes(ids)
+
+
+def logprobs_json(rows: Logprobs | None, offset: int = 0, first: int | None = None) -> tuple[dict, int]:
+    """OpenAI's choice `logprobs` {tokens, token_logprobs, top_logprobs, text_offset} for `rows`,
+    and the text offset after them. `first`: a prompt's first token, which has no row (null logprob
+    and top), placed first. Each top dict holds the token itself first, then its row's top tokens
+    (deduplicated by id), keyed by their text (tokens of the same text collapse into one key, the
+    later value winning, as vLLM's dict does); values are floored at LOGPROB_FLOOR. text_offset
+    counts the tokens' text from `offset` (a stream continues from the previous chunk's)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(token_id, logprob, top):
+        nonlocal offset
+        text = token_text(token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+
+    if first is not None:
+        add(first, None, None)
+    if rows is not None:
+        floor = lambda v: max(float(v), LOGPROB_FLOOR)
+        for i in range(len(rows.token_ids)):
+            tid, lp = int(rows.token_ids[i]), floor(rows.logprobs[i])
+            top = {token_text(tid): lp}
+            for t, v in zip(rows.top_ids[i].tolist(), rows.top_values[i].tolist()):
+                if t != tid:
+                    top[token_text(t)] = floor(v)
+            add(tid, lp, top)
+    return out, offset
+
+
+def merge_logprobs(into: dict | None, more: dict) -> dict:
+    """Concatenate two `logprobs` objects' lists (a choice's rows, event by event)."""
+    if into is None:
+        return {k: list(v) for k, v in more.items()}
+    for k, v in more.items():
+        into[k] += v
+    return into

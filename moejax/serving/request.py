@@ -11,6 +11,8 @@ import itertools
 import time
 from typing import Callable
 
+import numpy as np
+
 _ids = itertools.count()
 
 
@@ -27,17 +29,43 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # each generated token's logprob and this many top ones (None: off)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
+
+
+MAX_LOGPROBS = 20  # the most top logprobs a request may ask for (OpenAI's cap): the engine's static K
+
+
+@dataclasses.dataclass
+class Logprobs:
+    """Rows of log-probabilities (NumPy): row i is token_ids[i]'s float32 logprob under the model's
+    distribution at its position (log-softmax of the logits, before temperature, top-k or top-p)
+    and that distribution's best tokens, best first (top_ids, top_values: [N, k])."""
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_values: np.ndarray
+
+    @staticmethod
+    def concat(parts: list[Logprobs]) -> Logprobs:
+        return Logprobs(*(np.concatenate([getattr(p, f.name) for p in parts])
+                          for f in dataclasses.fields(Logprobs)))
 
 
 @dataclasses.dataclass
 class Event:
     """What one engine step produced for one request: new token ids, the text they complete (stop
-    strings withheld until they are ruled out) and, on the last event, the finish reason."""
+    strings withheld until they are ruled out) and, on the last event, the finish reason;
+    `logprobs`: the rows of token_ids (when asked for); `prompt_logprobs`: on a request's first
+    event, the rows of its prompt tokens 1, 2, ... (when asked for)."""
 
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: Logprobs | None = None
+    prompt_logprobs: Logprobs | None = None
 
 
 class StopMatcher:
@@ -148,6 +176,7 @@ class Request:
         self.text = StopText(params.stop)
         self.stop_ids = frozenset(params.stop_token_ids)  # a set: membership per token is O(1)
         self.prefilled = 0  # prompt tokens already in the KV cache
+        self.prompt_rows: list[Logprobs] = []  # prompt logprobs of the chunks prefilled so far
         self.slot: int | None = None
         self.finish_reason: str | None = None
         self.arrival = time.perf_counter()
@@ -160,20 +189,49 @@ class Request:
     def decoding(self) -> bool:
         return self.slot is not None and self.prefilled == len(self.prompt) and self.finish_reason is None
 
-    def accept(self, token: int, eos_id: int | None) -> Event:
-        """Take one sampled token; returns the event to emit (finish_reason set when it ends)."""
+    def add_prompt_rows(self, targets, logprobs, top_ids, top_values):
+        """Prompt logprobs of the chunk just prefilled: rows of its prompt tokens after the first."""
+        if len(targets):
+            k = self.params.prompt_logprobs
+            self.prompt_rows.append(Logprobs(np.asarray(targets), logprobs, top_ids[:, :k], top_values[:, :k]))
+
+    def take_prompt_logprobs(self) -> Logprobs | None:
+        """The prompt's rows, once (for the first event), when the request asked for them."""
+        if self.params.prompt_logprobs is None or self.prompt_rows is None:
+            return None
+        rows, self.prompt_rows = self.prompt_rows, None
+        k = self.params.prompt_logprobs
+        empty = Logprobs(np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros((0, k), np.int32),
+                         np.zeros((0, k), np.float32))
+        return Logprobs.concat([empty] + rows)
+
+    def score_only(self) -> Event:
+        """The end of a request that scores its prompt only (max_tokens 0): no token, finish `length`."""
+        self.finish_reason = "length"
+        return Event([], "", "length", prompt_logprobs=self.take_prompt_logprobs())
+
+    def accept(self, token: int, eos_id: int | None, row: tuple | None = None) -> Event:
+        """Take one sampled token; returns the event to emit (finish_reason set when it ends).
+        `row`: the token's (logprob, top ids, top values) from the step, when it computed them."""
         now = time.perf_counter()
         self.first_token = self.first_token or now
         self.previous_token, self.last_token = self.last_token, now
         self.generated.append(token)
         p = self.params
+        extra = {}
+        if p.logprobs is not None and row is not None:
+            lp, ids, values = row
+            extra["logprobs"] = Logprobs(np.array([token]), np.array([lp], np.float32), np.asarray(ids)[None, :p.logprobs],
+                                         np.asarray(values)[None, :p.logprobs])
+        if len(self.generated) == 1:
+            extra["prompt_logprobs"] = self.take_prompt_logprobs()
         if token in self.stop_ids or (token == eos_id and not p.ignore_eos):
             self.finish_reason = "stop"
-            return Event([token], self.text.flush(), "stop")
+            return Event([token], self.text.flush(), "stop", **extra)
         text = self.text.add(token)
         if self.text.hit:
             self.finish_reason = "stop"
         elif len(self.generated) >= p.max_tokens:
             self.finish_reason = "length"
             text += self.text.flush()
-        return Event([token], text, self.finish_reason)
+        return Event([token], text, self.finish_reason, **extra)
