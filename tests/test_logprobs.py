@@ -11,7 +11,9 @@ import pytest
 import reference
 from helpers import host_params, setup
 from moejax.config.model import load_config
-from moejax.serving.protocol import ApiError, ServedModel, decode_completion, logprobs_json, token_text
+from moejax.serving.formats import logprobs_json
+from moejax.serving.protocol import ApiError, ServedModel, decode_completion
+from moejax.tokenizers import ByteTokenizer
 from moejax.serving.request import Logprobs, Request, SamplingParams
 
 CONFIG = "configs/tiny.yaml"
@@ -23,6 +25,8 @@ PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(1, 128, size=n)] f
 
 
 # ---- without an engine -------------------------------------------------------------------------------
+
+BYTES = ByteTokenizer(256)  # token texts of the byte vocabulary
 
 def parse(body):
     return decode_completion(json.dumps({"model": "tiny", "prompt": [1, 2], **body}).encode(), SERVED, 8)
@@ -50,15 +54,15 @@ def test_logprobs_json_format():
                     np.array([[66, 65, 200, 201], [66, 67, 0, 0]]),
                     np.array([[-0.5, -1.5, -3.0, -4.0], [-0.25, -2.0, -9.0, -9.0]], np.float32))
     out, end = logprobs_json(Logprobs(rows.token_ids, rows.logprobs, rows.top_ids[:, :2], rows.top_values[:, :2]),
-                             offset=0, first=72)
+                             BYTES, offset=0, first=72)
     assert out["tokens"] == ["H", "A", "\ufffd"] and out["text_offset"] == [0, 1, 2] and end == 3
     assert out["token_logprobs"] == [None, -1.5, -9999.0]  # -inf floored
     assert out["top_logprobs"] == [None, {"A": -1.5, "B": -0.5}, {"\ufffd": -9999.0, "B": -0.25, "C": -2.0}]
     assert list(out["top_logprobs"][1]) == ["A", "B"]  # the token first, then its top (deduplicated by id)
-    out, _ = logprobs_json(rows, offset=5)
+    out, _ = logprobs_json(rows, BYTES, offset=5)
     # 200 and 201 read the same text: one key, the later value (vLLM's dict)
     assert out["top_logprobs"][0] == {"A": -1.5, "B": -0.5, "\ufffd": -4.0} and out["text_offset"] == [5, 6]
-    zero, _ = logprobs_json(Logprobs(rows.token_ids, rows.logprobs, rows.top_ids[:, :0], rows.top_values[:, :0]))
+    zero, _ = logprobs_json(Logprobs(rows.token_ids, rows.logprobs, rows.top_ids[:, :0], rows.top_values[:, :0]), BYTES)
     assert zero["top_logprobs"] == [{"A": -1.5}, {"\ufffd": -9999.0}]  # logprobs 0: the token alone
 
 
@@ -122,11 +126,11 @@ def check_top(top: dict, want_lp: np.ndarray, chosen: int, k: int) -> float:
     as those tokens have texts. Returns the largest error."""
     order = np.argsort(-want_lp)
     cands = [chosen] + [int(t) for t in order[:k] if t != chosen]
-    assert next(iter(top)) == token_text(chosen)
-    assert set(top) == {token_text(t) for t in cands}
+    assert next(iter(top)) == BYTES.token_text(chosen)
+    assert set(top) == {BYTES.token_text(t) for t in cands}
     err = 0.0
     for key, value in top.items():
-        err = max(err, min(abs(value - want_lp[t]) for t in cands if token_text(t) == key))
+        err = max(err, min(abs(value - want_lp[t]) for t in cands if BYTES.token_text(t) == key))
     # a near tie at the k-th place may pick either: then the k-th value still matches the reference's
     assert err <= TOL or abs(np.sort(want_lp)[-k] - np.sort(want_lp)[-k - 1]) <= TOL, err
     return err
@@ -148,7 +152,7 @@ def test_echo_logprobs_equal_the_reference(apps, mesh):
         n = len(prompt)
         assert len(lp["token_logprobs"]) == n + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
         assert c["text"].startswith("".join(map(chr, prompt)))
-        assert lp["tokens"] == [token_text(t) for t in prompt + [gen]]
+        assert lp["tokens"] == [BYTES.token_text(t) for t in prompt + [gen]]
         assert lp["text_offset"] == list(np.cumsum([0] + [len(t) for t in lp["tokens"][:-1]]))
         want = ref_logprobs(prompt + [gen])  # row j: the distribution of token j + 1
         for j in range(1, n + 1):

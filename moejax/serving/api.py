@@ -30,13 +30,16 @@ from starlette.routing import Route
 
 from moejax.errors import UserError
 from moejax.serving.metrics import CONTENT_TYPE
-from moejax.serving.protocol import ApiError, ServedModel, cut, decode_completion, error_body, error_response
-from moejax.serving.protocol import logprobs_json, merge_logprobs, prompt_text
+from moejax.serving.chat import decode_chat, parse_detokenize, parse_tokenize
+from moejax.serving.formats import ChatFormat, CompletionFormat
+from moejax.serving.protocol import (ApiError, ServedModel, cut, decode_body, decode_completion, error_body,
+                                     error_response)
 from moejax.serving.replicas import EngineDead, QueueFull, Router
 from moejax.serving.request import Event, Request
 from moejax.serving.server import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
 
-OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
+# answered without the API key (as vLLM: the tokenizer endpoints are outside /v1 and open)
+OPEN_PATHS = ("/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,22 +159,30 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
     life = Lifecycle()
     shutting_down = "shutting_down"
 
-    async def completions(http: HttpRequest):
-        if _media_type(http) != "application/json":
-            return error_response(415, f"Content-Type must be application/json, not "
-                                  f"{cut(http.headers.get('content-type', '(none)'), 60)!r}", None,
-                                  "unsupported_media_type")
-        try:
-            if life.draining:
-                raise ApiError(503, "the server is shutting down", None, shutting_down)
-            raw = await read_body(http, limits)
-            prompts, n, params, opt = await asyncio.to_thread(decode_completion, raw, served, router.capacity)
-            if life.draining:  # the stop began while it was read
-                raise ApiError(503, "the server is shutting down", None, shutting_down)
-        except ClientDisconnect:  # the client left during its upload: nobody to answer, nothing to log
-            return Response(status_code=499)
-        except ApiError as e:
-            return error_response(e.status, e.message, e.param, e.code)
+    def generation(decode, fmt_class):
+        """A handler of generation requests: `decode(raw, served, capacity)` parses the body into
+        (prompts, n, params, options); `fmt_class` (formats.py) shapes the engine's events."""
+
+        async def handler(http: HttpRequest):
+            if _media_type(http) != "application/json":
+                return error_response(415, f"Content-Type must be application/json, not "
+                                      f"{cut(http.headers.get('content-type', '(none)'), 60)!r}", None,
+                                      "unsupported_media_type")
+            try:
+                if life.draining:
+                    raise ApiError(503, "the server is shutting down", None, shutting_down)
+                raw = await read_body(http, limits)
+                prompts, n, params, opt = await asyncio.to_thread(decode, raw, served, router.capacity)
+                if life.draining:  # the stop began while it was read
+                    raise ApiError(503, "the server is shutting down", None, shutting_down)
+            except ClientDisconnect:  # the client left during its upload: nobody to answer, nothing to log
+                return Response(status_code=499)
+            except ApiError as e:
+                return error_response(e.status, e.message, e.param, e.code)
+            return await run(http, prompts, n, params, opt, fmt_class(served, opt, prompts, n))
+        return handler
+
+    async def run(http: HttpRequest, prompts, n, params, opt, fmt):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def deliver(choice: int, ev):  # called on an engine thread
@@ -186,7 +197,7 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
                 for j in range(n):
                     p = dataclasses.replace(params, seed=params.seed + j) if n > 1 else params
                     choice = i * n + j
-                    req = Request(prompt, p, lambda ev, c=choice: deliver(c, ev))
+                    req = Request(prompt, p, lambda ev, c=choice: deliver(c, ev), served.tok.detokenizer(prompt))
                     subs.append((req, router.submit(req)))
         except (QueueFull, EngineDead) as e:
             for req, engine in subs:
@@ -195,8 +206,6 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
                 return error_response(503, f"the engine has stopped: {e}")
             return error_response(429, f"the server is full: {e}; retry later", None, "queue_full")
         key = life.register(events)
-        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-                "model": served.id}
         usage = {"prompt_tokens": sum(len(r.prompt) for r, _ in subs), "completion_tokens": 0, "total_tokens": 0}
 
         def abort_all():
@@ -209,30 +218,6 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
             usage["completion_tokens"] = sum(len(r.generated) for r, _ in subs)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             return usage
-
-        def choice_json(c, text, ids, reason, logprobs=None):
-            out = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": reason}
-            if opt["return_token_ids"]:
-                out["token_ids"] = ids
-            return out
-
-        started, offsets = [False] * len(subs), [0] * len(subs)
-
-        def piece(c, ev):
-            """(text, logprobs) of choice c's event: its first carries the prompt with echo (text, then
-            the prompt's rows ahead of the token's); text_offset continues across a choice's events."""
-            text, lp = ev.text, None
-            first = not started[c]
-            started[c] = True
-            if first and opt["echo"]:
-                req = subs[c][0]
-                text = (opt["prompt_texts"][c // n] or prompt_text(req.prompt)) + text
-                if opt["logprobs"] is not None:
-                    lp, offsets[c] = logprobs_json(ev.prompt_logprobs, offsets[c], first=req.prompt[0])
-            if opt["logprobs"] is not None:
-                more, offsets[c] = logprobs_json(ev.logprobs, offsets[c])
-                lp = merge_logprobs(lp, more)
-            return text, lp
 
         if opt["stream"]:
             async def stream():
@@ -249,24 +234,23 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
                             yield _sse(err)
                             yield "data: [DONE]\n\n"
                             return
-                        text, lp = piece(c, ev)
-                        chunk = {**head, "choices": [choice_json(c, text, ev.token_ids, ev.finish_reason, lp)]}
+                        chunks = fmt.chunks(c, ev)
                         open_ -= ev.finish_reason is not None
                         if not open_:
-                            chunk["usage"] = finish_usage()
-                        yield _sse(chunk)
+                            chunks[-1]["usage"] = finish_usage()
+                        for chunk in chunks:
+                            yield _sse(chunk)
                     if opt["include_usage"]:
-                        yield _sse({**head, "choices": [], "usage": usage})
+                        yield _sse({**fmt.head, "object": fmt.chunk_obj, "choices": [], "usage": usage})
                     yield "data: [DONE]\n\n"
                 finally:  # a client that disconnects lands here too (the task is cancelled)
                     abort_all()
             return _Stream(stream(), abort_all, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        texts, ids, reasons = [""] * len(subs), [[] for _ in subs], [None] * len(subs)
-        lps = [None] * len(subs)
+        open_ = len(subs)
         checked = time.monotonic()
         try:
-            while None in reasons:
+            while open_:
                 try:
                     c, ev = await asyncio.wait_for(events.get(), timeout=1.0)
                 except TimeoutError:
@@ -282,21 +266,32 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
                         life.dropped += 1
                         return error_response(503, ev.error, None, shutting_down)
                     return error_response(503, f"the engine stopped while serving the request: {ev.error}")
-                text, lp = piece(c, ev)
-                texts[c] += text
-                ids[c] += ev.token_ids
-                reasons[c] = ev.finish_reason
-                if lp is not None:
-                    lps[c] = merge_logprobs(lps[c], lp)
+                fmt.add(c, ev)
+                open_ -= ev.finish_reason is not None
         finally:
             abort_all()
-        choices = [choice_json(c, texts[c], ids[c], reasons[c], lps[c]) for c in range(len(subs))]
-        return JSONResponse({**head, "choices": choices, "usage": finish_usage()})
+        return JSONResponse(fmt.response(finish_usage()))
 
     async def models(_):
         return JSONResponse({"object": "list", "data": [
             {"id": served.id, "object": "model", "created": served.created, "owned_by": "moejax",
-             "max_model_len": served.max_len}]})
+             "root": served.root or served.id, "parent": None, "max_model_len": served.max_len}]})
+
+    def tokenizer_endpoint(parse):
+        async def handler(http: HttpRequest):
+            if _media_type(http) != "application/json":
+                return error_response(415, "Content-Type must be application/json", None, "unsupported_media_type")
+            try:
+                raw = await read_body(http, limits)
+                return JSONResponse(await asyncio.to_thread(decode_body, raw, parse, served))
+            except ClientDisconnect:
+                return Response(status_code=499)
+            except ApiError as e:
+                return error_response(e.status, e.message, e.param, e.code)
+        return handler
+
+    async def tokenizer_info(_):
+        return JSONResponse(served.tok.info())
 
     async def health(_):
         if router.dead:
@@ -312,8 +307,12 @@ def create_app(router: Router, metrics, served: ServedModel, limits: Limits | No
     async def server_error(_, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}: {cut(str(exc), 200)}")
 
-    routes = [Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models),
-              Route("/health", health), Route("/metrics", metrics_)]
+    routes = [Route("/v1/completions", generation(decode_completion, CompletionFormat), methods=["POST"]),
+              Route("/v1/chat/completions", generation(decode_chat, ChatFormat), methods=["POST"]),
+              Route("/v1/models", models),
+              Route("/tokenize", tokenizer_endpoint(parse_tokenize), methods=["POST"]),
+              Route("/detokenize", tokenizer_endpoint(parse_detokenize), methods=["POST"]),
+              Route("/tokenizer_info", tokenizer_info), Route("/health", health), Route("/metrics", metrics_)]
     middleware = [Middleware(ApiKeyAuth, key=limits.api_key)] if limits.api_key else []
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: http_error, Exception: server_error})

@@ -5,8 +5,8 @@ body that `protocol.parse_completion` checks like any other (sampling, n, stop, 
 
 from __future__ import annotations
 
-from moejax.serving.protocol import (ApiError, ServedModel, _bad, _number, _token_list, check_model, encode_text,
-                                     parse_completion, show)
+from moejax.serving.protocol import (ApiError, ServedModel, _bad, _number, _token_list, check_model, decode_body,
+                                     encode_text, parse_completion, show)
 from moejax.tokenizers.chat import ChatTemplateError, content_format, render
 
 # fields a chat body shares with a completions body (what parse_completion reads besides prompt,
@@ -107,6 +107,11 @@ def parse_chat(body, served: ServedModel, capacity: int | None = None):
     prompts, n, params, options = parse_completion(completion, served, capacity)
     options["chat_logprobs"] = logprobs
     return prompts, n, params, options
+
+
+def decode_chat(raw: bytes, served: ServedModel, capacity: int | None = None):
+    """parse_chat of a raw body (protocol.decode_body). Runs off the event loop."""
+    return decode_body(raw, parse_chat, served, capacity)
 
 
 def parse_tokenize(body, served: ServedModel) -> dict:

@@ -10,6 +10,7 @@ MAX_STOP / MAX_STOP_CHARS (400); malformed numbers and nesting are 400s naming t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import reprlib
@@ -18,10 +19,9 @@ import time
 
 from starlette.responses import JSONResponse
 
-from moejax.serving.request import MAX_LOGPROBS, Logprobs, SamplingParams
+from moejax.serving.request import MAX_LOGPROBS, SamplingParams
 from moejax.serving.server import ECHO_CHARS, MAX_STOP, MAX_STOP_CHARS
-from moejax.tokenizers.bytes import decode as decode_bytes
-from moejax.tokenizers.bytes import encode
+from moejax.tokenizers import ByteTokenizer, Tokenizer
 
 # fields OpenAI defines that this server does not implement: accepted only at their default
 # (a number matches a neutral number of either type: presence_penalty 0 and 0.0 are both neutral)
@@ -66,12 +66,48 @@ def show(value, limit: int = ECHO_CHARS) -> str:
     return cut(text, limit)
 
 
+MAX_CHARS_PER_TOKEN = 32  # a text longer than this many characters per context position is refused unread
+
+
 @dataclasses.dataclass(frozen=True)
 class ServedModel:
     id: str
     max_len: int  # prompt + max_tokens must fit (the KV cache's positions)
     vocab_size: int
+    tokenizer: Tokenizer | None = None  # None: bytes (token id = UTF-8 byte)
+    root: str | None = None  # the checkpoint directory (/v1/models' root)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tok(self) -> Tokenizer:
+        return self.tokenizer or _byte_tokenizer(self.vocab_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _byte_tokenizer(vocab: int) -> Tokenizer:
+    return ByteTokenizer(vocab)
+
+
+def encode_text(text: str, served: ServedModel, max_tokens: int, param: str = "prompt",
+                add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a client's text, checked against the context: bytes take one token per UTF-8
+    byte (so at least one per character, checked before encoding); any tokenizer's input is bounded
+    at MAX_CHARS_PER_TOKEN characters per position before it is encoded."""
+    tok = served.tok
+    if tok.kind == "bytes":
+        if served.vocab_size < 256:
+            raise _bad(f"text prompts need the 256 byte tokens; this model's vocabulary is {served.vocab_size}: "
+                       "send token ids", param)
+        _context(len(text), max_tokens, served.max_len, at_least=True)  # >= 1 byte token per character
+    elif len(text) > MAX_CHARS_PER_TOKEN * served.max_len:
+        raise _bad(f"{param} of {len(text)} characters cannot fit this server's context of {served.max_len} tokens",
+                   param)
+    try:
+        ids = tok.encode(text, add_special_tokens=add_special_tokens)
+    except UnicodeEncodeError as e:
+        raise _bad(f"{param} is not valid Unicode text ({e.reason} at character {e.start})", param) from None
+    _context(len(ids), max_tokens, served.max_len)
+    return _token_list(ids, param, served.vocab_size)
 
 
 def _bad(message: str, param: str | None) -> ApiError:
@@ -136,16 +172,7 @@ def _prompts(v: list, served: ServedModel, max_tokens: int) -> list[list[int]]:
     vocab, out = served.vocab_size, []
     for p in v:
         if isinstance(p, str):
-            if vocab < 256:
-                raise _bad(f"text prompts need the 256 byte tokens; this model's vocabulary is {vocab}: "
-                           "send token ids", "prompt")
-            _context(len(p), max_tokens, served.max_len, at_least=True)  # >= 1 byte token per character
-            try:
-                ids = encode(p, vocab)
-            except UnicodeEncodeError as e:
-                raise _bad(f"prompt is not valid Unicode text ({e.reason} at character {e.start})", "prompt") from None
-            _context(len(ids), max_tokens, served.max_len)
-            out.append(_token_list(ids, "prompt", vocab))
+            out.append(encode_text(p, served, max_tokens))
         elif isinstance(p, list):
             _context(len(p), max_tokens, served.max_len)
             out.append(_token_list(p, "prompt", vocab))
@@ -154,16 +181,21 @@ def _prompts(v: list, served: ServedModel, max_tokens: int) -> list[list[int]]:
     return out
 
 
+def check_model(body, served: ServedModel) -> None:
+    """400 unless the body is a JSON object; 404 unless its `model` (if given) is the served one."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None)
+    model = body.get("model", served.id)
+    if model not in (served.id, None, ""):  # vLLM: no model, null or "" mean the served one
+        raise ApiError(404, f"model {show(model)} does not exist; this server serves {served.id!r}", "model",
+                       "model_not_found")
+
+
 def parse_completion(body, served: ServedModel, capacity: int | None = None
                      ) -> tuple[list[list[int]], int, SamplingParams, dict]:
     """(prompts, n, sampling settings, options) from a /v1/completions body, or ApiError.
     `capacity`: the most sequences (prompts x n) the server can ever hold at once (None: no cap)."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object", None)
-    model = body.get("model", served.id)
-    if model != served.id:
-        raise ApiError(404, f"model {show(model)} does not exist; this server serves {served.id!r}", "model",
-                       "model_not_found")
+    check_model(body, served)
     if "prompt" not in body:
         raise ApiError(400, "prompt is required", "prompt", "missing")
     for name, neutral in UNSUPPORTED.items():
@@ -221,7 +253,8 @@ def parse_completion(body, served: ServedModel, capacity: int | None = None
         max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
         top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True), top_k=max(top_k, 0),
         seed=secrets.randbits(63) if seed is None else seed, stop=tuple(stop),
-        stop_token_ids=tuple(dict.fromkeys(stop_ids)), ignore_eos=options["ignore_eos"])
+        stop_token_ids=tuple(dict.fromkeys(stop_ids + ([] if options["ignore_eos"] else list(served.tok.eos_ids)))),
+        ignore_eos=options["ignore_eos"])
     return prompts, n, params, options
 
 
@@ -256,8 +289,13 @@ def _find_long_int(body) -> tuple[str | None, int]:
 
 
 def decode_completion(raw: bytes, served: ServedModel, capacity: int | None = None):
-    """parse_completion of a raw body; every malformed body (not JSON, nested too deeply, a number
-    too large for its field or for Python) is an ApiError 400, never a 500. Runs off the event loop."""
+    """parse_completion of a raw body (see decode_body). Runs off the event loop."""
+    return decode_body(raw, parse_completion, served, capacity)
+
+
+def decode_body(raw: bytes, parse, *args):
+    """parse(body, *args) of a raw JSON body; every malformed body (not JSON, nested too deeply, a number
+    too large for its field or for Python) is an ApiError 400, never a 500."""
     try:
         body = json.loads(raw)
     except RecursionError:
@@ -272,63 +310,6 @@ def decode_completion(raw: bytes, served: ServedModel, capacity: int | None = No
         what = f"{name}: an integer of {digits} digits" if name else "an integer with too many digits"
         raise _bad(f"{what} is out of range", name) from None
     try:
-        return parse_completion(body, served, capacity)
+        return parse(body, *args)
     except (RecursionError, OverflowError, ValueError) as e:
         raise _bad(f"the request could not be read: {type(e).__name__}: {cut(str(e))}", None) from None
-
-
-# ---- logprobs (vLLM's completions semantics) ----------------------------------------------------
-
-LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for -inf
-
-
-def token_text(token_id: int) -> str:
-    """One token's text as logprobs name it (`tokens`, the keys of `top_logprobs`): the one place
-    the API turns a single token into text."""
-    return decode_bytes([token_id])
-
-
-def prompt_text(ids: list[int]) -> str:
-    """A prompt sent as token ids, as text (echo)."""
-    return decode_bytes(ids)
-
-
-def logprobs_json(rows: Logprobs | None, offset: int = 0, first: int | None = None) -> tuple[dict, int]:
-    """OpenAI's choice `logprobs` {tokens, token_logprobs, top_logprobs, text_offset} for `rows`,
-    and the text offset after them. `first`: a prompt's first token, which has no row (null logprob
-    and top), placed first. Each top dict holds the token itself first, then its row's top tokens
-    (deduplicated by id), keyed by their text (tokens of the same text collapse into one key, the
-    later value winning, as vLLM's dict does); values are floored at LOGPROB_FLOOR. text_offset
-    counts the tokens' text from `offset` (a stream continues from the previous chunk's)."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-
-    def add(token_id, logprob, top):
-        nonlocal offset
-        text = token_text(token_id)
-        out["tokens"].append(text)
-        out["token_logprobs"].append(logprob)
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(text)
-
-    if first is not None:
-        add(first, None, None)
-    if rows is not None:
-        floor = lambda v: max(float(v), LOGPROB_FLOOR)
-        for i in range(len(rows.token_ids)):
-            tid, lp = int(rows.token_ids[i]), floor(rows.logprobs[i])
-            top = {token_text(tid): lp}
-            for t, v in zip(rows.top_ids[i].tolist(), rows.top_values[i].tolist()):
-                if t != tid:
-                    top[token_text(t)] = floor(v)
-            add(tid, lp, top)
-    return out, offset
-
-
-def merge_logprobs(into: dict | None, more: dict) -> dict:
-    """Concatenate two `logprobs` objects' lists (a choice's rows, event by event)."""
-    if into is None:
-        return {k: list(v) for k, v in more.items()}
-    for k, v in more.items():
-        into[k] += v
-    return into

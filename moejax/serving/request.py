@@ -3,7 +3,6 @@ stop strings applied, and its timestamps. No JAX here."""
 
 from __future__ import annotations
 
-import codecs
 import collections
 import dataclasses
 import functools
@@ -12,6 +11,9 @@ import time
 from typing import Callable
 
 import numpy as np
+
+from moejax.tokenizers.base import Detokenizer
+from moejax.tokenizers.bytes import ByteDetokenizer
 
 _ids = itertools.count()
 
@@ -116,16 +118,16 @@ def stop_matcher(stop: tuple[str, ...]) -> StopMatcher:
 
 
 class StopText:
-    """Incremental UTF-8 text of byte tokens with stop strings: `add` returns the text that is now
-    safe to show, holding back the longest tail that begins a stop string; `hit` is set when a
+    """Incremental text of generated tokens (a tokenizer's Detokenizer: never half a character)
+    with stop strings: `add` returns the text that is now safe to show, holding back the longest tail that begins a stop string; `hit` is set when a
     stop string appears, and the text ends before it (OpenAI's convention). Each character costs
     amortised O(1) (StopMatcher), so a request's stop strings cannot slow the engine's step down."""
 
-    def __init__(self, stop: tuple[str, ...]):
+    def __init__(self, stop: tuple[str, ...], detok: Detokenizer | None = None):
         self.stop = tuple(s for s in stop if s)
         self.matcher = stop_matcher(self.stop) if self.stop else None
         self.state = 0
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.detok = detok or ByteDetokenizer()
         self.text = ""  # everything decoded so far (up to a stop string)
         self.shown = 0  # characters already returned
         self.hit = False
@@ -133,17 +135,13 @@ class StopText:
     def add(self, token_id: int) -> str:
         if self.hit:  # the text ended at a stop string
             return ""
-        if 0 <= token_id < 256:
-            piece = self.decoder.decode(bytes([token_id]))
-        else:  # a model with a larger vocabulary (random weights) emits ids no byte names
-            piece = self.decoder.decode(b"", final=True) + f"<{token_id}>"
-        return self._extend(piece, False)
+        return self._extend(self.detok.step(token_id), False)
 
     def flush(self) -> str:
         """The rest of the text, once no more tokens come."""
         if self.hit:
             return ""
-        return self._extend(self.decoder.decode(b"", final=True), final=True)
+        return self._extend(self.detok.flush(), final=True)
 
     def _extend(self, piece: str, final: bool) -> str:
         base = len(self.text)
@@ -169,11 +167,12 @@ class Request:
     """One sequence: created by the API layer, owned by one engine from `submit` to its last event.
     `emit` is called on the engine's thread with each Event."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None]):
+    def __init__(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None],
+                 detok: Detokenizer | None = None):
         self.id = next(_ids)
         self.prompt, self.params, self.emit = list(prompt), params, emit
         self.generated: list[int] = []
-        self.text = StopText(params.stop)
+        self.text = StopText(params.stop, detok)
         self.stop_ids = frozenset(params.stop_token_ids)  # a set: membership per token is O(1)
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.prompt_rows: list[Logprobs] = []  # prompt logprobs of the chunks prefilled so far
