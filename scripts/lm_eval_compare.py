@@ -11,7 +11,10 @@ this script imports no JAX); the server runs under MOEJAX_PYTHON (default: this 
 The server side is lm-eval's `local-completions` model with no local tokenizer: lm-eval finds the
 server's /tokenizer_info and /tokenize and tokenizes remotely, then sends batches of token-id prompts
 with echo + logprobs (the log-likelihood of each choice is the sum of its tokens' logprobs). The `hf`
-side loads HF_DIR (export_hf of the same checkpoint) in float32. Run from the repository root.
+side loads HF_DIR (export_hf of the same checkpoint) in float32 with add_bos_token=False: lm-eval's hf
+backend otherwise encodes with the tokenizer's special tokens (a BOS in front of every context) while
+local-completions' remote tokenizer encodes without them, and the two would score different ids (a
+~0.01-nat difference per choice, up to 0.4). Run from the repository root.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={args.hf},dtype=float32", batch_size=4, **common)
+    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={args.hf},dtype=float32,device=cpu,add_bos_token=False", batch_size=4, **common)
     a, b = per_choice(served), per_choice(hf)
     diffs = [abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
     report = {
