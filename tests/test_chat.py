@@ -130,6 +130,7 @@ def test_text_completions_use_the_tokenizer_and_its_eos_list(app):
     ({"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
     ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ({"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"messages": MESSAGES, "chat_template": "{{ messages }}"}, 400, "chat_template"),
     ({"messages": MESSAGES, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     ({"messages": MESSAGES, "max_tokens": MAX_LEN}, 400, "max_tokens"),

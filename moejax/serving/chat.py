@@ -72,6 +72,8 @@ def chat_prompt(body: dict, served: ServedModel, max_tokens_hint: int = 1) -> li
         raise _bad("continue_final_message is not supported by this server", "continue_final_message")
     if body.get("tools"):
         raise _bad("tools are not supported by this server", "tools")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise _bad(f"response_format {show(body['response_format'])} is not supported (only text)", "response_format")
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise _bad("chat_template_kwargs must be an object", "chat_template_kwargs")
