@@ -112,3 +112,50 @@ def test_a_checkpoint_carries_its_tokenizer_files(tmp_path):
     assert tokenizer_dir(str(ckpt)) == str(ckpt / "tokenizer") and tokenizer_dir(str(tmp_path)) is None
     t = load_tokenizer(tokenizer_dir(str(ckpt)), load_config("shakespeare-bpe"))
     assert t.chat_template == open(os.path.join(DIRS["tok-sp-like"], "chat_template.jinja")).read()
+
+
+def test_import_copies_the_tokenizer_in_and_export_writes_it_back(tmp_path):
+    import shutil
+
+    from moejax.checkpoint.hf_export import export_hf
+    from moejax.checkpoint.hf_import import import_hf
+
+    hf = tmp_path / "hf"
+    shutil.copytree(os.path.join(REPO, "tests", "data", "hf-mixtral-tiny"), hf)
+    for name in os.listdir(DIRS["tok-sp-like"]):
+        shutil.copyfile(os.path.join(DIRS["tok-sp-like"], name), hf / name)
+    rep = import_hf(str(hf), str(tmp_path / "ckpt"))
+    assert sorted(rep["tokenizer_files"]) == sorted(os.listdir(DIRS["tok-sp-like"]))
+    assert tokenizer_dir(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt" / "tokenizer")
+    out = export_hf(str(tmp_path / "ckpt"), str(tmp_path / "back"))
+    assert sorted(out["tokenizer_files"]) == sorted(os.listdir(DIRS["tok-sp-like"]))
+    for name in os.listdir(DIRS["tok-sp-like"]):  # byte for byte
+        assert (tmp_path / "back" / name).read_bytes() == (hf / name).read_bytes(), name
+
+
+def test_training_text_is_read_through_the_tokenizer(tmp_path):
+    from moejax.training import data
+
+    path = tmp_path / "t.txt"
+    path.write_text(LONG)
+    t = HFTokenizer(DIRS["shakespeare-bpe"])
+    ids = data.read_tokens(str(path), t)
+    assert ids.dtype == "int32" and ids.tolist() == t.encode(LONG, add_special_tokens=False)  # no BOS added
+    assert data.read_tokens(str(path), ByteTokenizer(256)).tolist() == list(LONG.encode())
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        data.read_tokens(str(path), t)
+
+
+def test_infer_reads_and_writes_text_with_the_tokenizer():
+    from helpers import run_script
+
+    r = run_script("infer.py", "--config", "configs/shakespeare-bpe.yaml", "--tokenizer", DIRS["shakespeare-bpe"],
+                   "--prompt", "ROMEO:", "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    t = HFTokenizer(DIRS["shakespeare-bpe"])
+    assert rep["prompt_tokens"] == len(t.encode("ROMEO:")) == 3 and t.encode("ROMEO:")[0] == t.bos_id  # <|bos|> ROMEO :
+    assert rep["generated_text"] == [t.decode(rep["generated_ids"][0])] and rep["tokenizer"] == DIRS["shakespeare-bpe"]
+    r = run_script("infer.py", "--config", "configs/tiny.yaml", "--tokenizer", DIRS["shakespeare-bpe"])
+    assert r.returncode == 2 and "more than the model's vocabulary of 256" in r.stderr and "Traceback" not in r.stderr
