@@ -131,6 +131,15 @@ def test_import_copies_the_tokenizer_in_and_export_writes_it_back(tmp_path):
     assert sorted(out["tokenizer_files"]) == sorted(os.listdir(DIRS["tok-sp-like"]))
     for name in os.listdir(DIRS["tok-sp-like"]):  # byte for byte
         assert (tmp_path / "back" / name).read_bytes() == (hf / name).read_bytes(), name
+    # reshard and quantize carry it along
+    from moejax.checkpoint.quantize import quantize
+    from moejax.checkpoint.reshard import reshard
+    from moejax.parallel.mesh import MeshShape
+
+    reshard(str(tmp_path / "ckpt"), str(tmp_path / "resharded"), MeshShape(1, 2, 2, 1))
+    quantize(str(tmp_path / "resharded"), str(tmp_path / "int8"))
+    for ckpt in ("resharded", "int8"):
+        assert sorted(os.listdir(tokenizer_dir(str(tmp_path / ckpt)))) == sorted(os.listdir(DIRS["tok-sp-like"]))
 
 
 def test_training_text_is_read_through_the_tokenizer(tmp_path):

@@ -17,10 +17,10 @@ from moejax.checkpoint.format import config_of, hex_sums, host_sums, saved_check
 from moejax.checkpoint.storage import data_files, read_error
 from moejax.checkpoint.store import read_meta, refuse_quantized, verify
 from moejax.checkpoint.transaction import check_destination, commit_dir, staging_dir
-from moejax.tokenizers import copy_tokenizer_files, tokenizer_dir
 from moejax.errors import UserError
 from moejax.models import counts
 from moejax.models.params import param_shapes
+from moejax.tokenizers import copy_tokenizer_files, tokenizer_dir
 
 
 def export_hf(ckpt: str, out: str, max_shard_gb: float = 5.0, max_memory_gb: float | None = None,

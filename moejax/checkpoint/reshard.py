@@ -25,11 +25,11 @@ from moejax.checkpoint.format import CHECKSUM, build_meta, config_of, hex_sums, 
 from moejax.checkpoint.storage import data_files, read_error
 from moejax.checkpoint.store import read_meta, verify
 from moejax.checkpoint.transaction import check_destination, commit_dir, staging_dir
-from moejax.tokenizers import CKPT_SUBDIR, copy_tokenizer_files, tokenizer_dir
 from moejax.errors import UserError
 from moejax.models.params import param_dtypes, param_shapes
 from moejax.parallel.mesh import MeshShape
 from moejax.parallel.rules import load_layout
+from moejax.tokenizers import CKPT_SUBDIR, copy_tokenizer_files, tokenizer_dir
 
 
 def reshard(src: str, dst: str, shape: MeshShape, layout: str | None = None, dtype: str | None = None,

@@ -119,8 +119,9 @@ def stop_matcher(stop: tuple[str, ...]) -> StopMatcher:
 
 class StopText:
     """Incremental text of generated tokens (a tokenizer's Detokenizer: never half a character)
-    with stop strings: `add` returns the text that is now safe to show, holding back the longest tail that begins a stop string; `hit` is set when a
-    stop string appears, and the text ends before it (OpenAI's convention). Each character costs
+    with stop strings: `add` returns the text that is now safe to show, holding back the longest
+    tail that begins a stop string; `hit` is set when a stop string appears, and the text ends
+    before it (OpenAI's convention). Each character costs
     amortised O(1) (StopMatcher), so a request's stop strings cannot slow the engine's step down."""
 
     def __init__(self, stop: tuple[str, ...], detok: Detokenizer | None = None):
