@@ -74,6 +74,13 @@ def test_incremental_decoding_joins_to_one_decode(tok, prompt_len):
     assert joined == want
     assert not any("\ufffd" in p for p in pieces)  # never half a character (the emoji span several tokens)
     assert sum(1 for p in pieces if p == "") > 0  # some steps waited for the rest of a character
+    # a generation that ends inside a character: flush gives what one decode shows (a replacement char)
+    text_of = lambda ids: t.decode(ids) if not prompt else t.decode(prompt + ids)[len(t.decode(prompt)):]
+    cut = next(j for j in range(1, len(gen)) if text_of(gen[:j]).endswith("\ufffd"))
+    d = t.detokenizer(prompt)
+    early = "".join(d.step(i) for i in gen[:cut])
+    tail = d.flush()
+    assert early + tail == text_of(gen[:cut]) and tail.endswith("\ufffd")
 
 
 def test_bytes_stream_never_splits_a_character():

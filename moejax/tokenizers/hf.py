@@ -64,16 +64,15 @@ class HFDetokenizer(Detokenizer):
         while prime and "\ufffd" in tok.decode(prime, skip_special_tokens):
             prime = prime[1:]  # start at a whole character
         self.prime, self.ids, self.emitted = prime, [], ""
+        self.new_stream = DecodeStream  # imported once, not on every token
         self.stream = DecodeStream(ids=prime, skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:
-        from tokenizers.decoders import DecodeStream
-
         self.ids.append(token_id)
         try:
             piece = self.stream.step(self.tok.backend, token_id)
         except Exception:  # noqa: BLE001  ("Invalid prefix encountered": restart from what we have)
-            self.stream = DecodeStream(ids=self.prime + self.ids, skip_special_tokens=self.skip)
+            self.stream = self.new_stream(ids=self.prime + self.ids, skip_special_tokens=self.skip)
             piece = None
         piece = piece or ""
         self.emitted += piece
