@@ -52,12 +52,30 @@ def sample_rows(logits_BV, seeds_B, counts_B, temperature_B, top_k_B, top_p_B):
     """One token per row, each row with its own settings (temperature 0: greedy; top_k 0: every
     token; top_p 1: no nucleus cut) and its own key, fold_in(key(seed), count): a request's draws
     depend on its seed and on how many tokens it has drawn, never on the other rows of the batch.
-    The same filtering as `sample`: top-k, then top-p over what top-k kept."""
+    The same filtering as `sample`: top-k, then top-p over what top-k kept.
+
+    Each stage runs only when some row needs it (`lax.cond`): a batch of greedy rows is one argmax,
+    and the sort of top-k / top-p runs only when a row asks for either. XLA:CPU's sort took 4.5 ms
+    for 16 x 2,048 logits and 491 ms for 16 x 152,064 (the whole decode step of a small model is
+    ~2 ms), the draw 0.7 / 44 ms."""
     logits_BV = logits_BV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    v = logits_BV.shape[-1]
     sampled_B = temperature_B >= GREEDY_BELOW
-    x_BV = logits_BV / jnp.where(sampled_B, temperature_B, 1.0)[:, None]
+
+    def draw():
+        x_BV = logits_BV / jnp.where(sampled_B, temperature_B, 1.0)[:, None]
+        cut_B = sampled_B & ((top_k_B > 0) & (top_k_B < x_BV.shape[-1]) | (top_p_B < 1))
+        x_BV = jax.lax.cond(jnp.any(cut_B), _top_k_top_p, lambda x, *_: x, x_BV, top_k_B, top_p_B)
+        keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counts_B)
+        drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, x_BV).astype(jnp.int32)
+        return jnp.where(sampled_B, drawn_B, greedy_B)
+
+    return jax.lax.cond(jnp.any(sampled_B), draw, lambda: greedy_B)
+
+
+def _top_k_top_p(x_BV, top_k_B, top_p_B):
+    """x_BV with what each row's top-k, then top-p over what top-k kept, cuts set to -inf."""
+    v = x_BV.shape[-1]
     sorted_BV = -jnp.sort(-x_BV, axis=-1)
     k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
     sorted_BV = jnp.where(jnp.arange(v)[None, :] < k_B[:, None], sorted_BV, -jnp.inf)
@@ -68,10 +86,7 @@ def sample_rows(logits_BV, seeds_B, counts_B, temperature_B, top_k_B, top_p_B):
     nucleus_B = jnp.take_along_axis(sorted_BV, cutoff_idx_B[:, None], axis=-1)
     # top_p 1 cuts nothing (a float32 cumulative sum can reach 1 before the tail)
     cutoff_B = jnp.where(top_p_B[:, None] >= 1, kth_B, jnp.maximum(nucleus_B, kth_B))
-    x_BV = jnp.where(x_BV < cutoff_B, -jnp.inf, x_BV)
-    keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counts_B)
-    drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, x_BV).astype(jnp.int32)
-    return jnp.where(sampled_B, drawn_B, greedy_B)
+    return jnp.where(x_BV < cutoff_B, -jnp.inf, x_BV)
 
 
 def logprobs_at(logits, targets, k: int):
