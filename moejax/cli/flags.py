@@ -86,7 +86,8 @@ def add_moe(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-kernel", choices=KERNELS,
                    help="expert exchange and compute: capacity buffers + all_to_all with a branch per expert "
                         "(buffers) or one batched matmul (batched), or ragged all-to-all + grouped matmul "
-                        "(ragged_dot); auto (default) = batched on GPU and in training, buffers on CPU")
+                        "(ragged_dot); auto (default): each candidate this platform runs is timed on one MoE "
+                        "layer of this run's shapes and the fastest is used (kept in ~/.cache/moejax/kernels.json)")
     g.add_argument("--microbatches", type=int,
                    help="pipeline microbatches M (default 2 x pp, bounded by the batch; 1 when pp = 1 or on CPU)")
 
@@ -149,3 +150,17 @@ def run_spec(args: argparse.Namespace, cfg: ModelConfig, layout: Layout, shape: 
                    moe_kernel=getattr(args, "moe_kernel", None) or "auto", training=training,
                    remat=bool(getattr(args, "remat", False)), quant=quant,
                    quant_matmul=getattr(args, "quant_matmul", None) or "auto", platform=platform)
+
+
+def measured_kernel(rs, mesh, tokens: tuple[int, ...], say=print):
+    """`--moe-kernel auto`: the kernel measured fastest on this run's shapes (ops/moe/choose.py);
+    one line says what was chosen and why. Returns (rs with the kernel set, the choice for reports)."""
+    from moejax.ops.moe.choose import choose_kernel
+
+    rs, choice = choose_kernel(rs, mesh, tokens, progress=say)
+    if "ms" in choice:
+        cand = ", ".join(f"{k} {'/'.join(f'{t:.2f}' for t in v)} ms" for k, v in choice["ms"].items())
+        said = "measured earlier" if choice.get("cached") else "measured"
+        say(f"MoE kernel {choice['kernel']} ({said} on one layer at {'/'.join(map(str, choice['tokens']))} "
+            f"tokens: {cand})")
+    return rs, choice

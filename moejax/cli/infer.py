@@ -133,6 +133,7 @@ def run(args) -> dict:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
 
     rs = flags.run_spec(args, cfg, layout, shape, batch=len(prompts), platform=backend, dtype=dtype, quant=quant)
+    rs, kernel_choice = flags.measured_kernel(rs, mesh, (len(prompts), len(prompts) * longest), say)
     micro = rs.microbatches
     rep = placement(cfg, layout, shape, dtype, padded_batch(rs, len(prompts)), max_len, quant)
     say(format_placement(rep))
@@ -168,7 +169,8 @@ def run(args) -> dict:
     rep.update({"weights": args.ckpt or f"random (seed {args.seed})", "process_index": jax.process_index(),
                 "process_count": jax.process_count(),
                 "compile_s": gen.compile_s, "decode_chunk": chunk, "capacity_policy": rs.policy,
-                "capacity_factor": rs.capacity_factor, "moe_kernel": rs.kernel, "microbatches": micro,
+                "capacity_factor": rs.capacity_factor, "moe_kernel": rs.kernel, "moe_kernel_choice": kernel_choice,
+                "microbatches": micro,
                 "batch_padded": gen.batch})
     return rep
 

@@ -150,11 +150,13 @@ def run(args):
     rs = flags.run_spec(args, cfg, layout, replica, batch=args.slots, platform=jax.default_backend(), dtype=dtype,
                         quant=quant)
     check_slots(args.slots, rs)
+    meshes = replica_meshes(shape)
+    rs, _ = flags.measured_kernel(rs, meshes[0][1], (args.slots, args.prefill_budget))
     served = ServedModel(args.served_model_name or name, max_len, cfg.vocab_size, tok,
                          os.path.abspath(args.ckpt) if args.ckpt else None)
     metrics = Metrics(served.id, shape.dp, args.slots)
     engines = []
-    for index, mesh in replica_meshes(shape):
+    for index, mesh in meshes:
         params = model.serving_params(load_weights(args.ckpt, cfg, args.seed, dtype, mesh, layout, quant), rs, mesh)
         static = args.batching == "static"  # a whole batch of prompts in one prefill call, as infer.py
         budget = args.slots // batch_shards * args.prefill_chunk if static else args.prefill_budget

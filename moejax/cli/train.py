@@ -140,6 +140,7 @@ def run(args) -> dict:
                         clip=args.clip, b1=args.b1, b2=args.b2, min_lr_ratio=args.min_lr_ratio,
                         z_coef=args.z_loss_coef, balance=args.balance, bias_rate=args.bias_update_rate)
     mesh = make_mesh(shape)
+    rs, _ = flags.measured_kernel(rs, mesh, (args.batch * args.seq_len,))
     t = time.time()
     trainer = train.Trainer(rs, mesh, hyper, args.batch, args.seq_len)
     compile_s = time.time() - t
