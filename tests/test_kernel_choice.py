@@ -17,7 +17,7 @@ def _rs(**kw):
 
 
 def test_auto_times_every_candidate_picks_the_fastest_and_keeps_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEJAX_CACHE_DIR", str(tmp_path / "xla"))
+    monkeypatch.setenv("MOEJAX_KERNEL_CACHE", str(tmp_path / "kernels.json"))
     rs, mesh = _rs()
     chosen, choice = choose.choose_kernel(rs, mesh, (16, 100), repeats=3)
     assert set(choice["ms"]) == set(choose.CANDIDATES["cpu"])
@@ -34,7 +34,7 @@ def test_auto_times_every_candidate_picks_the_fastest_and_keeps_it(tmp_path, mon
 
 
 def test_a_named_kernel_is_kept_and_int8_keeps_the_default(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEJAX_CACHE_DIR", str(tmp_path / "xla"))
+    monkeypatch.setenv("MOEJAX_KERNEL_CACHE", str(tmp_path / "kernels.json"))
     rs, mesh = _rs(moe_kernel="buffers")
     assert choose.choose_kernel(rs, mesh, (16,))[0] is rs
     rs, mesh = _rs(quant="int8")

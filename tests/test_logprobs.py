@@ -230,4 +230,7 @@ def test_openai_client_stream_and_not(apps):
     assert len(chunks[0].logprobs.tokens) == n + 1 and all(len(ch.logprobs.tokens) == 1 for ch in chunks[1:])
     # without echo: the generated rows only, offsets from 0
     plain = client.completions.create(**{**kw, "echo": False}).choices[0].logprobs
-    assert plain.token_logprobs == lp.token_logprobs[n:] and plain.text_offset[0] == 0
+    # the echo request ran the extend program, this one a mixed step (and the echo's cached prefix):
+    # other matmul shapes, so equal up to float32 rounding (the reference bound, 1e-5)
+    np.testing.assert_allclose(plain.token_logprobs, lp.token_logprobs[n:], rtol=0, atol=1e-5)
+    assert plain.text_offset[0] == 0

@@ -9,7 +9,8 @@ import pytest
 
 from helpers import setup
 from moejax.inference.sampling import sample, sample_rows
-from moejax.serving.engine import Engine, bucket, buckets
+from moejax.serving.batching import bucket, buckets
+from moejax.serving.engine import Engine
 from moejax.serving.request import Request, SamplingParams, StopText
 
 

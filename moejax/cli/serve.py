@@ -13,6 +13,7 @@ some short (docs/SERVING.md, "Limits" and "Stopping").
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import signal
@@ -44,6 +45,11 @@ def parse_args(argv):
                          "short prompts together, less bounds how long one call delays the decoding slots")
     ap.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                     help="static: infer.py-style fixed batches (admit only when every slot is free), for comparison")
+    ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                    help="reuse the keys and values of a prompt prefix a cache row already holds (blocks of 16 "
+                         "tokens; docs/SERVING.md); --no-enable-prefix-caching computes every prompt")
+    ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the decode step and the prompt chunks as one forward (--no-mixed-steps: two calls)")
     ap.add_argument("--max-waiting", type=int, default=64, help="requests waiting per replica before 429")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed); process i of a "
@@ -161,7 +167,8 @@ def run(args):
         static = args.batching == "static"  # a whole batch of prompts in one prefill call, as infer.py
         budget = args.slots // batch_shards * args.prefill_chunk if static else args.prefill_budget
         eng = Engine(rs, mesh, params, slots=args.slots, max_len=max_len, chunk=args.prefill_chunk,
-                     budget=budget, index=index, metrics=metrics, static=static)
+                     budget=budget, index=index, metrics=metrics, static=static, mixed=args.mixed_steps,
+                     prefix_cache=args.enable_prefix_caching)
         if not args.no_warmup:
             eng.warmup()
         print(f"replica {index}: {mesh.devices.size} device(s), {args.slots} slots x {max_len} positions, "

@@ -31,7 +31,7 @@ from moejax.parallel.rules import Layout
 
 MOE_COUNTERS = ("dropped", "rerouted", "exchanged_rows", "computed_rows")  # per layer
 ROUTER_SUMS = ("prob_sum", "z_sum")  # per layer, float32: what the training losses need (loss.py)
-MODES = ("forward", "prefill", "decode", "extend")
+MODES = ("forward", "prefill", "decode", "extend", "mixed")
 
 
 # ---- parameters ------------------------------------------------------------------------------
@@ -198,13 +198,30 @@ def _local(a, expert: bool = False):
 
 
 def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=None, *, rs: RunSpec, mode: str,
-                    every_position: bool = False):
+                    every_position: bool = False, ext=None):
     """What one device runs. tokens_BT: [B/batch_shards, T]; lengths_B: prompt lengths (prefill,
-    forward), the position of the new token (decode, -1 for padding rows) or the number of new
-    tokens (extend, 0 for padding rows). extend only: the new tokens of row b sit at positions
+    forward), the position of the new token (decode and mixed, -1 for padding rows) or the number of
+    new tokens (extend, 0 for padding rows). extend only: the new tokens of row b sit at positions
     starts_B[b], ... of this device's cache row rows_B[b]; every_position: the head at every
-    position of the chunk (logits [B, T, V]: prompt logprobs), not only at each row's last."""
+    position of the chunk (logits [B, T, V]: prompt logprobs), not only at each row's last.
+    mixed: tokens_BT [S, 1] and lengths_B are a decode step of this device's S cache rows, and
+    ext = (tokens_RL, counts_R, starts_R, rows_R) an extend of R rows in the same forward: the
+    S + R x L tokens go through the layers as one sequence [1, S + R L] (every weight read once);
+    only attention treats the two groups apart. Logits: the S decode rows, then the R rows' last."""
     cfg, m_count = rs.cfg, rs.microbatches
+    side_ext = {}
+    if mode == "mixed":
+        if m_count != 1:
+            raise ValueError("a mixed step runs one microbatch")
+        ext_tok, counts_R, starts_R, rows_R = ext
+        s, (r, ln) = tokens_BT.shape[0], ext_tok.shape
+        ext_pos = jnp.maximum(starts_R, 0)[:, None] + jnp.arange(ln)
+        side_ext = {"row": rows_R[None], "ext_pos": ext_pos[None],
+                    "last": jnp.concatenate([jnp.arange(s), s + jnp.arange(r) * ln + jnp.maximum(counts_R, 1) - 1])[None]}
+        mixed_pos = jnp.concatenate([jnp.maximum(lengths_B, 0), ext_pos.reshape(-1)])[None]
+        mixed_valid = jnp.concatenate([lengths_B >= 0, (jnp.arange(ln)[None] < counts_R[:, None]).reshape(-1)])[None]
+        tokens_BT = jnp.concatenate([tokens_BT.reshape(-1), ext_tok.reshape(-1)])[None]
+        lengths_B = jnp.zeros((1,), jnp.int32)
     b_loc, t = tokens_BT.shape
     mb = b_loc // m_count
     vocab_axis = "tp" if rs.layout.mesh_axes("vocab") and rs.shape.tp > 1 else None
@@ -217,11 +234,13 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
     elif mode == "extend":
         pos_BT = jnp.maximum(starts_B, 0)[:, None] + jnp.arange(t)
         valid_BT = jnp.arange(t)[None, :] < lengths_B[:, None]
+    elif mode == "mixed":
+        pos_BT, valid_BT = mixed_pos, mixed_valid
     else:
         pos_BT = jnp.broadcast_to(jnp.arange(t), (b_loc, t))
         valid_BT = pos_BT < lengths_B[:, None]
     split = lambda a: a.reshape((m_count, mb) + a.shape[1:])
-    side_M = {"pos": split(pos_BT), "valid": split(valid_BT), "len": split(lengths_B)}
+    side_M = {"pos": split(pos_BT), "valid": split(valid_BT), "len": split(lengths_B), **side_ext}
     if mode == "extend":
         side_M["row"] = split(rows_B)
     layers_loc = cfg.num_layers // rs.shape.pp
@@ -256,12 +275,14 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
     def emit(y_BTD, side):
         if mode == "forward" or every_position:
             return y_BTD
+        if mode == "mixed":
+            return y_BTD[0, side["last"]]
         last_B = jnp.zeros_like(side["len"]) if mode == "decode" else jnp.maximum(side["len"], 1) - 1
         return y_BTD[jnp.arange(y_BTD.shape[0]), last_B]
 
     outs, (cache, stats) = staggered(stage_fn, emit, split(x_BTD), side_M, (cache, stats0),
                                      stages=rs.shape.pp, axis="pp")
-    h = outs.reshape((b_loc,) + outs.shape[2:])
+    h = outs.reshape((-1,) + outs.shape[2:])
     h = layers.rmsnorm(h, params["final_norm"], cfg.rms_norm_eps)
     head = params["lm_head"] if "lm_head" in params else params["embed"].T  # tied: [D, V/tp] either way
     logits = mm("...d,dv->...v", h, head)
@@ -282,12 +303,16 @@ def build(rs: RunSpec, mesh, mode: str, every_position: bool = False):
       prefill(params, tokens_BT, lengths_B, cache)       -> logits_BV f32, cache, stats
       decode(params, tokens_B1, positions_B, cache)      -> logits_BV f32, cache, stats
       extend(params, tokens_BT, counts_B, starts_B, rows_B, cache) -> logits_BV f32, cache, stats
+      mixed(params, tokens_S1, positions_S, tokens_RT, counts_R, starts_R, rows_R, cache)
+                                                          -> logits_(S+R)V f32, cache, stats
     B must be a multiple of rs.batch_multiple. extend writes row b's first counts_B[b] tokens at
     positions starts_B[b], ... of cache row rows_B[b] (an index into the cache rows of row b's own
     batch shard) and attends to that row's earlier positions: a prompt chunk of one slot of a
     continuous-batching engine (serving/engine.py); its logits are at each row's last new token, or
     with `every_position` (extend only) at every position of the chunk: logits_BTV f32, the prompt
-    logprobs of an echo request (a separate program: the others never compute [B, T, V])."""
+    logprobs of an echo request (a separate program: the others never compute [B, T, V]). mixed is
+    a decode step of S rows and an extend of R rows as one forward (`_device_program`); its logits
+    are, per batch shard, that shard's S/shards decode rows, then its R/shards extend rows."""
     if mode not in MODES or (every_position and mode != "extend"):
         raise ValueError(mode)
     if mesh_shape_of(mesh) != rs.shape:
@@ -304,6 +329,14 @@ def build(rs: RunSpec, mesh, mode: str, every_position: bool = False):
         in_specs = (param_specs, lay.act_spec("tokens"), lay.act_spec("lengths"))
         out_specs = (logits_spec, stats_spec)
         donate = ()
+    elif mode == "mixed":
+        def body(p, tok, pos, etok, counts, starts, rows, cache):
+            return fn(p, tok, pos, cache, ext=(etok, counts, starts, rows))
+        lengths = lay.act_spec("lengths")
+        in_specs = (param_specs, lay.act_spec("tokens"), lengths, lay.act_spec("tokens"), lengths, lengths, lengths,
+                    (cache_spec, cache_spec))
+        out_specs = (logits_spec, (cache_spec, cache_spec), stats_spec)
+        donate = (7,)
     elif mode == "extend":
         body = lambda p, tok, counts, starts, rows, cache: fn(p, tok, counts, cache, starts, rows)
         lengths = lay.act_spec("lengths")
@@ -318,3 +351,27 @@ def build(rs: RunSpec, mesh, mode: str, every_position: bool = False):
     mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     return jax.jit(mapped, donate_argnums=donate)
 
+
+
+def copy_prefix(rs: RunSpec, mesh):
+    """A jitted (cache, src_Q, dst_Q, n_Q) -> cache, Q = the batch shards: on each shard q whose
+    dst_Q[q] >= 0, positions [0, n_Q[q]) of its cache row dst_Q[q] become those of its row src_Q[q]
+    (rows indexed within the shard), in every layer; the other shards change nothing. A request that
+    reuses a cached prompt prefix gets its keys and values this way (serving/prefix.py): a copy
+    inside each device, no communication."""
+    lp = rs.cfg.num_layers // rs.shape.pp
+    cache_spec = (rs.layout.act_spec("kv_cache"),) * lp
+    vec = rs.layout.act_spec("lengths")
+
+    def body(cache, src, dst, n):
+        def one(c):  # [1, B_loc, S, G, K]: this stage's layer, this shard's rows
+            d = jnp.where(dst[0] < 0, c.shape[1], dst[0])  # out of range: dropped
+            s = jnp.clip(src[0], 0, c.shape[1] - 1)
+            keep = (jnp.arange(c.shape[2]) < n[0])[:, None, None]
+            row = jnp.where(keep, c[0, s], c[0, jnp.minimum(d, c.shape[1] - 1)])
+            return c.at[0, d].set(row, mode="drop")
+        return jax.tree.map(one, cache)
+
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=((cache_spec, cache_spec), vec, vec, vec),
+                           out_specs=(cache_spec, cache_spec), check_vma=False)
+    return jax.jit(mapped, donate_argnums=(0,))

@@ -25,14 +25,40 @@ def bits(x, dtype):
     return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
+MIN_SPAN = 128  # the shortest span of cache positions decode and extend attention read on CPU
+
+
+def spans(length: int) -> list[int]:
+    """The spans a cache of `length` positions is read in: MIN_SPAN, 2 MIN_SPAN, ... below it, then
+    `length`."""
+    out = [min(MIN_SPAN, length)]
+    while out[-1] < length:
+        out.append(min(2 * out[-1], length))
+    return out
+
+
+def read_span(needed, length: int, platform: str, attend):
+    """attend(span) for the smallest span of `spans(length)` that holds `needed` positions (traced:
+    the rows' furthest position + 1), chosen at run time by `lax.switch` on CPU: attention then reads
+    only the cache a step needs, not every row's whole `--max-len` (a tiny model's decode step: 2.9 ms
+    at 128 positions, 6.5 ms at 640; a prompt chunk's scores shrink alike). On GPU a conditional costs
+    a device-to-host sync, so it reads the whole length."""
+    options = spans(length) if platform == "cpu" else [length]
+    if len(options) == 1:
+        return attend(options[0])
+    index = jnp.minimum(jnp.sum(jnp.asarray(options) < needed), len(options) - 1)
+    return jax.lax.switch(index, [lambda a=a: attend(a) for a in options])
+
+
 def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platform: str,
                     head_axis: str | None = None):
     """Pre-norm attention on this device's heads with its KV cache (w: attn_norm, wq, wk, wv, wo; bq,
     bk, bv under `cfg.attention_bias`; q_norm, k_norm under `cfg.qk_norm`; partial and scaled RoPE from
     `cfg.rotary_dim` and `cfg.rope`;
     `mode` as models/transformer.py `build`; `head_axis`: the mesh axis the heads are split over, for
-    `qk_norm: proj`, whose mean of squares spans every head). Returns the partial (over tp) output
-    [B, T, D] f32 and kv."""
+    `qk_norm: proj`, whose mean of squares spans every head). Decode and extend read the span of
+    cache positions their rows reach (`read_span`). Returns the partial (over tp) output [B, T, D] f32
+    and kv."""
     cdt = x_BTD.dtype
     h_BTD = layers.rmsnorm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
     b, t, d = x_BTD.shape
@@ -55,24 +81,57 @@ def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platf
     cos, sin = layers.rope_tables(side["pos"], inv_freq, factor, cdt)
     q_BTHK, k_BTGK = layers.apply_rope(q_BTHK, cos, sin), layers.apply_rope(k_BTGK, cos, sin)
     if mode == "decode":
-        mb = x_BTD.shape[0]
-        pos_B = side["pos"][:, 0]
-        rows_B = jnp.where(side["valid"][:, 0], row0 + jnp.arange(mb), kv[0].shape[0])
-        kv = tuple(c.at[rows_B, pos_B].set(bits(n[:, 0], c.dtype), mode="drop")
-                   for c, n in zip(kv, (k_BTGK, v_BTGK)))
-        k_BSGK, v_BSGK = (bits(jax.lax.dynamic_slice_in_dim(c, row0, mb, axis=0), cdt) for c in kv)
-        mask_BTS = (jnp.arange(k_BSGK.shape[1])[None, :] <= pos_B[:, None])[:, None, :]
-        out_BTHK = layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS, platform=platform)
-    elif mode == "extend":  # rows of the cache named per sequence; T new tokens at positions pos_BT
-        rows_B, pos_BT = side["row"], side["pos"]
-        write_BT = jnp.where(side["valid"], rows_B[:, None], kv[0].shape[0])  # padding: dropped
-        kv = tuple(c.at[write_BT, pos_BT].set(bits(n, c.dtype), mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
-        k_BSGK, v_BSGK = (bits(c[rows_B], cdt) for c in kv)
-        mask_BTS = jnp.arange(k_BSGK.shape[1])[None, None, :] <= pos_BT[:, :, None]
-        out_BTHK = layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS, platform=platform)
+        out_BTHK, kv = _decode(q_BTHK, k_BTGK, v_BTGK, side["pos"][:, 0], side["valid"][:, 0], kv, row0, platform)
+    elif mode == "extend":
+        out_BTHK, kv = _extend(q_BTHK, k_BTGK, v_BTGK, side["row"], side["pos"], side["valid"], kv, platform)
+    elif mode == "mixed":  # [1, S + R x L]: S decode rows of one token, then R extend rows of L
+        r, ln = side["ext_pos"].shape
+        s = t - r * ln
+        dec = lambda a: a[:, :s].reshape((s, 1) + a.shape[2:])  # noqa: E731
+        ext = lambda a: a[:, s:].reshape((r, ln) + a.shape[2:])  # noqa: E731
+        valid_S = side["valid"][0, :s]
+
+        def decode_rows(kv):
+            return _decode(dec(q_BTHK), dec(k_BTGK), dec(v_BTGK), side["pos"][0, :s], valid_S, kv, 0, platform)
+        # a step whose decode rows are all padding (only prompts prefilling) skips their attention
+        out_dec, kv = jax.lax.cond(jnp.any(valid_S), decode_rows,
+                                   lambda kv: (jnp.zeros((s, 1) + q_BTHK.shape[2:], q_BTHK.dtype), kv), kv)
+        out_ext, kv = _extend(ext(q_BTHK), ext(k_BTGK), ext(v_BTGK), side["row"], side["ext_pos"],
+                              ext(side["valid"]), kv, platform)
+        out_BTHK = jnp.concatenate([out_dec.reshape((1, s) + out_dec.shape[2:]),
+                                    out_ext.reshape((1, r * ln) + out_ext.shape[2:])], axis=1)
     else:
         out_BTHK = layers.attention(q_BTHK, k_BTGK, v_BTGK, causal=True, platform=platform)
         if mode == "prefill":
             kv = tuple(jax.lax.dynamic_update_slice(c, bits(n, c.dtype), (row0, 0, 0, 0))
                        for c, n in zip(kv, (k_BTGK, v_BTGK)))
     return q8.matmul("btj,jd->btd", out_BTHK.reshape(b, t, -1), q8.reshape(w["wo"], (-1,), (d,))), kv
+
+
+def _decode(q_BTHK, k_BTGK, v_BTGK, pos_B, valid_B, kv, row0, platform: str):
+    """One new token per row b at position pos_B[b] of cache row row0 + b (valid rows only), then
+    attention over that row's positions (the span the rows reach)."""
+    cdt = q_BTHK.dtype
+    mb = q_BTHK.shape[0]
+    rows_B = jnp.where(valid_B, row0 + jnp.arange(mb), kv[0].shape[0])  # padding: dropped
+    kv = tuple(c.at[rows_B, pos_B].set(bits(n[:, 0], c.dtype), mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
+
+    def attend(span):
+        k_BSGK, v_BSGK = (bits(jax.lax.dynamic_slice_in_dim(c[:, :span], row0, mb, axis=0), cdt) for c in kv)
+        mask_BTS = (jnp.arange(span)[None, :] <= pos_B[:, None])[:, None, :]
+        return layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS, platform=platform)
+    return read_span(jnp.max(jnp.where(valid_B, pos_B + 1, 1)), kv[0].shape[1], platform, attend), kv
+
+
+def _extend(q_BTHK, k_BTGK, v_BTGK, rows_B, pos_BT, valid_BT, kv, platform: str):
+    """T new tokens of row b at positions pos_BT[b] of cache row rows_B[b] (valid ones only), then
+    attention over that row's positions (the span the rows reach)."""
+    cdt = q_BTHK.dtype
+    write_BT = jnp.where(valid_BT, rows_B[:, None], kv[0].shape[0])  # padding: dropped
+    kv = tuple(c.at[write_BT, pos_BT].set(bits(n, c.dtype), mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
+
+    def attend(span):
+        k_BSGK, v_BSGK = (bits(c[rows_B, :span], cdt) for c in kv)
+        mask_BTS = jnp.arange(span)[None, None, :] <= pos_BT[:, :, None]
+        return layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS, platform=platform)
+    return read_span(jnp.max(jnp.where(valid_BT, pos_BT + 1, 1)), kv[0].shape[1], platform, attend), kv

@@ -2,21 +2,25 @@
 
 The engine owns S decode slots, each a row of a preallocated KV cache of `max_len` positions
 (rows split over the replica's batch shards like any batch). Its thread loops:
-  1. take new requests and aborts from its inbox; a waiting request gets a free slot (on the
-     batch shard with the fewest busy slots), FIFO (`static`: only when every slot is free, the
-     fixed batches of infer.py, kept for comparison);
-  2. prefill: one `extend` call runs the next chunk (at most `chunk` tokens) of prefilling
-     prompts, oldest first, as many per batch shard as fit `budget` tokens (rows x padded length)
-     into their slots' cache rows; a prompt whose last chunk ran samples its first token. A long
-     prompt thus delays the others' next token by one call of <= budget tokens, not by its whole
-     prefill;
-  3. decode: one `decode` call advances every decoding slot by one token (positions per slot);
-     a finished sequence frees its slot at once.
-Programs are the serving program of model.py (`build("extend")`, `build("decode")`); extend
-batches come in power-of-two row counts and lengths (>= 16), compiled on first use or by `warmup`.
+  1. take new requests and aborts from its inbox; a waiting request gets a free slot, FIFO: a row
+     that holds its prompt's leading blocks (prefix caching, serving/prefix.py: reused in place, or
+     copied into a free row of the same batch shard), else the least recently used free row of the
+     batch shard with the fewest busy slots (`static`: only when every slot is free, the fixed
+     batches of infer.py, kept for comparison);
+  2. one forward (`mixed`): the decode step of every decoding slot and the next chunk (at most
+     `chunk` tokens) of prefilling prompts, oldest first, as many per batch shard as fit `budget`
+     tokens (rows x padded length), written into their slots' cache rows; a prompt whose last chunk
+     ran samples its first token. A long prompt thus delays the others' next token by one forward of
+     <= budget tokens, not by its whole prefill; with no prompt prefilling, a `decode` call alone
+     (`mixed=False`: an `extend` call, then a `decode` call, as before);
+  3. a finished sequence frees its slot at once.
+Programs are the serving program of model.py (`build("mixed")`, `build("decode")`, `build("extend")`);
+chunks come in power-of-two row counts and lengths (>= 16), compiled by `warmup` or on first use.
 Each program also returns every row's logprobs (the sampled token's and the top MAX_LOGPROBS),
 fetched only for requests that ask; prompt logprobs (echo) come from an extend variant with the
-head at every position, compiled when a request first asks for them.
+head at every position, compiled when a request first asks for them (such chunks run as an extend
+call, then a decode call). `tokens` counts the positions each call computed: prompt, decode, and
+the padding of the compiled shapes (also in /metrics).
 Nothing crosses replicas: each engine has its own mesh, parameters, cache and thread.
 """
 
@@ -36,36 +40,17 @@ import numpy as np
 from moejax.models import transformer as model
 from moejax.inference.generate import fetch, put
 from moejax.inference.sampling import logprobs_at, sample_rows
+from moejax.serving.batching import MIN_CHUNK, ExtendPlan, buckets, plan_extend, pow2_at_least, sampling_rows
+from moejax.serving.prefix import PrefixCache, block_names
 from moejax.serving.request import MAX_LOGPROBS, Event, Request
 
 log = logging.getLogger("moejax.serving")
-MIN_CHUNK = 16
-
-
-def pow2_at_least(n: int, lo: int = 1) -> int:
-    b = lo
-    while b < n:
-        b *= 2
-    return b
-
-
-def buckets(lo: int, hi: int) -> list[int]:
-    """lo, 4 lo, 16 lo, ... below hi, then hi."""
-    out = []
-    while lo < hi:
-        out.append(lo)
-        lo *= 4
-    return out + [hi]
-
-
-def bucket(n: int, lo: int, hi: int) -> int:
-    """The smallest of buckets(lo, hi) >= n (hi if none)."""
-    return next((b for b in buckets(lo, hi) if b >= n), hi)
 
 
 class Engine:
     def __init__(self, rs: model.RunSpec, mesh, params, *, slots: int, max_len: int, chunk: int = 256,
-                 budget: int = 1024, index: int = 0, metrics=None, static: bool = False):
+                 budget: int = 1024, index: int = 0, metrics=None, static: bool = False, mixed: bool = True,
+                 prefix_cache: bool = True):
         self.rs, self.mesh, self.params = rs, mesh, params
         self.index, self.metrics, self.static = index, metrics, static
         self.shards = rs.layout.shards("batch", rs.shape)
@@ -80,6 +65,10 @@ class Engine:
         self.eos_id = rs.cfg.eos_token_id
         self._decode = None
         self._extend: dict[tuple[int, int, bool], object] = {}
+        self._mixed: dict[tuple[int, int], object] = {}
+        self._copy = None  # the prefix copy program (model.copy_prefix), built on first use
+        self.prefix = PrefixCache(slots, self.shards, enabled=prefix_cache and not static)
+        self.mixed = mixed and not static
         self.compile_s = 0.0
         self.slot_req: list[Request | None] = [None] * slots
         self.waiting: collections.deque[Request] = collections.deque()
@@ -89,17 +78,23 @@ class Engine:
         self._closed = False  # the thread has ended (set under _wake)
         self.dead: str | None = None  # the error that stopped the thread
         self.thread = threading.Thread(target=self._loop, name=f"moejax-engine-{index}", daemon=True)
-        self.steps = {"extend": 0, "decode": 0}
+        self.steps = {"extend": 0, "decode": 0, "mixed": 0}
+        # tokens by what they were: prompt tokens prefilled, decode tokens, and every token position the
+        # calls computed (real ones plus padding: compiled shapes are buckets, decode runs every slot)
+        self.tokens = {"prefill": 0, "decode": 0, "computed": 0}
 
     # ---- compiled programs --------------------------------------------------------------------
-    def _compile(self, fn, n_inputs: int, b: int, length: int, every_position: bool = False):
+    def _compile(self, fn, inputs: list[tuple[str, tuple]], every_position: bool = False):
         """fn(params, *inputs, cache) followed by per-row sampling, as one executable:
         (params, *inputs, cache, [targets_BT,] *sampling rows) -> ((tokens [b], their logprobs [b],
         top-K logprobs [b, K], their ids [b, K][, prompt logprobs of targets_BT [b, T], top-K
         [b, T, K], ids [b, T, K]]), cache). K = MAX_LOGPROBS; the logprobs stay on the device unless
-        a request asked for them. every_position: fn's logits are the chunk's every position
+        a request asked for them. inputs: (activation name, shape) of each input, compiled with
+        padding rows that write nothing (-1). every_position: fn's logits are the chunk's every position
         (`build(..., every_position=True)`), read at targets_BT (each position's next prompt token);
         the sampled token comes from each row's last one."""
+        n_inputs = len(inputs)
+
         def step(params, *args):
             inputs, cache, rest = args[:n_inputs], args[n_inputs], args[n_inputs + 1:]
             logits, cache, _ = fn(params, *inputs, cache)
@@ -113,21 +108,22 @@ class Engine:
             return (tokens, *logprobs_at(logits, tokens, MAX_LOGPROBS), *prompt), cache
 
         lay = self.rs.layout
-        tok = put(self.mesh, lay, "tokens", np.zeros((b, length), np.int32))
-        vec = put(self.mesh, lay, "lengths", np.full((b,), -1, np.int32))  # every row padding: writes nothing
-        rows = ((tok,) if every_position else ()) + _sampling_rows([None] * b)
+        args = [put(self.mesh, lay, name, np.full(shape, 0 if name == "tokens" else -1, np.int32))
+                for name, shape in inputs]
+        n_out = sum(shape[0] for name, shape in inputs if name == "tokens")  # rows sampled
+        rows = ((args[0],) if every_position else ()) + sampling_rows([None] * n_out)
         t0 = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(n_inputs + 1,)).lower(
-            self.params, tok, *[vec] * (n_inputs - 1), self.cache, *rows).compile()
+        compiled = jax.jit(step, donate_argnums=(n_inputs + 1,)).lower(self.params, *args, self.cache, *rows).compile()
         # a first run: XLA:CPU's first call of a program ran ~1.4x slower than later ones
-        _, self.cache = compiled(self.params, tok, *[vec] * (n_inputs - 1), self.cache, *rows)
+        _, self.cache = compiled(self.params, *args, self.cache, *rows)
         jax.block_until_ready(self.cache)
         self.compile_s += time.perf_counter() - t0
         return compiled
 
     def _compiled_decode(self):
         if self._decode is None:
-            self._decode = self._compile(model.build(self.rs, self.mesh, "decode"), 2, self.slots, 1)
+            self._decode = self._compile(model.build(self.rs, self.mesh, "decode"),
+                                         [("tokens", (self.slots, 1)), ("lengths", (self.slots,))])
         return self._decode
 
     def _compiled_extend(self, rows: int, length: int, every_position: bool = False):
@@ -136,8 +132,17 @@ class Engine:
         key = (rows, length, every_position)
         if key not in self._extend:
             fn = model.build(self.rs_extend, self.mesh, "extend", every_position=every_position)
-            self._extend[key] = self._compile(fn, 4, rows * self.shards, length, every_position)
+            b = rows * self.shards
+            self._extend[key] = self._compile(fn, [("tokens", (b, length))] + [("lengths", (b,))] * 3, every_position)
         return self._extend[key]
+
+    def _compiled_mixed(self, rows: int, length: int):
+        if (rows, length) not in self._mixed:
+            b = rows * self.shards
+            self._mixed[rows, length] = self._compile(
+                model.build(self.rs_extend, self.mesh, "mixed"),
+                [("tokens", (self.slots, 1)), ("lengths", (self.slots,)), ("tokens", (b, length))] + [("lengths", (b,))] * 3)
+        return self._mixed[rows, length]
 
     def extend_shapes(self) -> list[tuple[int, int]]:
         """Every (rows per shard, length) an extend call can take: lengths 16, 64, ... and the chunk;
@@ -151,8 +156,8 @@ class Engine:
     def warmup(self) -> float:
         """Compile every program the loop can call; returns the seconds spent compiling."""
         self._compiled_decode()
-        for r, t in self.extend_shapes():
-            self._compiled_extend(r, t)
+        for r, t in self.extend_shapes():  # mixed: an extend without decode rows is a mixed call too
+            (self._compiled_mixed if self.mixed else self._compiled_extend)(r, t)
         return self.compile_s
 
     # ---- the API side (any thread) --------------------------------------------------------------
@@ -213,12 +218,18 @@ class Engine:
         self._take_inbox()
         self._admit()
         busy = prefilling = any(r is not None and r.prefilled < len(r.prompt) for r in self.slot_req)
+        plan = None
         if prefilling:
-            self._run_extend()
-        # static batching decodes a batch once all of it is prefilled, as infer.py does
-        if not (self.static and prefilling) and any(r is not None and r.decoding for r in self.slot_req):
-            self._run_decode()
-            busy = True
+            plan = plan_extend(self.slot_req, self.shards, self.per_shard, self.chunk, self._max_rows)
+        if plan and self.mixed and not any(r.params.prompt_logprobs is not None for r in filter(None, plan.row_req)):
+            self._run_mixed(plan)  # one forward: the decode step (if any row decodes) and the prompt chunks
+        else:
+            if plan:
+                self._run_extend(plan)
+            # static batching decodes a batch once all of it is prefilled, as infer.py does
+            if not (self.static and prefilling) and any(r is not None and r.decoding for r in self.slot_req):
+                self._run_decode()
+                busy = True
         self._publish()
         return busy
 
@@ -247,17 +258,27 @@ class Engine:
             shard = int(np.argmin(busy))
             if busy[shard] == self.per_shard:
                 return
-            base = shard * self.per_shard
-            slot = next(base + i for i in range(self.per_shard) if self.slot_req[base + i] is None)
-            req = self.waiting.popleft()
-            req.slot, req.scheduled = slot, time.perf_counter()
+            req = self.waiting[0]
+            # prompt logprobs need every prompt position computed: no reuse for them
+            req.blocks = block_names(req.prompt) if self.prefix.enabled and req.params.prompt_logprobs is None else []
+            free = [i for i, r in enumerate(self.slot_req) if r is None]
+            # a row reusing the longest cached prefix, else the least busy shard's least recently used row
+            slot, donor, reused = self.prefix.place(req.blocks, len(req.prompt), free,
+                                                    [i for i in free if i // self.per_shard == shard])
+            self.waiting.popleft()
+            if donor is not None:
+                self._copy_prefix(donor, slot, reused)
+            req.slot, req.scheduled, req.prefilled = slot, time.perf_counter(), reused
             self.slot_req[slot] = req
+            if self.metrics and self.prefix.enabled:
+                self.metrics.prefix(self.index, len(req.prompt), reused)
             if self.metrics:
                 self.metrics.queued(self.index, req.scheduled - req.arrival)
 
     def _finish(self, req: Request, reason: str, event: Event | None = None):
         req.finish_reason = reason
         self.slot_req[req.slot] = None
+        self.prefix.released(req.slot, time.perf_counter())
         if event is None:
             event = Event([], req.text.flush() if reason != "abort" else "", reason)
         req.emit(event)
@@ -273,61 +294,79 @@ class Engine:
         else:
             req.emit(event)
 
-    def _run_extend(self):
-        """The next prompt chunk of the oldest prefilling slots, as many per batch shard as fit the
-        budget (rows x the longest chunk, both rounded up to a compiled bucket)."""
-        picked: list[list[Request]] = [[] for _ in range(self.shards)]
-        order = sorted((r for r in self.slot_req if r is not None and r.prefilled < len(r.prompt)),
-                       key=lambda r: r.scheduled)
-        take, length, rows = {}, 0, 0
-        for r in order:
-            shard = r.slot // self.per_shard
-            n = min(self.chunk, len(r.prompt) - r.prefilled)
-            t = max(length, bucket(n, MIN_CHUNK, self.chunk))
-            k = max(rows, len(picked[shard]) + 1)
-            if take and k > self._max_rows(t):
-                continue  # a later, shorter chunk may still fit
-            picked[shard].append(r)
-            take[r.id], length, rows = n, t, k
-        rows = bucket(rows, 1, self._max_rows(length))
-        b = rows * self.shards
-        tokens = np.zeros((b, length), np.int32)
-        counts, starts, cache_rows = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
-        row_req: list[Request | None] = [None] * b
-        for shard, reqs in enumerate(picked):
-            for k, r in enumerate(reqs):
-                i, n = shard * rows + k, take[r.id]
-                tokens[i, :n] = r.prompt[r.prefilled: r.prefilled + n]
-                counts[i], starts[i], cache_rows[i] = n, r.prefilled, r.slot % self.per_shard
-                row_req[i] = r
+    def _extend_inputs(self, plan: ExtendPlan) -> list:
         lay = self.rs.layout
-        scored = [r if r is not None and r.params.prompt_logprobs is not None else None for r in row_req]
+        return [put(self.mesh, lay, "tokens", plan.tokens),
+                *(put(self.mesh, lay, "lengths", a) for a in (plan.counts, plan.starts, plan.cache_rows))]
+
+    def _prefilled(self, plan: ExtendPlan):
+        for r in filter(None, plan.row_req):
+            r.prefilled += plan.take[r.id]
+            self.prefix.prefilled(r.slot, r.blocks, r.prefilled)
+
+    def _copy_prefix(self, src: int, dst: int, tokens: int):
+        """Cache row `dst` gets the first `tokens` positions of row `src` (same batch shard)."""
+        shard = dst // self.per_shard
+        vecs = [np.full(self.shards, -1, np.int32) for _ in range(3)]
+        for v, x in zip(vecs, (src % self.per_shard, dst % self.per_shard, tokens)):
+            v[shard] = x
+        if self._copy is None:
+            self._copy = model.copy_prefix(self.rs, self.mesh)
+        lay = self.rs.layout
+        self.cache = self._copy(self.cache, *(put(self.mesh, lay, "lengths", v) for v in vecs))
+
+    def _account(self, kind: str, prefill: int, decode: int, computed: int):
+        """A forward call of `kind`: its real prompt and decode tokens and every position it computed."""
+        self.steps[kind] += 1
+        for k, n in (("prefill", prefill), ("decode", decode), ("computed", computed)):
+            self.tokens[k] += n
+        if self.metrics:
+            self.metrics.forward(self.index, kind, prefill, decode, computed)
+
+    def _run_extend(self, plan: ExtendPlan):
+        """The plan's chunks as one extend call (with the prompt logprobs of rows that ask)."""
+        lay = self.rs.layout
+        scored = [r if r is not None and r.params.prompt_logprobs is not None else None for r in plan.row_req]
         targets = ()
         if any(scored):  # each position's next prompt token (the prompt's end: none, its row is the token's)
-            tgt = np.zeros((b, length), np.int32)
+            tgt = np.zeros(plan.tokens.shape, np.int32)
             for i, r in enumerate(scored):
                 if r is not None:
-                    nxt = r.prompt[r.prefilled + 1: r.prefilled + take[r.id] + 1]
+                    nxt = r.prompt[r.prefilled + 1: r.prefilled + plan.take[r.id] + 1]
                     tgt[i, :len(nxt)] = nxt
             targets = (put(self.mesh, lay, "tokens", tgt),)
-        fn = self._compiled_extend(rows, length, bool(targets))
-        done = [r if r is not None and r.prefilled + take[r.id] == len(r.prompt) else None for r in row_req]
-        out, self.cache = fn(self.params, put(self.mesh, lay, "tokens", tokens),
-                             *(put(self.mesh, lay, "lengths", a) for a in (counts, starts, cache_rows)),
-                             self.cache, *targets, *_sampling_rows(done))
-        self.steps["extend"] += 1
+        fn = self._compiled_extend(plan.rows, plan.length, bool(targets))
+        out, self.cache = fn(self.params, *self._extend_inputs(plan), self.cache, *targets,
+                             *sampling_rows(plan.done))
+        self._account("extend", int(plan.counts.sum()), 0, plan.tokens.size)
         if targets:
             plp, ptop, pids = (fetch(a) for a in out[4:7])
             for i, r in enumerate(scored):
                 if r is not None:
-                    m = min(take[r.id], len(r.prompt) - 1 - r.prefilled)
+                    m = min(plan.take[r.id], len(r.prompt) - 1 - r.prefilled)
                     r.add_prompt_rows(tgt[i, :m], plp[i, :m], pids[i, :m], ptop[i, :m])
-        for r in filter(None, row_req):
-            r.prefilled += take[r.id]
-        if any(done):
-            self._emit_sampled(done, out)
+        self._prefilled(plan)
+        if any(plan.done):
+            self._emit_sampled(plan.done, out)
 
-    def _run_decode(self):
+    def _run_mixed(self, plan: ExtendPlan):
+        """One forward for the decode step of every decoding slot and the plan's prompt chunks
+        (`build("mixed")`): the weights are read once for both."""
+        dec, tokens, pos = self._decode_rows()
+        lay = self.rs.layout
+        rows_out: list[Request | None] = []  # logits rows: per batch shard, its decode rows, then its extend rows
+        for shard in range(self.shards):
+            rows_out += dec[shard * self.per_shard:(shard + 1) * self.per_shard]
+            rows_out += plan.done[shard * plan.rows:(shard + 1) * plan.rows]
+        fn = self._compiled_mixed(plan.rows, plan.length)
+        out, self.cache = fn(self.params, put(self.mesh, lay, "tokens", tokens), put(self.mesh, lay, "lengths", pos),
+                             *self._extend_inputs(plan), self.cache, *sampling_rows(rows_out))
+        self._account("mixed", int(plan.counts.sum()), sum(r is not None for r in dec), plan.tokens.size + self.slots)
+        self._prefilled(plan)
+        self._emit_sampled(rows_out, out)
+
+    def _decode_rows(self):
+        """(the request decoding in each slot or None, its last token [S, 1], its position [S], -1: none)."""
         reqs = [r if r is not None and r.decoding else None for r in self.slot_req]
         tokens = np.zeros((self.slots, 1), np.int32)
         pos = np.full((self.slots,), -1, np.int32)
@@ -335,11 +374,15 @@ class Engine:
             if r is not None:
                 tokens[i, 0] = r.generated[-1]
                 pos[i] = len(r.prompt) + len(r.generated) - 1
+        return reqs, tokens, pos
+
+    def _run_decode(self):
+        reqs, tokens, pos = self._decode_rows()
         lay = self.rs.layout
         out, self.cache = self._compiled_decode()(
             self.params, put(self.mesh, lay, "tokens", tokens), put(self.mesh, lay, "lengths", pos), self.cache,
-            *_sampling_rows(reqs))
-        self.steps["decode"] += 1
+            *sampling_rows(reqs))
+        self._account("decode", 0, sum(r is not None for r in reqs), self.slots)
         self._emit_sampled(reqs, out)
 
     def _emit_sampled(self, reqs: list[Request | None], out):
@@ -362,17 +405,3 @@ class Engine:
         if self.metrics:
             running = sum(r is not None for r in self.slot_req)
             self.metrics.engine_state(self.index, running, len(self.waiting), running / self.slots)
-
-
-def _sampling_rows(reqs: list[Request | None]) -> tuple[np.ndarray, ...]:
-    """sample_rows' per-row inputs (seed, tokens drawn so far, temperature, top_k, top_p); rows
-    without a request are greedy and ignored."""
-    n = len(reqs)
-    seeds, counts = np.zeros(n, np.uint32), np.zeros(n, np.int32)
-    temps, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
-    for i, r in enumerate(reqs):
-        if r is not None:
-            p = r.params
-            seeds[i], counts[i] = p.seed % 2**32, len(r.generated)
-            temps[i], top_k[i], top_p[i] = p.temperature, min(p.top_k, 2**31 - 1), p.top_p
-    return seeds, counts, temps, top_k, top_p

@@ -35,6 +35,16 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("moejax:request_queue_time_seconds", "Arrival to a slot", labels,
                                buckets=LATENCY_BUCKETS, registry=r)
+        self.step_tokens = Counter("moejax:step_tokens", "Token positions the engine's forward calls computed: "
+                                   "prompt tokens (prefill), generated tokens (decode) and the compiled shapes' "
+                                   "padding", labels + ("kind",), registry=r)
+        self.forward_calls = Counter("moejax:forward_calls", "Engine forward calls: decode, extend (prompt chunks "
+                                     "alone) or mixed (decode rows and prompt chunks in one forward)",
+                                     labels + ("kind",), registry=r)
+        self.prefix_queries = Counter("moejax:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      labels, registry=r)
+        self.prefix_hits = Counter("moejax:prefix_cache_hits", "Prompt tokens whose keys and values came from the "
+                                   "prefix cache (not computed)", labels, registry=r)
         for e in range(engines):
             self.slots_total.labels(model_name, str(e)).set(slots)
             self.engine_state(e, 0, 0, 0.0)
@@ -47,6 +57,19 @@ class Metrics:
         self.waiting.labels(**self._l(engine)).set(waiting)
         self.slots_used.labels(**self._l(engine)).set(running)
         self.usage.labels(**self._l(engine)).set(usage)
+
+    def forward(self, engine: int, kind: str, prefill: int, decode: int, computed: int):
+        """One forward call of `kind` that computed `computed` token positions, of which `prefill`
+        prompt tokens and `decode` generated ones; the rest were padding."""
+        lab = self._l(engine)
+        self.forward_calls.labels(**lab, kind=kind).inc()
+        for k, n in (("prefill", prefill), ("decode", decode), ("padding", computed - prefill - decode)):
+            self.step_tokens.labels(**lab, kind=k).inc(n)
+
+    def prefix(self, engine: int, queried: int, hit: int):
+        lab = self._l(engine)
+        self.prefix_queries.labels(**lab).inc(queried)
+        self.prefix_hits.labels(**lab).inc(hit)
 
     def queued(self, engine: int, seconds: float):
         self.queue.labels(**self._l(engine)).observe(seconds)

