@@ -58,7 +58,8 @@ def test_lru_gives_the_row_used_longest_ago_and_counts_evictions():
     assert off.place(block_names(prompts[0]), len(prompts[0]), [0, 1], [0, 1])[1:] == (None, 0)
 
 
-def _serve(eng: Engine, prompts, new: int, at_once: bool):
+def _serve(eng: Engine, prompts, new: int):
+    """Every prompt one at a time (each after the last finished), then all at once: (tokens, logprobs)."""
     out, lps = {}, {}
 
     def emit(i):
@@ -68,15 +69,18 @@ def _serve(eng: Engine, prompts, new: int, at_once: bool):
                 lps.setdefault(i, []).extend(np.asarray(ev.logprobs.logprobs).tolist())
         return on
 
+    n = len(prompts)
     reqs = [Request(p, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, logprobs=2), emit(i))
-            for i, p in enumerate(prompts)]
-    for r in reqs:
+            for i, p in enumerate(prompts + prompts)]
+    for r in reqs[:n]:
         eng.submit(r)
-        while not at_once and not r.finish_reason:
+        while not r.finish_reason:
             eng.step()
+    for r in reqs[n:]:
+        eng.submit(r)
     while not all(r.finish_reason for r in reqs):
         eng.step()
-    return [out[i] for i in range(len(prompts))], [lps[i] for i in range(len(prompts))]
+    return [out[i] for i in range(2 * n)], [lps[i] for i in range(2 * n)]
 
 
 @pytest.mark.parametrize("mesh", ["1x1x1x1", "1x2x2x2"])
@@ -87,15 +91,15 @@ def test_cached_prefixes_give_the_same_tokens_and_logprobs(mesh):
     prompts.append(list(prompts[1]))  # the same prompt twice
     results = {}
     for cache in (False, True):
-        for at_once in (False, True):
-            eng = Engine(rs, m, params, slots=4, max_len=160, chunk=32, budget=64, prefix_cache=cache)
-            results[cache, at_once] = _serve(eng, prompts, 6, at_once)
-            if cache:
-                assert eng.prefix.hit >= (len(prompts) - (4 if at_once else 1)) * 3 * BLOCK
-                assert eng.tokens["prefill"] == sum(map(len, prompts)) - eng.prefix.hit
-            else:
-                assert eng.prefix.hit == 0 and eng.tokens["prefill"] == sum(map(len, prompts))
-    for at_once in (False, True):
-        (t0, l0), (t1, l1) = results[False, at_once], results[True, at_once]
-        assert t1 == t0
-        np.testing.assert_allclose(np.array(l1), np.array(l0), rtol=0, atol=1e-5)
+        eng = Engine(rs, m, params, slots=4, max_len=128, chunk=32, budget=64, prefix_cache=cache)
+        results[cache] = _serve(eng, prompts, 6)
+        if cache:  # one by one: every prompt after the first reuses the system prompt; all at once too,
+            # but a batch shard's first two rows (admitted together) find no holder on their own shard
+            misses = 1 + 2 * (eng.shards - 1)
+            assert eng.prefix.hit >= (2 * len(prompts) - misses) * 3 * BLOCK
+            assert eng.tokens["prefill"] == 2 * sum(map(len, prompts)) - eng.prefix.hit
+        else:
+            assert eng.prefix.hit == 0 and eng.tokens["prefill"] == 2 * sum(map(len, prompts))
+    (t0, l0), (t1, l1) = results[False], results[True]
+    assert t1 == t0
+    np.testing.assert_allclose(np.array(l1), np.array(l0), rtol=0, atol=1e-5)

@@ -352,7 +352,6 @@ def build(rs: RunSpec, mesh, mode: str, every_position: bool = False):
     return jax.jit(mapped, donate_argnums=donate)
 
 
-
 def copy_prefix(rs: RunSpec, mesh):
     """A jitted (cache, src_Q, dst_Q, n_Q) -> cache, Q = the batch shards: on each shard q whose
     dst_Q[q] >= 0, positions [0, n_Q[q]) of its cache row dst_Q[q] become those of its row src_Q[q]

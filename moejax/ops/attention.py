@@ -25,6 +25,7 @@ def bits(x, dtype):
     return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
+DECODE_GROUP = 4  # decode rows that share one span on CPU (a tiny model's engine: 7.1 -> 4.7 ms a step)
 MIN_SPAN = 128  # the shortest span of cache positions decode and extend attention read on CPU
 
 
@@ -116,11 +117,18 @@ def _decode(q_BTHK, k_BTGK, v_BTGK, pos_B, valid_B, kv, row0, platform: str):
     rows_B = jnp.where(valid_B, row0 + jnp.arange(mb), kv[0].shape[0])  # padding: dropped
     kv = tuple(c.at[rows_B, pos_B].set(bits(n[:, 0], c.dtype), mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
 
-    def attend(span):
-        k_BSGK, v_BSGK = (bits(jax.lax.dynamic_slice_in_dim(c[:, :span], row0, mb, axis=0), cdt) for c in kv)
-        mask_BTS = (jnp.arange(span)[None, :] <= pos_B[:, None])[:, None, :]
-        return layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS, platform=platform)
-    return read_span(jnp.max(jnp.where(valid_B, pos_B + 1, 1)), kv[0].shape[1], platform, attend), kv
+    def group(lo, n):  # rows lo .. lo + n - 1, reading the span they reach
+        def attend(span):
+            k_BSGK, v_BSGK = (bits(jax.lax.dynamic_slice_in_dim(c[:, :span], row0 + lo, n, axis=0), cdt) for c in kv)
+            mask_BTS = (jnp.arange(span)[None, :] <= pos_B[lo:lo + n, None])[:, None, :]
+            return layers.attention(q_BTHK[lo:lo + n], k_BSGK, v_BSGK, mask_BTS=mask_BTS, platform=platform)
+        needed = jnp.max(jnp.where(valid_B[lo:lo + n], pos_B[lo:lo + n] + 1, 1))
+        return read_span(needed, kv[0].shape[1], platform, attend)
+    # on CPU, groups of DECODE_GROUP rows, each reading its own span: one long sequence no longer makes
+    # every row read the whole cache
+    g = DECODE_GROUP if platform == "cpu" and mb > DECODE_GROUP and mb % DECODE_GROUP == 0 else mb
+    outs = [group(lo, g) for lo in range(0, mb, g)]
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)), kv
 
 
 def _extend(q_BTHK, k_BTGK, v_BTGK, rows_B, pos_BT, valid_BT, kv, platform: str):
