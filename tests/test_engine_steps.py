@@ -96,13 +96,13 @@ def test_generation_across_attention_spans_equals_the_full_forward():
     assert spans(32) == [32] and spans(640) == [128, 256, 512, 640] and spans(2048)[-2:] == [1024, 2048]
     rs, m, params = setup(CONFIG, "1x1x1x1")
     eng = Engine(rs, m, params, slots=8, max_len=320, chunk=64, budget=256)
-    # 8 slots: decode rows 0-3 and 4-7 each read their own span (DECODE_GROUP 4), so the short prompt
-    # in row 4 reads 128 positions while rows 0-3 read 512
-    prompts = [[int(t) for t in np.random.default_rng(5).integers(3, 256, size=n)] for n in (250, 120, 7, 30, 9)]
+    # 8 slots: decode rows 0-3 and 4-7 each read their own span (DECODE_GROUP 4): rows 0-3 (slots are
+    # given in order) cross 128, row 4 alone crosses 256, which its group's span must follow
+    prompts = [[int(t) for t in np.random.default_rng(5).integers(3, 256, size=n)] for n in (120, 7, 30, 9, 250)]
     out = {}
     reqs = [Request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
                     lambda ev, i=i: out.setdefault(i, []).extend(ev.token_ids)) for i, (p, n) in
-            enumerate(zip(prompts, (12, 14, 5, 6, 8)))]
+            enumerate(zip(prompts, (14, 5, 6, 8, 12)))]
     for r in reqs:
         eng.submit(r)
     while not all(r.finish_reason for r in reqs):

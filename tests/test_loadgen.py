@@ -35,6 +35,9 @@ def test_workload_is_deterministic_and_within_its_ranges():
     assert small == set(range(3, 10))
     with pytest.raises(UserError, match="need 1 <= LO <= HI"):
         make_workload(4, (9, 3), (1, 1))
+    # a shared prefix: every prompt starts with the same N tokens, then the same own tokens as without it
+    shared = make_workload(200, (3, 9), (2, 5), seed=1, shared_prefix=20)
+    assert len({tuple(p[:20]) for p, _ in shared}) == 1 and [(p[20:], m) for p, m in shared] == a
 
 
 def test_poisson_arrivals_start_at_zero_with_mean_gap_one_over_rate():

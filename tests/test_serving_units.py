@@ -77,6 +77,13 @@ def test_sample_rows():
     keep = order[: int(np.searchsorted(np.cumsum(probs[order]), 0.8) + 1)]
     p8 = np.asarray(sample_rows(one, *rows(200, top_p=np.full(200, 0.8, np.float32))))
     assert set(p8) <= set(keep.tolist())
+    # greedy rows beside sampled ones, and top-k on some sampled rows only (each stage runs when any row needs it)
+    temps = np.tile(np.array([0, 1, 1], np.float32), 200 // 3 + 1)[:200]
+    top_k = np.where(np.arange(200) % 3 == 1, 3, 0).astype(np.int32)
+    got = np.asarray(sample_rows(one, *rows(200, temps=temps, top_k=top_k)))
+    top3 = set(np.argsort(-np.asarray(logits[0]))[:3].tolist())
+    assert (got[temps == 0] == best[0]).all() and set(got[top_k == 3]) <= top3 and len(set(got[top_k == 3])) > 1
+    assert not set(got[(temps == 1) & (top_k == 0)]) <= top3  # the unfiltered rows draw from all 40 tokens
 
 
 def test_prefill_buckets():

@@ -14,7 +14,8 @@ The engine owns S decode slots, each a row of a preallocated KV cache of `max_le
      <= budget tokens, not by its whole prefill; with no prompt prefilling, a `decode` call alone
      (`mixed=False`: an `extend` call, then a `decode` call, as before);
   3. a finished sequence frees its slot at once.
-Programs are the serving program of model.py (`build("mixed")`, `build("decode")`, `build("extend")`);
+Programs (serving/programs.py, which also holds the KV cache) are the serving program of model.py
+(`build("mixed")`, `build("decode")`, `build("extend")`);
 chunks come in power-of-two row counts and lengths (>= 16), compiled by `warmup` or on first use.
 Each program also returns every row's logprobs (the sampled token's and the top MAX_LOGPROBS),
 fetched only for requests that ask; prompt logprobs (echo) come from an extend variant with the
@@ -27,22 +28,19 @@ Nothing crosses replicas: each engine has its own mesh, parameters, cache and th
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import threading
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moejax.models import transformer as model
-from moejax.inference.generate import fetch, put
-from moejax.inference.sampling import logprobs_at, sample_rows
+from moejax.inference.generate import fetch
 from moejax.serving.batching import MIN_CHUNK, ExtendPlan, buckets, plan_extend, pow2_at_least, sampling_rows
+from moejax.serving.programs import Programs
 from moejax.serving.prefix import PrefixCache, block_names
-from moejax.serving.request import MAX_LOGPROBS, Event, Request
+from moejax.serving.request import Event, Request
 
 log = logging.getLogger("moejax.serving")
 
@@ -51,7 +49,7 @@ class Engine:
     def __init__(self, rs: model.RunSpec, mesh, params, *, slots: int, max_len: int, chunk: int = 256,
                  budget: int = 1024, index: int = 0, metrics=None, static: bool = False, mixed: bool = True,
                  prefix_cache: bool = True):
-        self.rs, self.mesh, self.params = rs, mesh, params
+        self.rs = rs
         self.index, self.metrics, self.static = index, metrics, static
         self.shards = rs.layout.shards("batch", rs.shape)
         if slots % rs.batch_multiple:
@@ -60,16 +58,10 @@ class Engine:
         self.chunk = max(MIN_CHUNK, pow2_at_least(min(chunk, max_len)))
         self.per_shard = slots // self.shards
         self.budget = max(budget, self.chunk)
-        self.rs_extend = dataclasses.replace(rs, microbatches=1)
-        self.cache = model.init_cache(rs, mesh, slots, max_len)
+        self.programs = Programs(rs, mesh, params, slots, max_len)
         self.eos_id = rs.cfg.eos_token_id
-        self._decode = None
-        self._extend: dict[tuple[int, int, bool], object] = {}
-        self._mixed: dict[tuple[int, int], object] = {}
-        self._copy = None  # the prefix copy program (model.copy_prefix), built on first use
         self.prefix = PrefixCache(slots, self.shards, enabled=prefix_cache and not static)
         self.mixed = mixed and not static
-        self.compile_s = 0.0
         self.slot_req: list[Request | None] = [None] * slots
         self.waiting: collections.deque[Request] = collections.deque()
         self._inbox: collections.deque = collections.deque()
@@ -83,66 +75,9 @@ class Engine:
         # calls computed (real ones plus padding: compiled shapes are buckets, decode runs every slot)
         self.tokens = {"prefill": 0, "decode": 0, "computed": 0}
 
-    # ---- compiled programs --------------------------------------------------------------------
-    def _compile(self, fn, inputs: list[tuple[str, tuple]], every_position: bool = False):
-        """fn(params, *inputs, cache) followed by per-row sampling, as one executable:
-        (params, *inputs, cache, [targets_BT,] *sampling rows) -> ((tokens [b], their logprobs [b],
-        top-K logprobs [b, K], their ids [b, K][, prompt logprobs of targets_BT [b, T], top-K
-        [b, T, K], ids [b, T, K]]), cache). K = MAX_LOGPROBS; the logprobs stay on the device unless
-        a request asked for them. inputs: (activation name, shape) of each input, compiled with
-        padding rows that write nothing (-1). every_position: fn's logits are the chunk's every position
-        (`build(..., every_position=True)`), read at targets_BT (each position's next prompt token);
-        the sampled token comes from each row's last one."""
-        n_inputs = len(inputs)
-
-        def step(params, *args):
-            inputs, cache, rest = args[:n_inputs], args[n_inputs], args[n_inputs + 1:]
-            logits, cache, _ = fn(params, *inputs, cache)
-            prompt = ()
-            if every_position:
-                targets, rest = rest[0], rest[1:]
-                prompt = logprobs_at(logits, targets, MAX_LOGPROBS)
-                last = jnp.maximum(inputs[1], 1) - 1  # extend's counts
-                logits = logits[jnp.arange(logits.shape[0]), last]
-            tokens = sample_rows(logits, *rest)
-            return (tokens, *logprobs_at(logits, tokens, MAX_LOGPROBS), *prompt), cache
-
-        lay = self.rs.layout
-        args = [put(self.mesh, lay, name, np.full(shape, 0 if name == "tokens" else -1, np.int32))
-                for name, shape in inputs]
-        n_out = sum(shape[0] for name, shape in inputs if name == "tokens")  # rows sampled
-        rows = ((args[0],) if every_position else ()) + sampling_rows([None] * n_out)
-        t0 = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(n_inputs + 1,)).lower(self.params, *args, self.cache, *rows).compile()
-        # a first run: XLA:CPU's first call of a program ran ~1.4x slower than later ones
-        _, self.cache = compiled(self.params, *args, self.cache, *rows)
-        jax.block_until_ready(self.cache)
-        self.compile_s += time.perf_counter() - t0
-        return compiled
-
-    def _compiled_decode(self):
-        if self._decode is None:
-            self._decode = self._compile(model.build(self.rs, self.mesh, "decode"),
-                                         [("tokens", (self.slots, 1)), ("lengths", (self.slots,))])
-        return self._decode
-
-    def _compiled_extend(self, rows: int, length: int, every_position: bool = False):
-        """every_position: the variant with prompt logprobs, compiled when a request first asks
-        for them (echo with logprobs); warmup compiles the others only."""
-        key = (rows, length, every_position)
-        if key not in self._extend:
-            fn = model.build(self.rs_extend, self.mesh, "extend", every_position=every_position)
-            b = rows * self.shards
-            self._extend[key] = self._compile(fn, [("tokens", (b, length))] + [("lengths", (b,))] * 3, every_position)
-        return self._extend[key]
-
-    def _compiled_mixed(self, rows: int, length: int):
-        if (rows, length) not in self._mixed:
-            b = rows * self.shards
-            self._mixed[rows, length] = self._compile(
-                model.build(self.rs_extend, self.mesh, "mixed"),
-                [("tokens", (self.slots, 1)), ("lengths", (self.slots,)), ("tokens", (b, length))] + [("lengths", (b,))] * 3)
-        return self._mixed[rows, length]
+    @property
+    def compile_s(self) -> float:
+        return self.programs.compile_s
 
     def extend_shapes(self) -> list[tuple[int, int]]:
         """Every (rows per shard, length) an extend call can take: lengths 16, 64, ... and the chunk;
@@ -155,9 +90,9 @@ class Engine:
 
     def warmup(self) -> float:
         """Compile every program the loop can call; returns the seconds spent compiling."""
-        self._compiled_decode()
+        self.programs.compiled_decode()
         for r, t in self.extend_shapes():  # mixed: an extend without decode rows is a mixed call too
-            (self._compiled_mixed if self.mixed else self._compiled_extend)(r, t)
+            (self.programs.compiled_mixed if self.mixed else self.programs.compiled_extend)(r, t)
         return self.compile_s
 
     # ---- the API side (any thread) --------------------------------------------------------------
@@ -267,7 +202,8 @@ class Engine:
                                                     [i for i in free if i // self.per_shard == shard])
             self.waiting.popleft()
             if donor is not None:
-                self._copy_prefix(donor, slot, reused)
+                self.programs.copy_prefix(donor // self.per_shard, donor % self.per_shard, slot % self.per_shard,
+                                          reused)
             req.slot, req.scheduled, req.prefilled = slot, time.perf_counter(), reused
             self.slot_req[slot] = req
             if self.metrics and self.prefix.enabled:
@@ -294,26 +230,10 @@ class Engine:
         else:
             req.emit(event)
 
-    def _extend_inputs(self, plan: ExtendPlan) -> list:
-        lay = self.rs.layout
-        return [put(self.mesh, lay, "tokens", plan.tokens),
-                *(put(self.mesh, lay, "lengths", a) for a in (plan.counts, plan.starts, plan.cache_rows))]
-
     def _prefilled(self, plan: ExtendPlan):
         for r in filter(None, plan.row_req):
             r.prefilled += plan.take[r.id]
             self.prefix.prefilled(r.slot, r.blocks, r.prefilled)
-
-    def _copy_prefix(self, src: int, dst: int, tokens: int):
-        """Cache row `dst` gets the first `tokens` positions of row `src` (same batch shard)."""
-        shard = dst // self.per_shard
-        vecs = [np.full(self.shards, -1, np.int32) for _ in range(3)]
-        for v, x in zip(vecs, (src % self.per_shard, dst % self.per_shard, tokens)):
-            v[shard] = x
-        if self._copy is None:
-            self._copy = model.copy_prefix(self.rs, self.mesh)
-        lay = self.rs.layout
-        self.cache = self._copy(self.cache, *(put(self.mesh, lay, "lengths", v) for v in vecs))
 
     def _account(self, kind: str, prefill: int, decode: int, computed: int):
         """A forward call of `kind`: its real prompt and decode tokens and every position it computed."""
@@ -325,21 +245,17 @@ class Engine:
 
     def _run_extend(self, plan: ExtendPlan):
         """The plan's chunks as one extend call (with the prompt logprobs of rows that ask)."""
-        lay = self.rs.layout
         scored = [r if r is not None and r.params.prompt_logprobs is not None else None for r in plan.row_req]
-        targets = ()
+        tgt = None
         if any(scored):  # each position's next prompt token (the prompt's end: none, its row is the token's)
             tgt = np.zeros(plan.tokens.shape, np.int32)
             for i, r in enumerate(scored):
                 if r is not None:
                     nxt = r.prompt[r.prefilled + 1: r.prefilled + plan.take[r.id] + 1]
                     tgt[i, :len(nxt)] = nxt
-            targets = (put(self.mesh, lay, "tokens", tgt),)
-        fn = self._compiled_extend(plan.rows, plan.length, bool(targets))
-        out, self.cache = fn(self.params, *self._extend_inputs(plan), self.cache, *targets,
-                             *sampling_rows(plan.done))
+        out = self.programs.extend(plan, tgt, sampling_rows(plan.done))
         self._account("extend", int(plan.counts.sum()), 0, plan.tokens.size)
-        if targets:
+        if tgt is not None:
             plp, ptop, pids = (fetch(a) for a in out[4:7])
             for i, r in enumerate(scored):
                 if r is not None:
@@ -353,14 +269,11 @@ class Engine:
         """One forward for the decode step of every decoding slot and the plan's prompt chunks
         (`build("mixed")`): the weights are read once for both."""
         dec, tokens, pos = self._decode_rows()
-        lay = self.rs.layout
         rows_out: list[Request | None] = []  # logits rows: per batch shard, its decode rows, then its extend rows
         for shard in range(self.shards):
             rows_out += dec[shard * self.per_shard:(shard + 1) * self.per_shard]
             rows_out += plan.done[shard * plan.rows:(shard + 1) * plan.rows]
-        fn = self._compiled_mixed(plan.rows, plan.length)
-        out, self.cache = fn(self.params, put(self.mesh, lay, "tokens", tokens), put(self.mesh, lay, "lengths", pos),
-                             *self._extend_inputs(plan), self.cache, *sampling_rows(rows_out))
+        out = self.programs.mixed(tokens, pos, plan, sampling_rows(rows_out))
         self._account("mixed", int(plan.counts.sum()), sum(r is not None for r in dec), plan.tokens.size + self.slots)
         self._prefilled(plan)
         self._emit_sampled(rows_out, out)
@@ -378,10 +291,7 @@ class Engine:
 
     def _run_decode(self):
         reqs, tokens, pos = self._decode_rows()
-        lay = self.rs.layout
-        out, self.cache = self._compiled_decode()(
-            self.params, put(self.mesh, lay, "tokens", tokens), put(self.mesh, lay, "lengths", pos), self.cache,
-            *sampling_rows(reqs))
+        out = self.programs.decode(tokens, pos, sampling_rows(reqs))
         self._account("decode", 0, sum(r is not None for r in reqs), self.slots)
         self._emit_sampled(reqs, out)
 

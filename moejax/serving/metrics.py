@@ -17,6 +17,7 @@ class Metrics:
     def __init__(self, model_name: str, engines: int, slots: int):
         self.registry = r = CollectorRegistry()
         self.model_name, self.slots = model_name, slots
+        self._children: dict[tuple, object] = {}
         labels = ("model_name", "engine")
         self.running = Gauge("moejax:num_requests_running", "Requests in decode slots", labels, registry=r)
         self.waiting = Gauge("moejax:num_requests_waiting", "Requests waiting for a slot", labels, registry=r)
@@ -46,48 +47,50 @@ class Metrics:
         self.prefix_hits = Counter("moejax:prefix_cache_hits", "Prompt tokens whose keys and values came from the "
                                    "prefix cache (not computed)", labels, registry=r)
         for e in range(engines):
-            self.slots_total.labels(model_name, str(e)).set(slots)
+            self._at(self.slots_total, e).set(slots)
             self.engine_state(e, 0, 0, 0.0)
 
-    def _l(self, engine: int):
-        return {"model_name": self.model_name, "engine": str(engine)}
+    def _at(self, metric, engine: int, **labels):
+        """metric's child for this model, engine and labels, looked up once: `labels()` builds and
+        checks its label tuple on every call, and these run for every step and token."""
+        key = (metric, engine, *labels.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(model_name=self.model_name, engine=str(engine), **labels)
+        return child
 
     def engine_state(self, engine: int, running: int, waiting: int, usage: float):
-        self.running.labels(**self._l(engine)).set(running)
-        self.waiting.labels(**self._l(engine)).set(waiting)
-        self.slots_used.labels(**self._l(engine)).set(running)
-        self.usage.labels(**self._l(engine)).set(usage)
+        self._at(self.running, engine).set(running)
+        self._at(self.waiting, engine).set(waiting)
+        self._at(self.slots_used, engine).set(running)
+        self._at(self.usage, engine).set(usage)
 
     def forward(self, engine: int, kind: str, prefill: int, decode: int, computed: int):
         """One forward call of `kind` that computed `computed` token positions, of which `prefill`
         prompt tokens and `decode` generated ones; the rest were padding."""
-        lab = self._l(engine)
-        self.forward_calls.labels(**lab, kind=kind).inc()
+        self._at(self.forward_calls, engine, kind=kind).inc()
         for k, n in (("prefill", prefill), ("decode", decode), ("padding", computed - prefill - decode)):
-            self.step_tokens.labels(**lab, kind=k).inc(n)
+            self._at(self.step_tokens, engine, kind=k).inc(n)
 
     def prefix(self, engine: int, queried: int, hit: int):
-        lab = self._l(engine)
-        self.prefix_queries.labels(**lab).inc(queried)
-        self.prefix_hits.labels(**lab).inc(hit)
+        self._at(self.prefix_queries, engine).inc(queried)
+        self._at(self.prefix_hits, engine).inc(hit)
 
     def queued(self, engine: int, seconds: float):
-        self.queue.labels(**self._l(engine)).observe(seconds)
+        self._at(self.queue, engine).observe(seconds)
 
     def token(self, engine: int, req):
         """After req accepted a token: its first (TTFT, prompt counted) or a later one (ITL)."""
-        lab = self._l(engine)
-        self.generation_tokens.labels(**lab).inc()
+        self._at(self.generation_tokens, engine).inc()
         if len(req.generated) == 1:
-            self.prompt_tokens.labels(**lab).inc(len(req.prompt))
-            self.ttft.labels(**lab).observe(req.first_token - req.arrival)
+            self._at(self.prompt_tokens, engine).inc(len(req.prompt))
+            self._at(self.ttft, engine).observe(req.first_token - req.arrival)
         else:
-            self.itl.labels(**lab).observe(req.last_token - req.previous_token)
+            self._at(self.itl, engine).observe(req.last_token - req.previous_token)
 
     def finished(self, engine: int, req):
-        lab = self._l(engine)
-        self.success.labels(**lab, finished_reason=req.finish_reason).inc()
-        self.e2e.labels(**lab).observe(time.perf_counter() - req.arrival)
+        self._at(self.success, engine, finished_reason=req.finish_reason).inc()
+        self._at(self.e2e, engine).observe(time.perf_counter() - req.arrival)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

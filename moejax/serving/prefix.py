@@ -62,8 +62,10 @@ class PrefixCache:
             limit = (prompt_len - 1) // BLOCK  # full blocks that leave a token to compute
             for r, table in enumerate(self.tables):
                 key = (min(matched(table, names), limit), r in free)  # a free holder needs no copy
+                if not key[0] or key <= best:
+                    continue
                 shard_free = [f for f in free if f // self.per_shard == r // self.per_shard]
-                if key[0] and key > best and shard_free:
+                if shard_free:
                     best, donor, n = key, r, key[0]
                     row = r if r in free else min(shard_free, key=self._lru_key)
         if row is None:
