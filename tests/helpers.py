@@ -70,6 +70,14 @@ def forward(config: str, mesh: str, tokens, layout: str = "seed", lengths=None, 
 _XLA_CACHE: list[str] = []
 
 
+def xla_cache_dir() -> str:
+    """This test process's persistent XLA compilation cache: a new directory, removed at exit."""
+    if not _XLA_CACHE:
+        _XLA_CACHE.append(tempfile.mkdtemp(prefix="moejax-tests-xla-"))
+        atexit.register(shutil.rmtree, _XLA_CACHE[0], True)
+    return _XLA_CACHE[0]
+
+
 def command_env(env=None) -> dict:
     """The environment of a command a test starts: no XLA_FLAGS (commands provision their own
     devices) and one persistent XLA compilation cache per test process (every program, however
@@ -77,14 +85,32 @@ def command_env(env=None) -> dict:
     draws, a mesh's prefill) load them instead of compiling again. The cache starts empty (a
     directory of this process, removed at exit): nothing is read from an earlier session or from
     ~/.cache, and a cached executable is the one the same program compiled to. `env` overrides."""
-    if not _XLA_CACHE:
-        _XLA_CACHE.append(tempfile.mkdtemp(prefix="moejax-tests-xla-"))
-        atexit.register(shutil.rmtree, _XLA_CACHE[0], True)
     e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e.update({"JAX_COMPILATION_CACHE_DIR": _XLA_CACHE[0], "MOEJAX_CACHE_DIR": _XLA_CACHE[0],
+    e.update({"JAX_COMPILATION_CACHE_DIR": xla_cache_dir(), "MOEJAX_CACHE_DIR": xla_cache_dir(),
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
     e.update(env or {})
     return e
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free, below the kernel's ephemeral range: a port the kernel hands out
+    (bind to 0, or the source port of any client connection, such as a coordinator's) could take
+    p + 1 between this check and the server's bind."""
+    import random
+    import socket
+
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0]) if os.path.exists(
+        "/proc/sys/net/ipv4/ip_local_port_range") else 32768
+    for _ in range(100):
+        port = random.randrange(10000, low - 2)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two free consecutive ports below the ephemeral range")
 
 
 def run_script(script: str, *args, env=None, timeout=600):

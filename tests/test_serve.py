@@ -16,7 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import REPO, setup
+from helpers import REPO, free_port_pair, setup, xla_cache_dir
 from moejax.bench.harness import ServerProcess
 
 CONFIG = "configs/tiny.yaml"
@@ -30,7 +30,7 @@ class Server(ServerProcess):
     def __init__(self, mesh: str, *flags: str):
         super().__init__("--mesh", mesh, "--config", CONFIG, "--dtype", "float32", "--max-len", str(MAX_LEN),
                          "--prefill-chunk", "32", "--prefill-budget", "32", *flags, startup_s=300,
-                         env={"XLA_FLAGS": "", "MOEJAX_CACHE_DIR": ""})
+                         env={"XLA_FLAGS": "", "MOEJAX_CACHE_DIR": xla_cache_dir()})
 
     def metrics(self) -> dict:
         """{(name, labels as a sorted tuple): value} from /metrics."""
@@ -281,14 +281,10 @@ def test_bad_flags_exit_2():
 
 def test_two_processes_serve_their_own_replicas(reference):
     """--coordinator: each process runs the engine of its own dp replica on port + process id."""
-    import socket
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        coord = sk.getsockname()[1]
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]  # process i listens on port + i
+    coord = free_port_pair()
+    port = free_port_pair()  # process i listens on port + i
+    while port in (coord - 1, coord, coord + 1):
+        port = free_port_pair()
     procs = []
     try:
         starts = [threading.Thread(target=lambda i=i: procs.append(Server(
