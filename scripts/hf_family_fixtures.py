@@ -18,8 +18,12 @@ model, keyed by the hub's tensor names (transformers 5.x's fused expert tensors 
 
 Qwen2-MoE's fixture ties the head to the embedding, makes layer 2 dense and scales RoPE linearly; GLM-4.5's
 makes layer 0 dense, limits routing to 2 of 4 expert groups, scales the routed weights by 2.5 and
-uses yarn RoPE (original length 16, so the 24 + 12 positions reach past it): each term moejax
-implements is exercised against transformers' numbers.
+uses yarn RoPE (original length 16, so the 24 + 12 positions reach past it); GPT-OSS's alternates a
+sliding window of 8 with full attention on its 2 layers (one of each per stage on a 2-stage mesh), uses
+yarn RoPE with truncate false, and clamps its experts at 0.2, which the tiny model's activations
+reach: each term moejax implements is exercised against transformers' numbers. GPT-OSS's hub layout
+keeps each layer's experts fused (gate_up_proj [E, D, 2F], gate and up interleaved), and its grads.npz
+keeps those names.
 """
 
 import argparse
@@ -70,17 +74,34 @@ def glm4_moe():
         attn_implementation="eager")
 
 
+def gpt_oss():
+    return transformers.GptOssConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], attention_bias=True, swiglu_alpha=1.702,
+        swiglu_limit=0.2,  # the tiny model's gate and up values reach it (7.0 in the published models)
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16},
+        max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False, router_aux_loss_coef=0.01,
+        attn_implementation="eager")
+
+
 FAMILIES = {"qwen3-moe": (qwen3_moe, transformers.Qwen3MoeForCausalLM), "olmoe": (olmoe, transformers.OlmoeForCausalLM),
             "qwen2-moe": (qwen2_moe, transformers.Qwen2MoeForCausalLM),
-            "glm4-moe": (glm4_moe, transformers.Glm4MoeForCausalLM)}
+            "glm4-moe": (glm4_moe, transformers.Glm4MoeForCausalLM),
+            "gpt-oss": (gpt_oss, transformers.GptOssForCausalLM)}
+FUSED_HUB = ("gpt-oss",)  # families whose hub checkpoints keep each layer's experts in one tensor
 
 
-def hub_grads(model) -> dict:
-    """d loss / d parameter by the hub's names: fused [E, 2F, D] / [E, D, F] expert grads split per expert."""
+def hub_grads(model, fused: bool = False) -> dict:
+    """d loss / d parameter by the hub's names: fused [E, 2F, D] / [E, D, F] expert grads split per expert
+    (`fused`: kept, the hub's layout)."""
     out = {}
     for name, p in model.named_parameters():
         g = p.grad.detach().numpy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32)
-        if name.endswith("experts.gate_up_proj"):
+        if fused:
+            out[name] = g
+        elif name.endswith("experts.gate_up_proj"):
             f = g.shape[1] // 2
             for e in range(g.shape[0]):
                 out[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = g[e, :f]
@@ -93,12 +114,12 @@ def hub_grads(model) -> dict:
     return out
 
 
-def grads(d: str, cls, ids) -> None:
+def grads(d: str, cls, ids, fused: bool = False) -> None:
     """grads.npz of the saved model at `d` (loaded back, as moejax imports it)."""
     model = cls.from_pretrained(d, attn_implementation="eager").eval()
     x = torch.tensor(ids)
     model(x, labels=x, output_router_logits=True).loss.backward()
-    np.savez(os.path.join(d, "grads.npz"), **hub_grads(model))
+    np.savez(os.path.join(d, "grads.npz"), **hub_grads(model, fused))
 
 
 def make(name: str, out: str) -> None:
@@ -125,7 +146,7 @@ def make(name: str, out: str) -> None:
                              min_new_tokens=12)
     np.savez(os.path.join(d, "reference.npz"), input_ids=ids, logits=logits, generated_ids=gen[:, ids.shape[1]:].numpy(),
              ce_loss=ce, aux_loss=aux)
-    grads(d, cls, ids)
+    grads(d, cls, ids, name in FUSED_HUB)
     print(f"{d}: transformers {transformers.__version__}, torch {torch.__version__}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
@@ -139,7 +160,7 @@ def main():
     for name in args.family or sorted(FAMILIES):
         if args.grads_only:
             d = os.path.join(args.out, f"hf-{name}-tiny")
-            grads(d, FAMILIES[name][1], np.load(os.path.join(d, "reference.npz"))["input_ids"])
+            grads(d, FAMILIES[name][1], np.load(os.path.join(d, "reference.npz"))["input_ids"], name in FUSED_HUB)
         else:
             make(name, args.out)
 

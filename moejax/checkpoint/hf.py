@@ -8,10 +8,11 @@ import os
 
 import numpy as np
 
+from moejax.checkpoint import hf_formats
 from moejax.config.model import ModelConfig, config_from_dict
 from moejax.errors import UserError
 from moejax.models import registry
-from moejax.models.hf_map import config_to_hf, fused_units, hf_tensors, to_hf
+from moejax.models.hf_map import config_to_hf, fused_units, hf_tensors, hf_writes, join, to_hf
 from moejax.models.params import param_dtypes, param_shapes
 
 __all__ = ["config_from_hf", "config_to_hf", "hf_tensors", "to_hf", "read_hf", "write_hf", "write_hf_streaming",
@@ -20,6 +21,14 @@ __all__ = ["config_from_hf", "config_to_hf", "hf_tensors", "to_hf", "read_hf", "
 
 def config_from_hf(hf_dir: str) -> ModelConfig:
     """The ModelConfig of a Hugging Face checkpoint directory; any malformed field is one line."""
+    c, path = _config_json(hf_dir)
+    family = registry.get(c.get("model_type"), f"{path}: model_type")
+    hf_formats.fp8_block(c, path)  # a quantisation moejax does not read: one line, before any tensor
+    fields = family.config_from_hf(c, path)
+    return config_from_dict(fields, os.path.basename(os.path.abspath(hf_dir)))
+
+
+def _config_json(hf_dir: str) -> tuple[dict, str]:
     path = os.path.join(hf_dir, "config.json")
     try:
         with open(path) as f:
@@ -35,9 +44,7 @@ def config_from_hf(hf_dir: str) -> ModelConfig:
         raise UserError(f"{path}: not readable JSON ({str(e)[:80]})") from None
     if not isinstance(c, dict):
         raise UserError(f"{path}: expected a JSON object of config fields, not a {type(c).__name__}")
-    family = registry.get(c.get("model_type"), f"{path}: model_type")
-    fields = family.config_from_hf(c, path)
-    return config_from_dict(fields, os.path.basename(os.path.abspath(hf_dir)))
+    return c, path
 
 
 def _weight_files(hf_dir: str) -> dict[str, str]:
@@ -89,30 +96,32 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: dict, max_shard_bytes: int 
 
 def write_hf_streaming(out_dir: str, cfg: ModelConfig, fill, max_shard_bytes: int = 5 * 2**30, progress=None):
     """The safetensors files (and index) of `write_hf`, tensor by tensor: `fill(name, index)` gives the
-    moejax slice `name[index]` already in HF form (`to_hf`) when its turn comes."""
+    moejax slice `name[index]` already in HF form (`to_hf`) when its turn comes; an HF tensor made of
+    several slices (GPT-OSS's gate_up_proj) is their `join`."""
     from moejax.checkpoint.blocks import write_safetensors
 
-    entries = list(hf_tensors(cfg))
+    entries = hf_writes(cfg)  # (HF name, [(moejax name, index), ...])
     shapes = param_shapes(cfg)
     dtypes = param_dtypes(cfg, cfg.param_dtype)  # float32 where the family keeps it so
     groups, cur, size = [], [], 0
-    for e in entries:
-        n = int(np.prod(shapes[e[1]][len(e[2]):])) * np.dtype(_np_dtype(dtypes[e[1]])).itemsize
+    for hf_name, parts in entries:
+        n = sum(int(np.prod(shapes[name][len(idx):])) * np.dtype(_np_dtype(dtypes[name])).itemsize
+                for name, idx in parts)
         if cur and size + n > max_shard_bytes:
             groups.append(cur)
             cur, size = [], 0
-        cur.append(e)
+        cur.append((hf_name, parts))
         size += n
     groups.append(cur)
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     weight_map, done, total = {}, 0, 0
     for fname, group in zip(names, groups):
-        by_name = {hf_name: (name, idx) for hf_name, name, idx, _ in group}
-        hf_shapes = [(hf_name, to_hf(cfg, name, np.empty(shapes[name][len(idx):], np.uint8)).shape, dtypes[name])
-                     for hf_name, name, idx, _ in group]
-        total += write_safetensors(os.path.join(out_dir, fname), hf_shapes, lambda h: fill(*by_name[h]),
-                                   metadata={"format": "pt"})
+        by_name = dict(group)
+        hf_shapes = [(hf_name, join([to_hf(cfg, name, np.empty(shapes[name][len(idx):], np.uint8))
+                                     for name, idx in parts]).shape, dtypes[parts[0][0]]) for hf_name, parts in group]
+        total += write_safetensors(os.path.join(out_dir, fname), hf_shapes,
+                                   lambda h: join([fill(*p) for p in by_name[h]]), metadata={"format": "pt"})
         weight_map.update({h: fname for h in by_name})
         done += len(group)
         if progress:
@@ -129,7 +138,8 @@ def units(cfg: ModelConfig) -> dict:
 
 
 class HFReader:
-    """HF tensors by moejax (name, index), from the safetensors files of `hf_dir`, one at a time."""
+    """HF tensors by moejax (name, index), from the safetensors files of `hf_dir`, one at a time;
+    FP8 and MXFP4 tensors dequantised (checkpoint/hf_formats.py), each one counted in `converted`."""
 
     def __init__(self, hf_dir: str, cfg: ModelConfig):
         self.hf_dir, self.cfg = hf_dir, cfg
@@ -137,6 +147,8 @@ class HFReader:
         self.units = units(cfg)
         self.fused = fused_units(cfg)
         self.shapes = param_shapes(cfg)
+        self.fp8_block = hf_formats.fp8_block(*_config_json(hf_dir))
+        self.converted = {hf_formats.FP8: set(), hf_formats.MXFP4: set()}  # HF names dequantised
         self.handles, self.headers = {}, {}
         self.lock = __import__("threading").Lock()
 
@@ -169,45 +181,108 @@ class HFReader:
     def unit(self, name: str, idx: tuple) -> np.ndarray:
         hf_name, fn = self.units[(name, idx)]
         part = None  # (expert, chunk, chunks) of a fused 3-D tensor
-        if hf_name not in self.files and (name, idx) in self.fused:
+        if not self._stored(hf_name) and (name, idx) in self.fused:
             fused, *part = self.fused[(name, idx)]
-            if fused in self.files:
+            if self._stored(fused):
                 hf_name = fused
-        if hf_name not in self.files:
+        if not self._stored(hf_name):
             raise UserError(f"{self.hf_dir!r}: tensor {hf_name!r} is missing")
-        path = self.files[hf_name]
-        try:
-            base, header = self._header(path)
-            if hf_name not in header:
-                raise UserError(f"{path}: tensor {hf_name!r} is missing")
-            h = header[hf_name]
-            dtype = {"F32": np.dtype("float32"), "F16": np.dtype("float16"), "BF16": _bf16()}.get(h["dtype"])
-            if dtype is None:
-                raise UserError(f"{path}: tensor {hf_name!r} has dtype {h['dtype']}; moejax reads F32, F16, BF16")
-            b0, b1 = h["data_offsets"]
-            shape = list(h["shape"])
-            if b1 - b0 != int(np.prod(shape)) * dtype.itemsize:
-                raise UserError(f"{path}: tensor {hf_name!r}: {b1 - b0} bytes for shape {shape}: damaged")
-            if part is not None:  # one expert's chunk of [E, R, ...]: a contiguous run of its bytes
-                e, chunk, chunks = part
-                if len(shape) != 3 or shape[0] != self.cfg.num_experts or shape[1] % chunks:
-                    raise UserError(f"{path}: fused expert tensor {hf_name!r} has shape {shape}; expected "
-                                    f"[{self.cfg.num_experts}, {chunks} x rows, cols]")
-                rows = shape[1] // chunks
-                b0 += ((e * shape[1] + chunk * rows) * shape[2]) * dtype.itemsize
-                shape = [rows, shape[2]]
-            t = np.empty(shape, dtype)
-            got = os.preadv(self.handles[path].fileno(), [memoryview(t.reshape(-1).view(np.uint8))], base + b0)
-            if got != t.nbytes:  # (pread: safe from several threads)
-                raise UserError(f"{path}: tensor {hf_name!r} unreadable (end of file: truncated)")
-        except OSError as e:
-            raise UserError(f"{path}: tensor {hf_name!r} unreadable ({_reason(e, path)})") from None
+        t, path = self._tensor(hf_name, part)
         want = self.shapes[name][len(idx):]
         got = fn(t)
         if got.shape != want:
             raise UserError(f"{path}: tensor {hf_name!r} has shape {tuple(t.shape)}, which does not fit "
                             f"the config (moejax {name} slice {want})")
         return np.ascontiguousarray(got)
+
+    def _stored(self, hf_name: str) -> bool:
+        """In the checkpoint as itself, or as MXFP4 `<x>_blocks` and `<x>_scales`."""
+        return hf_name in self.files or (hf_name + "_blocks" in self.files and hf_name + "_scales" in self.files)
+
+    def _tensor(self, hf_name: str, part) -> tuple[np.ndarray, str]:
+        """(HF tensor `hf_name`, or one expert's chunk of it (`part`), dequantised; its file). A
+        quantised expert is dequantised whole (one expert's bytes are read) and then cut."""
+        e, chunk, chunks = part or (None, 0, 1)
+        E = self.cfg.num_experts
+        if hf_name not in self.files:  # MXFP4: <x>_blocks [E, R, G, 16] and <x>_scales [E, R, G] are <x> [E, 32G, R]
+            path, blocks = self._entry(hf_name + "_blocks", ("U8",))
+            scales = self._entry(hf_name + "_scales", ("U8",))[1]
+            if not hf_formats.mxfp4_shapes_fit(blocks["shape"], scales["shape"]):
+                raise UserError(f"{path}: MXFP4 tensor {hf_name!r}: blocks {blocks['shape']} and scales "
+                                f"{scales['shape']}; expected [..., R, G, 16] and [..., R, G]")
+            t = hf_formats.dequantize_mxfp4(self._read(hf_name + "_blocks", e), self._read(hf_name + "_scales", e))
+            self.converted[hf_formats.MXFP4].add(hf_name)
+        else:
+            path, h = self._entry(hf_name, ("F32", "F16", "BF16", "F8_E4M3"))
+            shape = h["shape"]
+            if h["dtype"] == "F8_E4M3":
+                scale = hf_name + "_scale_inv"
+                if scale not in self.files or len(shape) < 2:
+                    raise UserError(f"{path}: tensor {hf_name!r} is F8_E4M3 {shape}; moejax reads FP8 matrices with "
+                                    f"block scales in a {scale!r} beside them (quant_method 'fp8')")
+                spath, s = self._entry(scale, ("F32", "BF16", "F16", "F8_E8M0"))
+                need = hf_formats.fp8_scale_shape(shape, self.fp8_block)
+                if s["shape"] != need:
+                    raise UserError(f"{spath}: tensor {scale!r} has shape {s['shape']}; {hf_name!r} {shape} in blocks "
+                                    f"of {list(self.fp8_block)} needs {need}")
+                t = hf_formats.dequantize_fp8(self._read(hf_name, e), self._read(scale, e), self.fp8_block)
+                self.converted[hf_formats.FP8].add(hf_name)
+            elif part is None:
+                return self._read(hf_name), path
+            else:  # one expert's chunk of [E, R, ...]: a contiguous run of its bytes
+                if len(shape) != 3 or shape[0] != E or shape[1] % chunks:
+                    raise UserError(f"{path}: fused expert tensor {hf_name!r} has shape {shape}; expected "
+                                    f"[{E}, {chunks} x rows, cols]")
+                rows = shape[1] // chunks
+                return self._read(hf_name, e, (chunk * rows, (chunk + 1) * rows)), path
+        if part is not None:
+            if t.ndim != 2 or t.shape[0] % chunks:
+                raise UserError(f"{path}: fused expert tensor {hf_name!r} has expert shape {list(t.shape)}; "
+                                f"expected [{chunks} x rows, cols]")
+            rows = t.shape[0] // chunks
+            t = t[chunk * rows:(chunk + 1) * rows]
+        return t, path
+
+    def _entry(self, hf_name: str, dtypes: tuple) -> tuple[str, dict]:
+        """(file, safetensors header entry) of `hf_name`, its dtype one of `dtypes` and its size checked."""
+        path = self.files[hf_name]
+        try:
+            header = self._header(path)[1]
+        except OSError as e:
+            raise UserError(f"{path}: tensor {hf_name!r} unreadable ({_reason(e, path)})") from None
+        if hf_name not in header:
+            raise UserError(f"{path}: tensor {hf_name!r} is missing")
+        h = header[hf_name]
+        if h["dtype"] not in dtypes:
+            raise UserError(f"{path}: tensor {hf_name!r} has dtype {h['dtype']}; moejax reads "
+                            f"{', '.join(dtypes)} there")
+        b0, b1 = h["data_offsets"]
+        if b1 - b0 != int(np.prod(h["shape"])) * hf_formats.np_dtype(h["dtype"]).itemsize:
+            raise UserError(f"{path}: tensor {hf_name!r}: {b1 - b0} bytes for shape {h['shape']}: damaged")
+        return path, h
+
+    def _read(self, hf_name: str, e: int | None = None, rows: tuple | None = None) -> np.ndarray:
+        """Tensor `hf_name` ([E, ...] with `e`: its [e], rows [r0, r1) of that with `rows`), read with one
+        pread of a contiguous run of bytes; `_entry` has checked it."""
+        path = self.files[hf_name]
+        base, header = self.headers[path]
+        h = header[hf_name]
+        dtype, shape, b0 = hf_formats.np_dtype(h["dtype"]), list(h["shape"]), h["data_offsets"][0]
+        if e is not None:
+            if len(shape) < 2 or shape[0] != self.cfg.num_experts:
+                raise UserError(f"{path}: fused expert tensor {hf_name!r} has shape {shape}; expected "
+                                f"[{self.cfg.num_experts}, ...]")
+            r0, r1 = rows or (0, shape[1])
+            b0 += (e * shape[1] + r0) * int(np.prod(shape[2:])) * dtype.itemsize
+            shape = [r1 - r0] + shape[2:]
+        t = np.empty(shape, dtype)
+        try:
+            got = os.preadv(self.handles[path].fileno(), [memoryview(t.reshape(-1).view(np.uint8))], base + b0)
+        except OSError as err:
+            raise UserError(f"{path}: tensor {hf_name!r} unreadable ({_reason(err, path)})") from None
+        if got != t.nbytes:  # (pread: safe from several threads)
+            raise UserError(f"{path}: tensor {hf_name!r} unreadable (end of file: truncated)")
+        return t
 
     def block(self, name: str, index: tuple) -> np.ndarray:
         """moejax `name[index]` for a block of whole HF tensors (ints, then one slice, over their axes)."""

@@ -19,6 +19,7 @@ from moejax.checkpoint.store import read_meta, refuse_quantized, verify
 from moejax.checkpoint.transaction import check_destination, commit_dir, staging_dir
 from moejax.errors import UserError
 from moejax.models import counts
+from moejax.models.hf_map import hf_merged, join
 from moejax.models.params import param_shapes
 from moejax.tokenizers import copy_tokenizer_files, tokenizer_dir
 
@@ -42,6 +43,7 @@ def export_hf(ckpt: str, out: str, max_shard_gb: float = 5.0, max_memory_gb: flo
         verify({}, meta, where, params_dir)  # the one-line warning
     ctx = blocks.context()
     hf_names, hf_sums = {(n, i): h for (n, i), (h, _) in hf.units(cfg).items()}, {}
+    merged, parts = hf_merged(cfg), {}  # HF tensors several slices make up: summed once all are read
     opened, cached, sums = {}, {}, {n: np.zeros(2, np.uint32) for n in shapes}
 
     def offset(name, idx):
@@ -65,7 +67,14 @@ def export_hf(ckpt: str, out: str, max_shard_gb: float = 5.0, max_memory_gb: flo
             raise err from None
         sums[name] += host_sums(x, offset(name, idx))
         y = hf.to_hf(cfg, name, x)
-        hf_sums[hf_names[(name, idx)]] = hex_sums(host_sums(y, 0))  # of the bytes written, for the read-back
+        h = hf_names[(name, idx)]
+        if h in merged:
+            parts.setdefault(h, {})[(name, idx)] = y
+            if len(parts[h]) == len(merged[h]):
+                got = parts.pop(h)
+                hf_sums[h] = hex_sums(host_sums(join([got[p] for p in merged[h]]), 0))
+        else:
+            hf_sums[h] = hex_sums(host_sums(y, 0))  # of the bytes written, for the read-back
         return y
 
     out = os.path.abspath(out)

@@ -4,7 +4,8 @@ Tensors are read one HF tensor (a layer's matrix, one expert's) at a time and wr
 time, as reshard.py writes, so memory stays at a few blocks. Every tensor is read back from the new
 step and checked against the checksums written with it before the step is put in place: a new OUT is
 committed as a whole; into an existing moejax checkpoint (--force) a new step is added by renaming
-its finished directory.
+its finished directory. FP8 and MXFP4 tensors are dequantised as they are read (hf_formats.py) and
+counted in the report's "converted".
 """
 
 from __future__ import annotations
@@ -90,4 +91,5 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, max_memory_gb: fl
     nbytes = sum(int(np.prod(s)) * np.dtype(blocks.np_dtype(d)).itemsize for s, d in specs.values())
     return {"out": given, "step": step, "config": cfg.name, "family": cfg.family, "params_total": counts.param_count(cfg),
             "dtype": dtype, "bytes": nbytes, "seconds": time.perf_counter() - t0, "max_memory_bytes": bound,
-            "verified": True, "tokenizer_files": tok_files}
+            "verified": True, "tokenizer_files": tok_files,
+            "converted": {fmt: len(names) for fmt, names in reader.converted.items()}}  # HF tensors dequantised

@@ -23,6 +23,7 @@ QK_NORMS = ("none", "head", "proj")  # RMSNorm of q and k before RoPE: none, eac
 # or the whole projection, every head together (OLMoE: a sum over tp)
 ROUTERS = ("softmax_topk", "sigmoid_topk")  # ops/moe/router.py: softmax over all experts then top-k
 # (Mixtral, Qwen, OLMoE); sigmoid scores, a selection-only correction bias, group-limited (GLM, DeepSeek-V3)
+LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's layer_types: a layer's attention span
 ROPE_TYPES = ("default", "linear", "yarn")  # RoPE scaling as transformers computes it (ops/layers.py)
 ROPE_KEYS = {"default": (), "linear": ("factor",),
              "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
@@ -78,6 +79,15 @@ class ModelConfig:
     shared_expert_gate: bool = False  # the shared expert's output is scaled by sigmoid(x . w) (Qwen2-MoE)
     dense_layers: tuple = ()  # indices of layers whose FFN is a dense SwiGLU instead of the MoE
     dense_ffn: int = 0  # those layers' hidden size
+    attention_out_bias: bool = False  # the output projection has a bias too (GPT-OSS)
+    attention_sinks: bool = False  # a learnt logit per head joins each softmax's denominator, with no value (GPT-OSS)
+    sliding_window: int | None = None  # a "sliding_attention" layer's query at i sees keys i - W < j <= i
+    layer_types: tuple = ()  # LAYER_TYPES, one per layer; () = every layer full_attention
+    router_logit_bias: bool = False  # the router's logits have a learnt bias [E] (GPT-OSS)
+    expert_bias: bool = False  # the experts' gate, up and down projections have biases (GPT-OSS)
+    swiglu_alpha: float = 1.0  # experts' activation: g * sigmoid(alpha g) * (u + swiglu_up_offset), after
+    swiglu_limit: float | None = None  # clamping g to <= limit and u to [-limit, limit] (GPT-OSS: 1.702, 7, 1)
+    swiglu_up_offset: float = 0.0
     description: str = ""
 
     def __post_init__(self):
@@ -109,6 +119,7 @@ class ModelConfig:
         if not isinstance(self.norm_topk_prob, bool):
             raise UserError(f"config {self.name}: norm_topk_prob={self.norm_topk_prob!r} must be true or false")
         self._validate_families()
+        self._validate_attention_and_experts()
         for f in ("bos_token_id", "eos_token_id") + (("pad_token_id",) if self.pad_token_id is not None else ()):
             v = getattr(self, f)
             if not (isinstance(v, int) and 0 <= v < self.vocab_size):
@@ -170,6 +181,32 @@ class ModelConfig:
             raise UserError(f"config {self.name}: dense_layers={list(dense)!r} and dense_ffn={self.dense_ffn} must "
                             f"be given together")
 
+    def _validate_attention_and_experts(self):
+        """Sliding windows, sinks and the biased, clamped experts (GPT-OSS)."""
+        for f in ("attention_out_bias", "attention_sinks", "router_logit_bias", "expert_bias"):
+            if not isinstance(getattr(self, f), bool):
+                raise UserError(f"config {self.name}: {f}={getattr(self, f)!r} must be true or false")
+        types = self.layer_types
+        if types and (len(types) != self.num_layers or not all(t in LAYER_TYPES for t in types)):
+            raise UserError(f"config {self.name}: layer_types={list(types)!r} must give one of "
+                            f"{', '.join(LAYER_TYPES)} for each of the {self.num_layers} layers")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+            raise UserError(f"config {self.name}: sliding_window={w!r} must be a positive integer or null")
+        if "sliding_attention" in types and w is None:
+            raise UserError(f"config {self.name}: layer_types has sliding_attention layers but sliding_window is null")
+        if not (isinstance(self.swiglu_alpha, (int, float)) and self.swiglu_alpha > 0):
+            raise UserError(f"config {self.name}: swiglu_alpha={self.swiglu_alpha!r} must be > 0")
+        limit = self.swiglu_limit
+        if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+            raise UserError(f"config {self.name}: swiglu_limit={self.swiglu_limit!r} must be a positive number or null")
+        if not isinstance(self.swiglu_up_offset, (int, float)):
+            raise UserError(f"config {self.name}: swiglu_up_offset={self.swiglu_up_offset!r} must be a number")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer` (None: it attends to every earlier position)."""
+        return self.sliding_window if self.layer_types and self.layer_types[layer] == "sliding_attention" else None
+
     @property
     def rope(self) -> dict:
         """rope_scaling as a dict ({} for default RoPE)."""
@@ -229,7 +266,13 @@ def config_from_dict(d: dict, name: str) -> ModelConfig:
         if not isinstance(d["dense_layers"], (list, tuple)):
             raise UserError(f"config {name}: dense_layers={d['dense_layers']!r} must be a list of layer indices")
         d["dense_layers"] = tuple(d["dense_layers"])
-    for f in ("rope_theta", "rms_norm_eps", "router_aux_loss_coef", "partial_rotary_factor", "routed_scaling_factor") + (("clip_qkv",) if d.get("clip_qkv") is not None else ()):
+    if "layer_types" in d:
+        if not isinstance(d["layer_types"], (list, tuple)):
+            raise UserError(f"config {name}: layer_types={d['layer_types']!r} must be a list (one entry per layer)")
+        d["layer_types"] = tuple(d["layer_types"])
+    numbers = ("rope_theta", "rms_norm_eps", "router_aux_loss_coef", "partial_rotary_factor", "routed_scaling_factor",
+               "swiglu_alpha", "swiglu_up_offset")
+    for f in numbers + tuple(f for f in ("clip_qkv", "swiglu_limit") if d.get(f) is not None):
         if f in d:
             try:
                 d[f] = float(d[f])

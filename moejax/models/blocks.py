@@ -4,9 +4,10 @@
 owns N/tp tokens) -> residual -> the pre-norm FFN of this layer -> residual -> all_gather over tp.
 The FFN is the MoE over the expert axes (ops/moe), plus a shared expert on every token where the
 config has one, or a dense SwiGLU on the layers listed in `dense_layers`; a slot whose stages hold
-different kinds picks by stage index at run time. What differs between the families that use it
-(QK-norm, biases, RoPE, the router, shared experts, dense layers) is read from the config, never
-from the family's name.
+different kinds picks by stage index at run time, as does a slot whose stages hold sliding-window and
+full-attention layers. What differs between the families that use it (QK-norm, biases, sinks, sliding
+windows, RoPE, the router, the experts' biases and activation, shared experts, dense layers) is read
+from the config, never from the family's name.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 from moejax.ops import quant as q8
 from moejax.ops.attention import attention_block
 from moejax.ops.layers import F32, rmsnorm
-from moejax.ops.moe.dispatch import moe_block, swiglu, zero_stats
+from moejax.ops.moe.dispatch import moe_block, zero_stats
+from moejax.ops.moe.experts import swiglu
 
 if TYPE_CHECKING:
     from moejax.models.runspec import RunSpec
@@ -55,6 +57,17 @@ def _dense_layer_ffn(x_ND, valid_N, w, rs: RunSpec, tp_axis):
     return dense_ffn(h_ND, w["dense_w1"], w["dense_w3"], w["dense_w2"], tp_axis), zero_stats(rs.cfg.num_experts)
 
 
+def slot_window(rs: RunSpec, slot: int):
+    """The sliding window of local layer `slot` (`ModelConfig.layer_window`): None where every stage's
+    layer there attends fully, an int where they agree, else each stage's (full: past any position),
+    picked by stage index at run time."""
+    lp = rs.cfg.num_layers // rs.shape.pp
+    windows = [rs.cfg.layer_window(s * lp + slot) for s in range(rs.shape.pp)]
+    if len(set(windows)) == 1:
+        return windows[0]
+    return jnp.asarray([2**30 if w is None else w for w in windows], jnp.int32)[jax.lax.axis_index("pp")]
+
+
 def attention_moe_layer(x_BTD, valid_BT, w, side, mode: str, kv, row0, rs: RunSpec, slot: int = 0):
     """One decoder layer on one device (local layer `slot` of its stage). x_BTD is identical on the tp
     ranks before and after."""
@@ -62,7 +75,8 @@ def attention_moe_layer(x_BTD, valid_BT, w, side, mode: str, kv, row0, rs: RunSp
     tp = rs.shape.tp
     tp_axis = "tp" if tp > 1 else None
     ffn_axis = tp_axis if rs.layout.mesh_axes("ffn") else None  # a dense FFN's hidden dim over tp
-    attend = functools.partial(attention_block, x_BTD, w, side, mode, kv, row0, rs.cfg, rs.platform, tp_axis)
+    attend = functools.partial(attention_block, x_BTD, w, side, mode, kv, row0, rs.cfg, rs.platform, tp_axis,
+                               window=slot_window(rs, slot))
     # On CPU a device whose rows are all padding skips its attention (4x2x4x4, 8 prompts on 16 batch
     # shards: prefill 2926 -> 2709 ms, decode step 721 -> 524 ms); on GPU a conditional costs a
     # device-to-host sync, and batches fill their shards there. A norm over the whole projection

@@ -33,6 +33,8 @@ class Param:
     when: Callable[[ModelConfig], bool] | None = None  # the tensor exists only under configs where this holds
     hf_fused: str = ""  # transformers 5.x's fused 3-D expert tensor holding this one ([E, chunks x R, ...])
     hf_chunk: tuple = (0, 1)  # (which, of how many) equal chunks of the fused tensor's second dim this is
+    hf_interleave: tuple = (0, 1)  # (which, of how many) interleaved columns of the HF tensor's last dim this is:
+    # GPT-OSS's gate_up_proj [E, D, 2F] holds gate in the even columns, up in the odd (several rows, one tensor)
     f32: bool = False  # kept in float32 whatever the model's dtype (HF's _keep_in_fp32_modules: a sigmoid router)
     trained: bool = True  # False: no gradient step and no weight decay (a balancing bias updated by a rule)
 
@@ -46,6 +48,11 @@ class Param:
     @property
     def per_expert(self) -> bool:
         return "experts" in self.axes
+
+    @property
+    def hf_per_expert(self) -> bool:
+        """HF holds one tensor per expert ({e} in its name), not every expert of a layer in one [E, ...]."""
+        return self.per_expert and "{e}" in self.hf
 
 
 @dataclasses.dataclass(frozen=True)

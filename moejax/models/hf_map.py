@@ -2,7 +2,10 @@
 
 Each `Param` with an HF name maps one HF tensor per layer (`{l}`) and per expert (`{e}`) onto a
 slice of the stacked tensor; `hf_transpose` ones are torch `Linear` weights [out, in], stored by
-moejax as [in..., out...] (the first `in_rank` dims of the slice are torch's `in`).
+moejax as [in..., out...] (the first `in_rank` dims of the slice are torch's `in`). An expert tensor
+whose HF name has no `{e}` holds every expert of its layer ([E, ...], GPT-OSS); one HF tensor may hold
+several moejax slices interleaved along its last dim (`hf_interleave`: GPT-OSS's gate and up), which
+`hf_writes` groups and `join` joins for export.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ def hf_tensors(cfg: ModelConfig):
     at = {p.name: {l: j for j, l in enumerate(cfg.kind_layers(p.kind))} for p in params if p.per_layer}
     for i in range(cfg.num_layers):
         for p in params:
-            if p.per_layer and not p.per_expert and i in at[p.name]:
+            if p.per_layer and not p.hf_per_expert and i in at[p.name]:  # every expert's, if an expert tensor
                 yield p.hf.format(l=i), p.name, (at[p.name][i],), _from_hf(p, p.shape(cfg)[1:])
         for e in range(cfg.num_experts):
             for p in params:
-                if p.per_layer and p.per_expert and i in at[p.name]:
+                if p.per_layer and p.hf_per_expert and i in at[p.name]:
                     yield p.hf.format(l=i, e=e), p.name, (at[p.name][i], e), _from_hf(p, p.shape(cfg)[2:])
 
 
@@ -50,13 +53,38 @@ def fused_units(cfg: ModelConfig) -> dict:
 
 
 def _from_hf(p: Param, slice_shape: tuple):
+    which, n = p.hf_interleave
+    cols = (lambda t: t) if n == 1 else (lambda t: t[..., which::n])  # noqa: E731
     if not p.hf_transpose:  # a bias [H*K] is stored [H, K]: a reshape (a view)
-        return lambda t: t.reshape(slice_shape)
-    return lambda t: transpose(t).reshape(slice_shape)
+        return lambda t: cols(t).reshape(slice_shape)
+    return lambda t: transpose(cols(t)).reshape(slice_shape)
+
+
+def hf_writes(cfg: ModelConfig):
+    """(HF name, [(moejax name, index), ...]) for every HF tensor, in `hf_tensors`' order: one slice, or
+    the several it interleaves (`hf_interleave`), in column order. Export writes `join` of their `to_hf`
+    forms under that name."""
+    parts = {}
+    for hf_name, name, idx, _ in hf_tensors(cfg):
+        parts.setdefault(hf_name, []).append((row(cfg, name).hf_interleave[0], name, idx))
+    return [(h, [(n, i) for _, n, i in sorted(v)]) for h, v in parts.items()]
+
+
+def hf_merged(cfg: ModelConfig) -> dict:
+    """{HF name: its slices} of the HF tensors several moejax slices make up (`hf_writes`)."""
+    return {h: parts for h, parts in hf_writes(cfg) if len(parts) > 1}
+
+
+def join(parts: list) -> np.ndarray:
+    """The HF tensor of its slices' `to_hf` forms: the one, or their columns interleaved along the last
+    dim (column j of slice w at w + n j)."""
+    if len(parts) == 1:
+        return parts[0]
+    return np.stack(parts, axis=-1).reshape(parts[0].shape[:-1] + (-1,))
 
 
 def to_hf(cfg: ModelConfig, name: str, x: np.ndarray) -> np.ndarray:
-    """The inverse transform, moejax slice -> HF tensor."""
+    """The inverse transform, moejax slice -> HF tensor (its columns, for an interleaved part)."""
     p = row(cfg, name)
     if not p.hf_transpose:  # 1-D in HF when it is a vector there (biases, norms)
         return np.ascontiguousarray(x.reshape(-1) if p.hf_vector else x)

@@ -6,12 +6,13 @@ from moejax.config.model import ModelConfig
 from moejax.errors import UserError
 from moejax.models.family import Family
 from moejax.models.glm4_moe import FAMILY as GLM4_MOE
+from moejax.models.gpt_oss import FAMILY as GPT_OSS
 from moejax.models.mixtral import FAMILY as MIXTRAL
 from moejax.models.olmoe import FAMILY as OLMOE
 from moejax.models.qwen2_moe import FAMILY as QWEN2_MOE
 from moejax.models.qwen3_moe import FAMILY as QWEN3_MOE
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE, OLMOE, QWEN2_MOE, GLM4_MOE)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE, OLMOE, QWEN2_MOE, GLM4_MOE, GPT_OSS)}
 
 
 def get(model_type: str, where: str = "config") -> Family:

@@ -17,6 +17,7 @@ from moejax.models.family import Family
 from moejax.models.registry import family_of
 from moejax.ops import quant as q8
 from moejax.ops.moe.dispatch import MoeSpec, resolve_kernel
+from moejax.ops.moe.experts import Act
 from moejax.ops.moe.ragged import GPU_ONLY_KERNELS
 from moejax.parallel.mesh import AXES, MeshShape
 from moejax.parallel.rules import Layout
@@ -97,7 +98,9 @@ class RunSpec:
             ffn_shards=self.layout.shards("expert_ffn", self.shape),
             round_axes=tuple(a for a in AXES if a != "pp"), kernel=self.kernel, differentiable=self.training,
             router=self.cfg.router, renormalize=self.cfg.norm_topk_prob, n_group=self.cfg.n_group,
-            topk_group=self.cfg.topk_group, routed_scale=float(self.cfg.routed_scaling_factor), platform=self.platform)
+            topk_group=self.cfg.topk_group, routed_scale=float(self.cfg.routed_scaling_factor), platform=self.platform,
+            router_logit_bias=self.cfg.router_logit_bias, expert_bias=self.cfg.expert_bias,
+            act=Act(float(self.cfg.swiglu_alpha), self.cfg.swiglu_limit, float(self.cfg.swiglu_up_offset)))
 
     @property
     def kernel(self) -> str:

@@ -53,10 +53,12 @@ def read_span(needed, length: int, platform: str, attend):
 
 
 def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platform: str,
-                    head_axis: str | None = None):
+                    head_axis: str | None = None, window=None):
     """Pre-norm attention on this device's heads with its KV cache (w: attn_norm, wq, wk, wv, wo; bq,
-    bk, bv under `cfg.attention_bias`; q_norm, k_norm under `cfg.qk_norm`; partial and scaled RoPE from
-    `cfg.rotary_dim` and `cfg.rope`;
+    bk, bv under `cfg.attention_bias`; bo under `cfg.attention_out_bias`; sinks under
+    `cfg.attention_sinks`; q_norm, k_norm under `cfg.qk_norm`; partial and scaled RoPE from
+    `cfg.rotary_dim` and `cfg.rope`; `window`: this layer's sliding window, None for full attention,
+    an int, or a traced scalar where the stages' layers in this slot differ;
     `mode` as models/transformer.py `build`; `head_axis`: the mesh axis the heads are split over, for
     `qk_norm: proj`, whose mean of squares spans every head). Decode and extend read the span of
     cache positions their rows reach (`read_span`). Returns the partial (over tp) output [B, T, D] f32
@@ -82,10 +84,11 @@ def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platf
     inv_freq, factor = layers.rope_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope)
     cos, sin = layers.rope_tables(side["pos"], inv_freq, factor, cdt)
     q_BTHK, k_BTGK = layers.apply_rope(q_BTHK, cos, sin), layers.apply_rope(k_BTGK, cos, sin)
+    how = {"platform": platform, "sinks_H": w["sinks"] if cfg.attention_sinks else None, "window": window}
     if mode == "decode":
-        out_BTHK, kv = _decode(q_BTHK, k_BTGK, v_BTGK, side["pos"][:, 0], side["valid"][:, 0], kv, row0, platform)
+        out_BTHK, kv = _decode(q_BTHK, k_BTGK, v_BTGK, side["pos"][:, 0], side["valid"][:, 0], kv, row0, how)
     elif mode == "extend":
-        out_BTHK, kv = _extend(q_BTHK, k_BTGK, v_BTGK, side["row"], side["pos"], side["valid"], kv, platform)
+        out_BTHK, kv = _extend(q_BTHK, k_BTGK, v_BTGK, side["row"], side["pos"], side["valid"], kv, how)
     elif mode == "mixed":  # [1, S + R x L]: S decode rows of one token, then R extend rows of L
         r, ln = side["ext_pos"].shape
         s = t - r * ln
@@ -94,25 +97,30 @@ def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platf
         valid_S = side["valid"][0, :s]
 
         def decode_rows(kv):
-            return _decode(dec(q_BTHK), dec(k_BTGK), dec(v_BTGK), side["pos"][0, :s], valid_S, kv, 0, platform)
+            return _decode(dec(q_BTHK), dec(k_BTGK), dec(v_BTGK), side["pos"][0, :s], valid_S, kv, 0, how)
         # a step whose decode rows are all padding (only prompts prefilling) skips their attention
         out_dec, kv = jax.lax.cond(jnp.any(valid_S), decode_rows,
                                    lambda kv: (jnp.zeros((s, 1) + q_BTHK.shape[2:], q_BTHK.dtype), kv), kv)
         out_ext, kv = _extend(ext(q_BTHK), ext(k_BTGK), ext(v_BTGK), side["row"], side["ext_pos"],
-                              ext(side["valid"]), kv, platform)
+                              ext(side["valid"]), kv, how)
         out_BTHK = jnp.concatenate([out_dec.reshape((1, s) + out_dec.shape[2:]),
                                     out_ext.reshape((1, r * ln) + out_ext.shape[2:])], axis=1)
     else:
-        out_BTHK = layers.attention(q_BTHK, k_BTGK, v_BTGK, causal=True, platform=platform)
+        out_BTHK = layers.attention(q_BTHK, k_BTGK, v_BTGK, causal=True, **how)
         if mode == "prefill":
             kv = tuple(jax.lax.dynamic_update_slice(c, bits(n, c.dtype), (row0, 0, 0, 0))
                        for c, n in zip(kv, (k_BTGK, v_BTGK)))
-    return q8.matmul("btj,jd->btd", out_BTHK.reshape(b, t, -1), q8.reshape(w["wo"], (-1,), (d,))), kv
+    o_BTD = q8.matmul("btj,jd->btd", out_BTHK.reshape(b, t, -1), q8.reshape(w["wo"], (-1,), (d,)))
+    if cfg.attention_out_bias:  # added once to the sum over the heads' devices
+        first = 1.0 if head_axis is None else (jax.lax.axis_index(head_axis) == 0).astype(layers.F32)
+        o_BTD = o_BTD + first * w["bo"].astype(layers.F32)
+    return o_BTD, kv
 
 
-def _decode(q_BTHK, k_BTGK, v_BTGK, pos_B, valid_B, kv, row0, platform: str):
+def _decode(q_BTHK, k_BTGK, v_BTGK, pos_B, valid_B, kv, row0, how: dict):
     """One new token per row b at position pos_B[b] of cache row row0 + b (valid rows only), then
-    attention over that row's positions (the span the rows reach)."""
+    attention over that row's positions (the span the rows reach). `how`: layers.attention's platform,
+    sinks and window."""
     cdt = q_BTHK.dtype
     mb = q_BTHK.shape[0]
     rows_B = jnp.where(valid_B, row0 + jnp.arange(mb), kv[0].shape[0])  # padding: dropped
@@ -121,18 +129,18 @@ def _decode(q_BTHK, k_BTGK, v_BTGK, pos_B, valid_B, kv, row0, platform: str):
     def group(lo, n):  # rows lo .. lo + n - 1, reading the span they reach
         def attend(span):
             k_BSGK, v_BSGK = (bits(jax.lax.dynamic_slice_in_dim(c[:, :span], row0 + lo, n, axis=0), cdt) for c in kv)
-            mask_BTS = (jnp.arange(span)[None, :] <= pos_B[lo:lo + n, None])[:, None, :]
-            return layers.attention(q_BTHK[lo:lo + n], k_BSGK, v_BSGK, mask_BTS=mask_BTS, platform=platform)
+            mask_BTS = layers.window_mask(pos_B[lo:lo + n, None], jnp.arange(span)[None, :], how["window"])[:, None, :]
+            return layers.attention(q_BTHK[lo:lo + n], k_BSGK, v_BSGK, mask_BTS=mask_BTS, **how)
         needed = jnp.max(jnp.where(valid_B[lo:lo + n], pos_B[lo:lo + n] + 1, 1))
-        return read_span(needed, kv[0].shape[1], platform, attend)
+        return read_span(needed, kv[0].shape[1], how["platform"], attend)
     # on CPU, groups of DECODE_GROUP rows, each reading its own span: one long sequence no longer makes
     # every row read the whole cache
-    g = DECODE_GROUP if platform == "cpu" and mb > DECODE_GROUP and mb % DECODE_GROUP == 0 else mb
+    g = DECODE_GROUP if how["platform"] == "cpu" and mb > DECODE_GROUP and mb % DECODE_GROUP == 0 else mb
     outs = [group(lo, g) for lo in range(0, mb, g)]
     return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)), kv
 
 
-def _extend(q_BTHK, k_BTGK, v_BTGK, rows_B, pos_BT, valid_BT, kv, platform: str):
+def _extend(q_BTHK, k_BTGK, v_BTGK, rows_B, pos_BT, valid_BT, kv, how: dict):
     """T new tokens of row b at positions pos_BT[b] of cache row rows_B[b] (valid ones only), then
     attention over that row's positions (the span the rows reach)."""
     cdt = q_BTHK.dtype
@@ -141,6 +149,6 @@ def _extend(q_BTHK, k_BTGK, v_BTGK, rows_B, pos_BT, valid_BT, kv, platform: str)
 
     def attend(span):
         k_BSGK, v_BSGK = (bits(c[rows_B, :span], cdt) for c in kv)
-        mask_BTS = jnp.arange(span)[None, None, :] <= pos_BT[:, :, None]
-        return layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS, platform=platform)
-    return read_span(jnp.max(jnp.where(valid_BT, pos_BT + 1, 1)), kv[0].shape[1], platform, attend), kv
+        mask_BTS = layers.window_mask(pos_BT[:, :, None], jnp.arange(span)[None, None, :], how["window"])
+        return layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS, **how)
+    return read_span(jnp.max(jnp.where(valid_BT, pos_BT + 1, 1)), kv[0].shape[1], how["platform"], attend), kv

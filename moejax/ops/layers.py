@@ -21,9 +21,13 @@ def mm(eq: str, a, b):
 
 
 def rmsnorm(x, w, eps: float):
-    """Normalise in float32, cast back to the input dtype, then scale (as transformers does)."""
+    """Normalise in float32, cast back to the input dtype, then scale (as transformers does). A weight
+    kept in float32 (a family's `Param.f32`: GPT-OSS's norms, transformers' _keep_in_fp32_modules)
+    scales the float32 value before the cast, as transformers does there."""
     xf = x.astype(F32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if w.dtype == F32:
+        return (w * y).astype(x.dtype)
     return (w * y.astype(x.dtype)).astype(x.dtype)
 
 
@@ -95,16 +99,31 @@ def apply_rope(x_BTHK, cos_BTR, sin_BTR):
     return out if r == x_BTHK.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
-def attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, causal: bool = False, platform: str = "cpu"):
+def window_mask(q_pos, k_pos, window):
+    """Causal, and within `window` positions of the query where one is given: transformers' sliding
+    window keeps key j for query i when i - window < j <= i (the query itself and window - 1 before)."""
+    mask = k_pos <= q_pos
+    return mask if window is None else mask & (k_pos > q_pos - window)
+
+
+def attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, causal: bool = False, platform: str = "cpu", sinks_H=None,
+              window=None):
     """Grouped-query attention; scores and softmax in float32, probabilities in the input dtype.
+    `sinks_H` (this device's heads): a logit per head that joins the softmax's denominator and is then
+    dropped (GPT-OSS). `window` (causal only; an int or a traced scalar): a sliding window.
 
     On GPU this is `jax.nn.dot_product_attention`: causal 16-bit attention (prefill) asks for cuDNN's
     fused kernel, which never materialises the [H, T, S] scores (jax's default is its XLA version),
-    and falls back to the XLA version where cuDNN refuses the shapes at trace time. On CPU the same
-    arithmetic is written out: jax's version asks for an F16_F16_F32 dot algorithm that XLA:CPU
-    rejects.
+    and falls back to the XLA version where cuDNN refuses the shapes at trace time. Sinks have no
+    such kernel: that attention is written out, as on CPU. On CPU the same arithmetic is written
+    out: jax's version asks for an F16_F16_F32 dot algorithm that XLA:CPU rejects.
     """
-    if platform == "gpu":
+    b, t, h, k = q_BTHK.shape
+    g, s = k_BSGK.shape[2], k_BSGK.shape[1]
+    if causal and window is not None:  # a mask, not the causal kernel
+        mask_BTS = jnp.broadcast_to(window_mask(jnp.arange(t)[:, None], jnp.arange(s)[None, :], window), (b, t, s))
+        causal = False
+    if platform == "gpu" and sinks_H is None:
         if causal and mask_BTS is None and q_BTHK.dtype in (jnp.bfloat16, jnp.float16):
             import logging
 
@@ -124,22 +143,33 @@ def attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=None, causal: bool = False, platf
                 return out
         mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
         return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, is_causal=causal)
-    b, t, h, k = q_BTHK.shape
-    g, s = k_BSGK.shape[2], k_BSGK.shape[1]
-    if t == 1:
-        return _attention_one_query(q_BTHK, k_BSGK, v_BSGK, mask_BTS)
+    if t == 1 and platform != "gpu":  # (a GPU here has sinks: the general form below)
+        return _attention_one_query(q_BTHK, k_BSGK, v_BSGK, mask_BTS, sinks_H)
     q_BTGRK = q_BTHK.reshape(b, t, g, h // g, k)
     scores_BGRTS = mm("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK) * (k ** -0.5)
     if causal:
         mask_BTS = jnp.broadcast_to(jnp.tril(jnp.ones((t, s), bool)), (b, t, s))
     if mask_BTS is not None:
         scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, -jnp.inf)
-    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
-    out_BTGRK = mm("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK).astype(q_BTHK.dtype)
+    probs_BGRTS = _softmax(scores_BGRTS, None if sinks_H is None else sinks_H.reshape(g, h // g, 1, 1))
+    out_BTGRK = mm("bgrts,bsgk->btgrk", probs_BGRTS.astype(v_BSGK.dtype), v_BSGK).astype(q_BTHK.dtype)
     return out_BTGRK.reshape(b, t, h, k)
 
 
-def _attention_one_query(q_B1HK, k_BSGK, v_BSGK, mask_B1S):
+def _softmax(scores, sink=None, axis: int = -1):
+    """Softmax over `axis`; with a sink (broadcastable to the scores with 1 along `axis`), its logit
+    joins the denominator and its probability is dropped, as transformers' GPT-OSS eager attention
+    (a query whose keys are all masked then gets zeros, not NaN)."""
+    if sink is None:
+        return jax.nn.softmax(scores, axis=axis)
+    shape = list(scores.shape)
+    shape[axis] = 1
+    both = jnp.concatenate([scores, jnp.broadcast_to(sink.astype(F32), shape)], axis=axis)
+    probs = jax.nn.softmax(both, axis=axis)
+    return jax.lax.slice_in_dim(probs, 0, scores.shape[axis], axis=axis % scores.ndim)
+
+
+def _attention_one_query(q_B1HK, k_BSGK, v_BSGK, mask_B1S, sinks_H=None):
     """Decode attention (one query per sequence) as two batched matmuls over all kv heads at once.
 
     Each query head's vector is placed in its own block of a [G*K, G] matrix, so the scores of all
@@ -162,7 +192,8 @@ def _attention_one_query(q_B1HK, k_BSGK, v_BSGK, mask_B1S):
         scores_BSG = mm("bsj,bjg->bsg", k_BSJ, q_BJG) * (k ** -0.5)
         if mask_B1S is not None:
             scores_BSG = jnp.where(mask_B1S[:, 0, :, None], scores_BSG, -jnp.inf)
-        probs_BSG = jax.nn.softmax(scores_BSG, axis=1).astype(v_BSGK.dtype)
+        sink = None if sinks_H is None else sinks_H.reshape(g, r)[None, None, :, i]
+        probs_BSG = _softmax(scores_BSG, sink, axis=1).astype(v_BSGK.dtype)
         out_BGGK = mm("bsg,bsj->bgj", probs_BSG, v_BSJ).reshape(b, g, g, k)
         outs.append(jnp.diagonal(out_BGGK, axis1=1, axis2=2).transpose(0, 2, 1))  # [B, G, K]
     return jnp.stack(outs, axis=2).reshape(b, 1, h, k).astype(q_B1HK.dtype)

@@ -13,9 +13,10 @@
                  token-id requests as moejax (the same load generator, greedy, ignore_eos, streaming) at
                  --concurrency (default 16). Its dtype and --max-num-seqs follow serve.py's --dtype and
                  --slots, --max-model-len is input + output maximum, prefix caching is off unless
-                 --vllm-prefix-caching (moejax has none), its threads are bound to every CPU unless
-                 --vllm-cpu-bind says otherwise ('auto' is vLLM's own choice: one core kept for its API
-                 server), with --vllm-kvcache-gib GiB of KV cache.
+                 --vllm-prefix-caching (moejax's is on unless serve.py --no-enable-prefix-caching),
+                 its threads are bound to every CPU unless --vllm-cpu-bind says otherwise ('auto' is
+                 vLLM's own choice: one core kept for its API server), with --vllm-kvcache-gib GiB of
+                 KV cache.
 
     python scripts/bench_compare.py --peer static --ckpt runs/shakespeare/model --json results/cpu-serve-static.json
     python scripts/bench_compare.py --peer hf --ckpt runs/shakespeare/model --hf-python /work/hfvenv/bin/python

@@ -141,11 +141,14 @@ def _program(rs, mesh, n_tokens: int):
     put = lambda a, sp: jax.device_put(jnp.asarray(a, rs.dtype), NamedSharding(mesh, sp))  # noqa: E731
     w = {"moe_norm": put(1 + 0.1 * rng.standard_normal(d), P()),
          "router": put(0.5 * rng.standard_normal((d, e)), P()),
-         "router_bias": put(0.01 * rng.standard_normal(e), P())}
+         "router_bias": put(0.01 * rng.standard_normal(e), P()), "router_logit_bias": put(np.zeros(e), P())}
     specs = {name: P() for name in w}
     stacked = rs.kernel in STACKED_KERNELS
-    for name, shape, axes in (("w1", (d, f), (None, "expert_ffn")), ("w3", (d, f), (None, "expert_ffn")),
-                              ("w2", (f, d), ("expert_ffn", None))):
+    experts = (("w1", (d, f), (None, "expert_ffn")), ("w3", (d, f), (None, "expert_ffn")),
+               ("w2", (f, d), ("expert_ffn", None)))
+    if spec.expert_bias:
+        experts += (("b1", (f,), ("expert_ffn",)), ("b3", (f,), ("expert_ffn",)), ("b2", (d,), (None,)))
+    for name, shape, axes in experts:
         full = 0.05 * rng.standard_normal((shards, e_loc) + shape)
         sp = lay.spec(("experts",) + axes)
         if stacked:
@@ -158,7 +161,7 @@ def _program(rs, mesh, n_tokens: int):
 
     def body(x, v, w):
         w = {k: [a.reshape(a.shape[1:]) for a in u] if isinstance(u, list) else
-             (u.reshape(u.shape[1:]) if k in ("w1", "w3", "w2") else u) for k, u in w.items()}
+             (u.reshape(u.shape[1:]) if k in dict(experts) else u) for k, u in w.items()}
         y, _ = moe_block(x, v, w, spec, cfg.rms_norm_eps)
         return y
 

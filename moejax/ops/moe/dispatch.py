@@ -23,8 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax.ops import quant as q8
 from moejax.ops.layers import F32, rmsnorm
+from moejax.ops.moe.experts import Act, expert_biases, swiglu, swiglu_batched
 from moejax.ops.moe.ragged import GROUPED_GEMMS, serve_ragged
 from moejax.ops.moe.router import ROUTERS
 
@@ -59,6 +59,9 @@ class MoeSpec:
     topk_group: int = 1
     routed_scale: float = 1.0  # the routed experts' weights are multiplied by this
     platform: str = "cpu"  # the run's platform (RunSpec.platform): CPU emulates ragged_all_to_all
+    router_logit_bias: bool = False  # the router's logits add `router_logit_bias` [E]
+    expert_bias: bool = False  # the experts' projections add b1, b3, b2 (experts.py)
+    act: Act = Act()  # the experts' activation (experts.py)
 
     def capacity(self, n_tokens: int) -> int:
         """Assignments an expert accepts from one source under `drop` / `reroute`."""
@@ -117,14 +120,6 @@ def reroute(probs_NE, experts_A, placed_A, valid_A, capacity: int, top_k: int):
     return e_NK.T.reshape(-1), (valid_A & ~unplaced_NK.T.reshape(-1)), rerouted_NK.T.reshape(-1)
 
 
-def swiglu(x_RD, w1_DF, w3_DF, w2_FD, out_dtype):
-    """One expert on a block of rows: down(silu(gate(x)) * up(x)), float32 accumulation."""
-    cdt = x_RD.dtype
-    g_RF = q8.matmul("rd,df->rf", x_RD, w1_DF).astype(cdt)
-    u_RF = q8.matmul("rd,df->rf", x_RD, w3_DF).astype(cdt)
-    return q8.matmul("rf,fd->rd", jax.nn.silu(g_RF) * u_RF, w2_FD).astype(out_dtype)
-
-
 SIZE_FRACTIONS = (0.5, 1.0, 1.25, 1.5)  # of an expert's mean rows m; R (the whole buffer) comes last
 BATCHED_FRACTIONS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)  # batched kernel: of the mean rows per
 # (source, expert) pair; N, which always fits, comes last
@@ -139,7 +134,7 @@ def row_sizes(r: int, mean_rows: float, fractions=SIZE_FRACTIONS) -> list[int]:
     return sorted({r} | {min(r, max(MIN_DOT_ROWS, math.ceil(f * mean_rows))) for f in fractions})
 
 
-def expert_on_rows(rows_RD, n_rows, mean_rows: float, w1_DF, w3_DF, w2_FD, out_dtype):
+def expert_on_rows(rows_RD, n_rows, mean_rows: float, w1_DF, w3_DF, w2_FD, out_dtype, act: Act = Act(), b=None):
     """The expert on the first `n_rows` rows (the filled ones, compacted to the front).
 
     One `lax.switch` picks the smallest of the `row_sizes` that covers n_rows, and an expert that
@@ -152,7 +147,7 @@ def expert_on_rows(rows_RD, n_rows, mean_rows: float, w1_DF, w3_DF, w2_FD, out_d
 
     def run(size):
         def f(rows_RD):
-            y_RD = swiglu(rows_RD[:size], w1_DF, w3_DF, w2_FD, out_dtype)
+            y_RD = swiglu(rows_RD[:size], w1_DF, w3_DF, w2_FD, out_dtype, act, b)
             return jnp.pad(y_RD, ((0, r - size), (0, 0)))
         return f
 
@@ -182,9 +177,10 @@ def serve_round(x_pad_ND, experts_A, slot_A, in_round_A, weights_A, w, capacity:
     n_src, e_loc = spec.expert_shards, E // spec.expert_shards
     rows_SLCD = recv_ECD.reshape(n_src, e_loc, C, D)
     out_dtype = F32 if spec.ffn_axis else x_pad_ND.dtype  # partial sums stay float32
-    if spec.kernel == "batched":  # empty slots hold the zero row, whose SwiGLU output is zero
+    if spec.kernel == "batched":  # empty slots hold the zero row; what they compute is never read
         rows_LRD = rows_SLCD.transpose(1, 0, 2, 3).reshape(e_loc, n_src * C, D)
-        y_LRD = swiglu_batched(rows_LRD, w["w1"], w["w3"], w["w2"], out_dtype)
+        y_LRD = swiglu_batched(rows_LRD, w["w1"], w["w3"], w["w2"], out_dtype, spec.act,
+                               expert_biases(w, spec.expert_bias, spec.ffn_axis))
         out_ECD = y_LRD.reshape(e_loc, n_src, C, D).transpose(1, 0, 2, 3).reshape(E, C, D)
         computed = jnp.asarray(e_loc * n_src * C, I32)
     else:  # the row counts travel too: each expert computes only its filled rows
@@ -194,14 +190,6 @@ def serve_round(x_pad_ND, experts_A, slot_A, in_round_A, weights_A, w, capacity:
     back_ECD = exchange(out_ECD, spec)
     got_AD = back_ECD.reshape(E * C, D)[jnp.where(in_round_A, flat_A, 0)]
     return got_AD.astype(F32) * jnp.where(in_round_A, weights_A, 0.0)[:, None], computed
-
-
-def swiglu_batched(x_LRD, w1_LDF, w3_LDF, w2_LFD, out_dtype):
-    """`swiglu` for all local experts at once: one batched matmul per expert matrix."""
-    cdt = x_LRD.dtype
-    g_LRF = q8.matmul("lrd,ldf->lrf", x_LRD, w1_LDF).astype(cdt)
-    u_LRF = q8.matmul("lrd,ldf->lrf", x_LRD, w3_LDF).astype(cdt)
-    return q8.matmul("lrf,lfd->lrd", jax.nn.silu(g_LRF) * u_LRF, w2_LFD).astype(out_dtype)
 
 
 def local_experts_switched(rows_SLCD, got_SL, w, n_rows: int, spec: MoeSpec, out_dtype):
@@ -218,7 +206,7 @@ def local_experts_switched(rows_SLCD, got_SL, w, n_rows: int, spec: MoeSpec, out
             order_R = jnp.argsort(~filled_R, stable=True)
             rows_RD = rows_RD[order_R]
         y_RD, n = expert_on_rows(rows_RD, jnp.sum(filled_R, dtype=I32), mean_rows, w["w1"][j], w["w3"][j],
-                                 w["w2"][j], out_dtype)
+                                 w["w2"][j], out_dtype, spec.act, expert_biases(w, spec.expert_bias, spec.ffn_axis, j))
         computed = computed + n
         if n_src > 1:
             y_RD = jnp.zeros_like(y_RD).at[order_R].set(y_RD)
@@ -259,7 +247,7 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
 
     x_ND: [N, D] tokens this device dispatches (its 1/tp share when tokens are split over tp).
     w: this device's layer parameters: moe_norm_D, router_DE, and lists over its local experts of
-    w1_DF, w3_DF, w2_FD.
+    w1_DF, w3_DF, w2_FD (and b1_F, b3_F, b2_D under `spec.expert_bias`).
     """
     if spec.ffn_axis:  # every tp rank serves the same tokens with its slice of F
         x_ND = jax.lax.all_gather(x_ND, spec.ffn_axis, axis=0, tiled=True)
@@ -267,7 +255,8 @@ def moe_block(x_ND, valid_N, w, spec: MoeSpec, eps: float):
     n_tok, d = x_ND.shape
     k = spec.top_k
     h_ND = rmsnorm(x_ND, w["moe_norm"], eps)
-    score_NE, experts_NK, probs_NE, lse_N = ROUTERS[spec.router](h_ND, w, k, spec.n_group, spec.topk_group)
+    score_NE, experts_NK, probs_NE, lse_N = ROUTERS[spec.router](
+        h_ND, w, k, spec.n_group, spec.topk_group, w["router_logit_bias"] if spec.router_logit_bias else None)
     experts_A = experts_NK.T.reshape(-1)  # assignment a = slot * N + token: first choices first
     valid_A = jnp.tile(valid_N, k)
     pos_A, load_E = queue_positions(experts_A, valid_A, spec.num_experts)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from moejax.ops import quant as q8
 from moejax.ops.layers import F32
+from moejax.ops.moe.experts import expert_biases, glu
 
 I32 = jnp.int32
 GROUPED_GEMMS = {"ragged": "xla", "ragged-mgpu": "mgpu", "ragged-tokamax": "tokamax"}  # kernel -> grouped matmul
@@ -90,9 +91,13 @@ def serve_ragged(x_ND, experts_A, served_A, weights_A, w, spec):
         return grouped_matmul(x_RX, w_LXY, group_L, impl)
 
     impl = GROUPED_GEMMS[spec.kernel]
-    g_RF = grouped(rows_RD, w["w1"]).astype(cdt)
-    u_RF = grouped(rows_RD, w["w3"]).astype(cdt)
-    y_RD = grouped(jax.nn.silu(g_RF) * u_RF, w["w2"])
+    g_RF, u_RF = grouped(rows_RD, w["w1"]), grouped(rows_RD, w["w3"])
+    bias = expert_biases(w, spec.expert_bias, spec.ffn_axis)
+    if bias is not None:  # each row's expert's
+        g_RF, u_RF = g_RF + bias[0][expert_R], u_RF + bias[1][expert_R]
+    y_RD = grouped(glu(g_RF.astype(cdt), u_RF.astype(cdt), spec.act), w["w2"])
+    if bias is not None:
+        y_RD = y_RD + bias[2][expert_R]
     y_RD = jnp.where((jnp.arange(rows) < jnp.sum(group_L))[:, None], y_RD, 0.0)  # rows past the groups
     y_RD = jnp.zeros_like(y_RD).at[group_order].set(y_RD).astype(out_dtype)  # back to arrival order
     if S == 1:
