@@ -1,8 +1,11 @@
 """Quantised Hugging Face weights: FP8 e4m3 with block scales (DeepSeek-V3) and MXFP4 experts (gpt-oss)
-dequantise bit for bit to transformers' own values, for every code and every exponent; an import of a
-checkpoint stored that way gives exactly the dequantised tensors and says how many it converted; one
-expert is read alone; a quantisation moejax does not read is one line and exit code 2."""
+dequantise bit for bit to transformers' own values, for every code and every exponent (transformers'
+outputs of format_cases' inputs are recorded in data/hf-formats.json by scripts/hf_format_fixtures.py:
+their sha256 with NaNs canonical); an import of a checkpoint stored that way gives exactly the
+dequantised tensors and says how many it converted; one expert is read alone; a quantisation moejax
+does not read is one line and exit code 2. Needs neither torch nor transformers."""
 
+import functools
 import json
 import os
 import shutil
@@ -12,17 +15,14 @@ import sys
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 
+import format_cases
 from helpers import FIXTURE, REPO, command_env
 from moejax.checkpoint import hf, hf_formats
 from moejax.checkpoint import store as checkpoint
 from moejax.errors import UserError
 from moejax.parallel.mesh import make_mesh, parse_mesh
 from moejax.parallel.rules import load_layout
-
-from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight  # noqa: E402
-from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: E402
 
 _UINT = {2: np.uint16, 4: np.uint32}
 
@@ -37,90 +37,79 @@ def _same(got: np.ndarray, want: np.ndarray) -> bool:
     return np.array_equal(got.view(u)[~nan], want.view(u)[~nan])
 
 
-def _torch(x: np.ndarray) -> torch.Tensor:
-    """The torch tensor of the same bits (float8 and bfloat16 through their bytes)."""
-    tdt = {np.dtype(ml_dtypes.float8_e4m3fn): torch.float8_e4m3fn, np.dtype(ml_dtypes.bfloat16): torch.bfloat16,
-           np.dtype(ml_dtypes.float8_e8m0fnu): torch.float8_e8m0fnu}.get(x.dtype)
-    if tdt is None:
-        return torch.from_numpy(np.ascontiguousarray(x))
-    return torch.from_numpy(np.ascontiguousarray(x).view(_UINT.get(x.itemsize, np.uint8))).view(tdt)
+# ---- the functions, against transformers' (data/hf-formats.json) -------------------------------------
+
+@functools.cache
+def _cases() -> dict:
+    return {c["name"]: c for c in format_cases.cases()}
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+@functools.cache
+def _recorded() -> dict:
+    return format_cases.load()["cases"]
 
 
-# ---- the functions, against transformers' --------------------------------------------------------------
+def _assert_transformers_gives(name: str, got: np.ndarray) -> None:
+    """`got` is, bit for bit (NaNs canonical), what transformers gave for case `name`'s inputs."""
+    want, case = _recorded()[name], _cases()[name]
+    assert set(_recorded()) == set(_cases()), "the cases changed: rerun scripts/hf_format_fixtures.py"
+    assert format_cases.input_digest(case["inputs"]) == want["inputs_sha256"], \
+        f"{name}: the inputs changed since data/hf-formats.json was written: rerun scripts/hf_format_fixtures.py"
+    assert (got.dtype.name, list(got.shape)) == (want["dtype"], want["shape"]), name
+    mine = format_cases.summary(got)
+    if mine["sha256"] != want["sha256"]:
+        differ = {i: (mine["samples"][i], v) for i, v in want["samples"].items() if mine["samples"][i] != v}
+        counts = {k: (mine[k], want[k]) for k in ("nan", "inf", "negative_zero") if mine[k] != want[k]}
+        step = -(-got.size // format_cases.N_CHUNKS)
+        parts = [f"[{i * step}, {min((i + 1) * step, got.size)})"
+                 for i, (a, b) in enumerate(zip(mine["chunks"], want["chunks"])) if a != b]
+        pytest.fail(f"{name}: moejax's output is not transformers' (sha256 {mine['sha256'][:16]} != "
+                    f"{want['sha256'][:16]}); flat elements that differ somewhere in {len(parts)} of "
+                    f"{len(want['chunks'])} parts: {', '.join(parts[:4])}{' ...' if len(parts) > 4 else ''}; "
+                    f"samples that differ, index: (moejax, transformers): {differ}; counts that differ: {counts}")
 
-def _all_mxfp4_cases():
-    """blocks [2, 256, 16, 16], scales [2, 256, 16]: row r of each expert has exponent byte r (0..255,
-    the limits included) and its 16 groups hold all 256 bytes, so every scale meets every nibble in both
-    the low (even) and high (odd) position; expert 1 holds them in another order."""
-    b = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    blocks = np.stack([np.broadcast_to(b, (256, 16, 16)), np.broadcast_to(b[::-1, ::-1].T, (256, 16, 16))])
-    scales = np.stack([np.repeat(np.arange(256, dtype=np.uint8)[:, None], 16, 1)] * 2)
-    scales[1] = scales[1][::-1]
-    return np.ascontiguousarray(blocks), np.ascontiguousarray(scales)
 
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", format_cases.MXFP4_DTYPES)
 def test_mxfp4_equals_transformers_for_every_nibble_in_both_positions_and_every_exponent(dtype):
-    blocks, scales = _all_mxfp4_cases()
+    blocks, scales = format_cases.mxfp4_inputs()
     got = hf_formats.dequantize_mxfp4(blocks, scales)
     assert got.shape == (2, 16 * 32, 256) and got.dtype == np.float32  # [E, 32G, R]
-    want = convert_moe_packed_tensors(_torch(blocks), _torch(scales), dtype=getattr(torch, dtype))
     if dtype == "bfloat16":  # what transformers loads into a bfloat16 model: our float32, rounded once
         got = got.astype(ml_dtypes.bfloat16)
-    assert _same(got, _numpy(want))
-    assert np.isinf(got).any() and (got == 0).any() and np.signbit(got[got == 0]).any()  # the limits were reached
+    _assert_transformers_gives(format_cases.mxfp4_name(dtype), got)
+    f = got.astype(np.float32)
+    assert np.isinf(f).any() and (f == 0).any() and np.signbit(f[f == 0]).any()  # the limits were reached
 
 
 def test_mxfp4_one_expert_equals_that_expert_of_the_whole_tensor():
-    blocks, scales = _all_mxfp4_cases()
+    blocks, scales = format_cases.mxfp4_inputs()
     whole = hf_formats.dequantize_mxfp4(blocks, scales)
     assert all(_same(hf_formats.dequantize_mxfp4(blocks[e], scales[e]), whole[e]) for e in range(2))
 
 
-def _every_e4m3_byte(shape, seed=0):
-    """uint8 of `shape` holding every byte value (0x7f and 0xff are NaN in e4m3fn), in a shuffled order."""
-    n = int(np.prod(shape))
-    x = np.resize(np.arange(256, dtype=np.uint8), n)
-    np.random.default_rng(seed).shuffle(x)
-    return x.reshape(shape).view(ml_dtypes.float8_e4m3fn)
-
-
-@pytest.mark.parametrize("shape,block", [((200, 300), (128, 128)),  # a partial last block in both dims
-                                         ((3, 200, 300), (128, 128)),  # stacked experts
-                                         ((70, 100), (32, 48))])
-@pytest.mark.parametrize("scale_dtype", ["float32", "float8_e8m0fnu"])
+@pytest.mark.parametrize("shape,block", format_cases.FP8_SHAPES)
+@pytest.mark.parametrize("scale_dtype", format_cases.FP8_SCALE_DTYPES)
 def test_fp8_equals_transformers_with_partial_last_blocks_and_every_byte(shape, block, scale_dtype):
-    w = _every_e4m3_byte(shape)
-    grid = hf_formats.fp8_scale_shape(shape, block)
-    rng = np.random.default_rng(1)
-    if scale_dtype == "float32":  # magnitudes from 2**-30 to 2**20, both signs
-        s = rng.uniform(0.5, 1, grid) * 2.0 ** rng.integers(-30, 21, grid) * rng.choice([-1, 1], grid)
-        s = s.astype(np.float32)
-    else:  # ue8m0: powers of two, the NaN byte 0xff included
-        s = rng.integers(0, 256, grid).astype(np.uint8)
-        s.reshape(-1)[0] = 255
-        s = s.view(ml_dtypes.float8_e8m0fnu)
+    w = format_cases.every_e4m3_byte(shape)
+    s = format_cases.fp8_scales(shape, block, scale_dtype)
+    assert list(s.shape) == hf_formats.fp8_scale_shape(shape, block)
     got = hf_formats.dequantize_fp8(w, s, block)
-    want = _dequantize_fp8_weight(_torch(w), _torch(s), list(block), torch.float32)
-    assert got.dtype == np.float32 and _same(got, want.numpy())
+    assert got.dtype == np.float32
+    _assert_transformers_gives(format_cases.fp8_name(shape, block, scale_dtype), got)
+    # the limits were reached: the NaN codes (and the NaN scale) give NaN, a zero code a signed zero
+    assert np.isnan(got).any() and (got == 0).any() and np.signbit(got[got == 0]).any()
 
 
 def test_fp8_load_time_dequantisation_into_bfloat16_is_ours_rounded_once():
     """transformers' load path (Fp8Dequantize, which needs whole blocks) multiplies in float32 and casts
     once to the model's dtype, as the import does."""
-    w = _every_e4m3_byte((256, 384))
-    s = np.random.default_rng(2).uniform(1e-4, 1e-1, (2, 3)).astype(np.float32)
-    want = Fp8Dequantize(None)._dequantize_one(_torch(w), _torch(s), output_dtype=torch.bfloat16)
-    assert _same(hf_formats.dequantize_fp8(w, s, (128, 128)).astype(ml_dtypes.bfloat16), _numpy(want))
+    inputs = _cases()[format_cases.FP8_LOAD]["inputs"]
+    got = hf_formats.dequantize_fp8(inputs["weight"], inputs["scale_inv"], (128, 128)).astype(ml_dtypes.bfloat16)
+    _assert_transformers_gives(format_cases.FP8_LOAD, got)
 
 
 # ---- import: the Mixtral fixture stored as FP8 and as MXFP4 -------------------------------------------
+# The values wanted are hf_formats' dequantisations, which the tests above show are transformers'.
 
 def _fp8_quantise(w: np.ndarray, block) -> tuple:
     """A plain block quantiser: scale_inv = block amax / 448, codes rounded by ml_dtypes."""
@@ -144,14 +133,33 @@ def _mxfp4_quantise(t_ECR: np.ndarray) -> tuple:
     return codes[..., 0::2] | (codes[..., 1::2] << 4), (exp + 127).astype(np.uint8)
 
 
-def _rewrite(tmp_path, name, tensors, quantization_config):
-    from safetensors.torch import save_file
+_ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3", "float8_e8m0fnu": "F8_E8M0",
+             "uint8": "U8"}
 
+
+def _save_safetensors(path, tensors: dict, metadata: dict) -> None:
+    """A safetensors file as the format defines it (safetensors.numpy has no float8): the header's
+    length (u64 little-endian), the JSON header (padded with spaces to 8 bytes), the tensors' bytes."""
+    header, off = {"__metadata__": metadata}, 0
+    for k in sorted(tensors):
+        n = tensors[k].nbytes
+        header[k] = {"dtype": _ST_DTYPE[tensors[k].dtype.name], "shape": list(tensors[k].shape),
+                     "data_offsets": [off, off + n]}
+        off += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for k in sorted(tensors):
+            f.write(np.ascontiguousarray(tensors[k]).tobytes())
+
+
+def _rewrite(tmp_path, name, tensors, quantization_config):
     out = tmp_path / name
     shutil.copytree(FIXTURE, out)
     cfg = json.load(open(out / "config.json"))
     json.dump({**cfg, "quantization_config": quantization_config}, open(out / "config.json", "w"))
-    save_file({k: _torch(v) for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _save_safetensors(out / "model.safetensors", tensors, {"format": "pt"})
     return out
 
 
@@ -182,8 +190,7 @@ def test_an_fp8_checkpoint_imports_as_transformers_dequantises_it(tmp_path):
     for k, w in t.items():
         if k.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")):
             stored[k], stored[k + "_scale_inv"] = _fp8_quantise(w, (32, 48))
-            want[k] = _dequantize_fp8_weight(_torch(stored[k]), _torch(stored[k + "_scale_inv"]), [32, 48],
-                                             torch.float32).numpy()
+            want[k] = hf_formats.dequantize_fp8(stored[k], stored[k + "_scale_inv"], (32, 48))
             assert not np.array_equal(want[k], w)  # lossy: the values imported are the dequantised ones
     src = _rewrite(tmp_path, "fp8", stored, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                                              "weight_block_size": [32, 48]})
@@ -209,7 +216,7 @@ def _mxfp4_fixture(tmp_path):
         for k, v in fused.items():
             blocks, scales = _mxfp4_quantise(v)
             stored[f + k + "_blocks"], stored[f + k + "_scales"] = packed[f + k] = blocks, scales
-            d = convert_moe_packed_tensors(_torch(blocks), _torch(scales), dtype=torch.float32).numpy()
+            d = hf_formats.dequantize_mxfp4(blocks, scales)
             assert d.shape == v.shape and not np.array_equal(d, v)
             for e in range(4):
                 if k == "gate_up_proj":
@@ -242,8 +249,7 @@ def test_fused_fp8_expert_tensors_import_expert_by_expert(tmp_path):
         for k, v in (("gate_up_proj", gate_up), ("down_proj", down)):
             q = [_fp8_quantise(v[e], (48, 32)) for e in range(4)]
             stored[f + k], stored[f + k + "_scale_inv"] = np.stack([a for a, _ in q]), np.stack([b for _, b in q])
-            d = _dequantize_fp8_weight(_torch(stored[f + k]), _torch(stored[f + k + "_scale_inv"]), [48, 32],
-                                       torch.float32).numpy()
+            d = hf_formats.dequantize_fp8(stored[f + k], stored[f + k + "_scale_inv"], (48, 32))
             for e in range(4):
                 if k == "gate_up_proj":
                     want[f"{p}{e}.w1.weight"], want[f"{p}{e}.w3.weight"] = d[e, :128], d[e, 128:]

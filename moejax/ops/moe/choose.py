@@ -100,7 +100,7 @@ def measure(rs, mesh, tokens: tuple[int, ...], kernels, repeats: int = 5, progre
     that fails to compile or run here is left out (said through `progress`)."""
     import jax
 
-    programs = {}
+    programs, failed = {}, []
     for kernel in kernels:
         try:
             programs[kernel] = [_program(dataclasses.replace(rs, moe_kernel=kernel), mesh, n) for n in tokens]
@@ -108,10 +108,11 @@ def measure(rs, mesh, tokens: tuple[int, ...], kernels, repeats: int = 5, progre
                 jax.block_until_ready(f(*args))
         except Exception as e:  # noqa: BLE001 (a kernel this platform cannot run is not a candidate)
             programs.pop(kernel, None)
+            failed.append(f"{kernel}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
             if progress:
-                progress(f"MoE kernel {kernel} left out: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                progress(f"MoE kernel {failed[-1]} (left out)")
     if not programs:
-        raise RuntimeError(f"no MoE kernel of {kernels} runs here")
+        raise RuntimeError(f"no MoE kernel of {kernels} runs here ({'; '.join(failed)})")
     samples = {k: [[] for _ in tokens] for k in programs}
     for _ in range(repeats):
         for kernel, progs in programs.items():
@@ -161,7 +162,7 @@ def _program(rs, mesh, n_tokens: int):
 
     def body(x, v, w):
         w = {k: [a.reshape(a.shape[1:]) for a in u] if isinstance(u, list) else
-             (u.reshape(u.shape[1:]) if k in dict(experts) else u) for k, u in w.items()}
+             (u.reshape(u.shape[1:]) if k in {n for n, _, _ in experts} else u) for k, u in w.items()}
         y, _ = moe_block(x, v, w, spec, cfg.rms_norm_eps)
         return y
 
