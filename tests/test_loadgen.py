@@ -226,3 +226,29 @@ def test_the_load_generator_does_not_import_jax():
     code = "import sys; import moejax.bench.loadgen; assert 'jax' not in sys.modules, 'jax imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_warmup_primes_no_prompt_prefix_of_the_timed_rounds(monkeypatch):
+    """bench compare's untimed warmup once sent the workload's own first prompts, so a prefix cache
+    held exactly the first timed round's opening burst (its p99 TTFT 124-150 ms against 325-580 ms
+    in later rounds): the warmup's prompts have the same lengths and share no cached block."""
+    from types import SimpleNamespace
+
+    from moejax.bench import harness
+    from moejax.serving.prefix import block_names
+
+    seen = []
+
+    async def fake_load(url, model, workload, **kw):
+        seen.append(workload)
+        return [], 1.0
+    monkeypatch.setattr(harness, "run_load", fake_load)
+    monkeypatch.setattr(harness, "summarize", lambda results, wall: {})
+    workload = make_workload(20, (16, 64), (4, 8), vocab_size=2048, seed=0, shared_prefix=32)
+    run = harness.server_runner(SimpleNamespace(url="http://x", model="m"), workload, warmup=16)
+    run()
+    run()
+    warm, first, second = seen
+    assert first == second == workload and [len(p) for p, _ in warm] == [len(p) for p, _ in workload[:16]]
+    cached = {b for p, _ in warm for b in block_names(p)}
+    assert not any(b in cached for p, _ in workload for b in block_names(p))
