@@ -8,7 +8,8 @@ columns), down_proj [E, F, D] is w2, and their biases gate_up_proj_bias [E, 2F] 
 alike) and down_proj_bias [E, D] (b2). The norms stay float32 whatever the model's dtype and scale
 in float32 (ops/layers.py rmsnorm), as transformers computes them (it stores them float32 under
 float16, _keep_in_fp32_modules; the hub's bfloat16 values are exact in float32).
-The MXFP4 form of the hub's expert tensors (gate_up_proj_blocks / _scales) is not read here.
+The hub's MXFP4 form of the expert tensors (gate_up_proj_blocks / _scales) is dequantised by the
+reader (checkpoint/hf_formats.py), a whole layer's tensor at a time: these rows are not per expert.
 """
 
 from __future__ import annotations
