@@ -112,8 +112,7 @@ def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platf
                        for c, n in zip(kv, (k_BTGK, v_BTGK)))
     o_BTD = q8.matmul("btj,jd->btd", out_BTHK.reshape(b, t, -1), q8.reshape(w["wo"], (-1,), (d,)))
     if cfg.attention_out_bias:  # added once to the sum over the heads' devices
-        first = 1.0 if head_axis is None else (jax.lax.axis_index(head_axis) == 0).astype(layers.F32)
-        o_BTD = o_BTD + first * w["bo"].astype(layers.F32)
+        o_BTD = o_BTD + layers.once_over(head_axis, w["bo"].astype(layers.F32))
     return o_BTD, kv
 
 

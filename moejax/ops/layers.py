@@ -20,6 +20,14 @@ def mm(eq: str, a, b):
     return jnp.einsum(eq, a, b, preferred_element_type=F32)
 
 
+def once_over(axis: str | None, bias):
+    """`bias` on the first device of `axis` and zero on the others: a bias added to partial sums that
+    the devices of `axis` then add up counts once (None: no axis, the bias as it is)."""
+    if axis is None:
+        return bias
+    return bias * (jax.lax.axis_index(axis) == 0).astype(bias.dtype)
+
+
 def rmsnorm(x, w, eps: float):
     """Normalise in float32, cast back to the input dtype, then scale (as transformers does). A weight
     kept in float32 (a family's `Param.f32`: GPT-OSS's norms, transformers' _keep_in_fp32_modules)

@@ -160,9 +160,11 @@ def _program(rs, mesh, n_tokens: int):
     x = put(rng.standard_normal((n, d)), tok)
     valid = jax.device_put(np.ones(n, bool), NamedSharding(mesh, tok))
 
+    per_expert = {name for name, _, _ in experts}
+
     def body(x, v, w):
         w = {k: [a.reshape(a.shape[1:]) for a in u] if isinstance(u, list) else
-             (u.reshape(u.shape[1:]) if k in {n for n, _, _ in experts} else u) for k, u in w.items()}
+             (u.reshape(u.shape[1:]) if k in per_expert else u) for k, u in w.items()}
         y, _ = moe_block(x, v, w, spec, cfg.rms_norm_eps)
         return y
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.ops import quant as q8
+from moejax.ops.layers import once_over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,4 @@ def expert_biases(w, expert_bias: bool, ffn_axis: str | None, j: int | None = No
     if not expert_bias:
         return None
     b1, b3, b2 = (w[n] if j is None else w[n][j] for n in ("b1", "b3", "b2"))
-    if ffn_axis is not None:  # the F-split devices' outputs are summed: the down bias once
-        b2 = b2 * (jax.lax.axis_index(ffn_axis) == 0).astype(b2.dtype)
-    return b1, b3, b2
+    return b1, b3, once_over(ffn_axis, b2)  # the F-split devices' outputs are summed: the down bias once
