@@ -18,7 +18,9 @@ model, keyed by the hub's tensor names (transformers 5.x's fused expert tensors 
 
 Qwen2-MoE's fixture ties the head to the embedding, makes layer 2 dense and scales RoPE linearly; GLM-4.5's
 makes layer 0 dense, limits routing to 2 of 4 expert groups, scales the routed weights by 2.5 and
-uses yarn RoPE (original length 16, so the 24 + 12 positions reach past it); GPT-OSS's alternates a
+uses yarn RoPE (original length 16, so the 24 + 12 positions reach past it); DeepSeek-V3's has latent
+attention with a low-rank query, a value dim unlike the key's, interleaved RoPE and yarn whose mscale
+changes the softmax scale (factor 40), layer 0 dense, 2 of 4 expert groups; GPT-OSS's alternates a
 sliding window of 8 with full attention on its 2 layers (one of each per stage on a 2-stage mesh), uses
 yarn RoPE with truncate false, and clamps its experts at 0.2, which the tiny model's activations
 reach: each term moejax implements is exercised against transformers' numbers. GPT-OSS's hub layout
@@ -86,10 +88,24 @@ def gpt_oss():
         attn_implementation="eager")
 
 
+def deepseek_v3():
+    return transformers.DeepseekV3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, n_group=4,
+        topk_group=2, num_experts_per_tok=4, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,  # v != nope
+        rope_interleave=True, max_position_embeddings=256,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                         "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                         "mscale_all_dim": 1.0},
+        rms_norm_eps=1e-6, tie_word_embeddings=False, num_nextn_predict_layers=1, attn_implementation="eager")
+
+
 FAMILIES = {"qwen3-moe": (qwen3_moe, transformers.Qwen3MoeForCausalLM), "olmoe": (olmoe, transformers.OlmoeForCausalLM),
             "qwen2-moe": (qwen2_moe, transformers.Qwen2MoeForCausalLM),
             "glm4-moe": (glm4_moe, transformers.Glm4MoeForCausalLM),
-            "gpt-oss": (gpt_oss, transformers.GptOssForCausalLM)}
+            "gpt-oss": (gpt_oss, transformers.GptOssForCausalLM),
+            "deepseek-v3": (deepseek_v3, transformers.DeepseekV3ForCausalLM)}
 FUSED_HUB = ("gpt-oss",)  # families whose hub checkpoints keep each layer's experts in one tensor
 
 

@@ -28,7 +28,7 @@ DATA = os.path.join(REPO, "tests", "data")
 QWEN3 = os.path.join(DATA, "hf-qwen3-moe-tiny")
 FIXTURES = {"qwen3_moe": QWEN3, "olmoe": os.path.join(DATA, "hf-olmoe-tiny"),
             "qwen2_moe": os.path.join(DATA, "hf-qwen2-moe-tiny"), "glm4_moe": os.path.join(DATA, "hf-glm4-moe-tiny"),
-            "gpt_oss": os.path.join(DATA, "hf-gpt-oss-tiny")}
+            "gpt_oss": os.path.join(DATA, "hf-gpt-oss-tiny"), "deepseek_v3": os.path.join(DATA, "hf-deepseek-v3-tiny")}
 GRAD_RTOL = 1e-4  # per tensor: max |got - want| / max |want|, as for Mixtral (tests/test_train.py)
 FAMILIES = sorted(FIXTURES)
 
@@ -82,7 +82,8 @@ def _forward(ckpt, mesh_text, layout="seed", change=None):
     ("olmoe", ("proj", False, 16, 16, 0.01), 157_184),
     ("qwen2_moe", ("none", False, 16, 16, 0.001), 271_104),
     ("glm4_moe", ("head", True, 32, 16, 0.0), 324_928 + 3 * 8),  # + the correction biases (HF buffers)
-    ("gpt_oss", ("none", True, 32, 16, 0.01), 184_280)])
+    ("gpt_oss", ("none", True, 32, 16, 0.01), 184_280),
+    ("deepseek_v3", ("none", True, 24, 16, 0.0), 435_968 + 3 * 16)])  # head_dim: nope 16 + rope 8
 def test_a_checkpoint_imports_as_its_own_family(imported, family, want, params):
     cfg = checkpoint.config_of(checkpoint.read_meta(imported[family])[0])
     assert cfg.family == family
@@ -106,7 +107,7 @@ def test_family_greedy_tokens_equal_transformers(imported, family):
     assert gen.generate(prompts, 12, Sampling(), eos_id=None)["generated_ids"] == ref["generated_ids"].tolist()
 
 
-@pytest.mark.parametrize("family", ["gpt_oss"])  # attention whose masks each serving mode builds: windows, sinks
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])  # attention of its own in each serving mode
 def test_family_serving_steps_equal_transformers(imported, family):
     """The engine's programs (prompt chunks of 16 over a window of 8, a mixed step of one request's decode
     row and the other's chunk, decode steps) on 1x2x2x2, where one stage's layer slides and the other's
@@ -192,6 +193,11 @@ def test_family_loss_terms_and_gradients_equal_transformers(imported, family):
     ("gpt_oss", "the window's last position", lambda c: dataclasses.replace(c, sliding_window=c.sliding_window + 1)),
     ("gpt_oss", "gate and up interleaved", "gate and up as halves"),
     ("gpt_oss", "the clamp", lambda c: dataclasses.replace(c, swiglu_limit=None)),
+    ("deepseek_v3", "yarn's mscale in the softmax scale", "plain softmax scale"),
+    ("deepseek_v3", "interleaved RoPE", lambda c: dataclasses.replace(c, rope_interleave=False)),
+    ("deepseek_v3", "the correction bias", "zero router_bias"),
+    ("deepseek_v3", "the shared experts", lambda c: dataclasses.replace(c, shared_expert_ffn=0)),
+    ("deepseek_v3", "the group mask", lambda c: dataclasses.replace(c, n_group=1, topk_group=1)),
 ])
 def test_each_term_a_family_adds_matters(imported, monkeypatch, family, term, change):
     """Without the term (or with it where the family has none) the logits are far from
@@ -199,6 +205,10 @@ def test_each_term_a_family_adds_matters(imported, monkeypatch, family, term, ch
     monkeypatch.setitem(registry.FAMILIES, family, dataclasses.replace(registry.FAMILIES[family], fixed=()))
     if change == "zero router_bias":
         monkeypatch.setattr(checkpoint, "restore", _zero_after(checkpoint.restore, "router_bias"))
+        change = None
+    if change == "plain softmax scale":  # head_dim^-0.5 without yarn's mscale^2 (the RoPE tables keep theirs)
+        from moejax.ops import mla
+        monkeypatch.setattr(mla, "softmax_scale", lambda cfg: cfg.head_dim ** -0.5)
         change = None
     if change == "gate and up as halves":  # HF's gate_up_proj read as [gate | up], Mixtral's fused layout
         monkeypatch.setattr(checkpoint, "restore", _halves_after(checkpoint.restore))
@@ -237,7 +247,10 @@ def _halves_after(restore):
     ("glm4_moe", ("n_group", "topk_group", "routed_scaling_factor", "first_k_dense_replace", "use_qk_norm",
                   "attention_bias", "head_dim", "n_routed_experts", "n_shared_experts", "intermediate_size")),
     ("gpt_oss", ("layer_types", "sliding_window", "swiglu_alpha", "swiglu_limit", "attention_bias", "head_dim",
-                 "num_local_experts", "intermediate_size", "router_aux_loss_coef"))])
+                 "num_local_experts", "intermediate_size", "router_aux_loss_coef")),
+    ("deepseek_v3", ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "rope_interleave", "n_group", "topk_group", "routed_scaling_factor", "first_k_dense_replace",
+                     "n_routed_experts", "n_shared_experts", "intermediate_size", "moe_intermediate_size"))])
 def test_family_exports_the_tensors_it_imported(imported, tmp_path, family, keys):
     from safetensors.numpy import load_file
 
@@ -277,7 +290,10 @@ def test_a_family_config_that_does_not_fit_its_weights_is_one_line():
     ("glm4_moe", lambda c: {**c, "first_k_dense_replace": 4}, "first_k_dense_replace=4 must be in [0, "),
     ("glm4_moe", lambda c: {**c, "n_group": 3}, "n_group=3, topk_group=2 must divide num_experts=8"),
     ("glm4_moe", lambda c: {**c, "topk_group": 1, "num_experts_per_tok": 3}, "experts_per_token=3 exceeds the 2"),
-    ("glm4_moe", lambda c: {**c, "model_type": "deepseek_v3"}, "model family 'deepseek_v3' is not implemented"),
+    ("glm4_moe", lambda c: {**c, "model_type": "deepseek_v2"}, "model family 'deepseek_v2' is not implemented"),
+    ("deepseek_v3", lambda c: {**c, "num_key_value_heads": 2}, "num_key_value_heads=2 must equal num_attention_heads=4"),
+    ("deepseek_v3", lambda c: {**c, "attention_bias": True}, "attention_bias=True is not supported"),
+    ("deepseek_v3", lambda c: {**c, "qk_rope_head_dim": 7}, "an even qk_rope_head_dim in (0, head_dim=23)"),
     ("gpt_oss", lambda c: {**c, "layer_types": ["sliding_attention"]}, "layer_types=['sliding_attention'] must list"),
     ("gpt_oss", lambda c: {**c, "sliding_window": None}, "sliding_window=None must be a positive integer"),
 ])

@@ -106,13 +106,14 @@ def test_placement_is_what_serving_holds(mesh, layout):
 def _compiled_hlo(config: str, mesh: str, layout: str, mode: str, B: int, T: int) -> tuple:
     from helpers import setup
 
+    from moejax.models import cache as kv_cache
     from moejax.models import transformer as model
     from moejax.inference.generate import put
 
     rs, m, params = setup(config, mesh, layout, dtype="float32", moe_kernel="buffers")
     tok = put(m, rs.layout, "tokens", np.ones((B, T if mode == "prefill" else 1), np.int32))
     lengths = put(m, rs.layout, "lengths", np.full((B,), T, np.int32))
-    cache = model.init_cache(rs, m, B, 2 * T)
+    cache = kv_cache.init_cache(rs, m, B, 2 * T)
     return rs, model.build(rs, m, mode).lower(params, tok, lengths, cache).compile().as_text()
 
 

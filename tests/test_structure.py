@@ -174,7 +174,7 @@ def test_an_unknown_family_is_one_line_naming_the_valid_ones():
 
     cfg = config_from_dict({**{k: v for k, v in load_config("tiny").__dict__.items() if k != "name"},
                             "family": "qwen9_moe"}, "x")
-    with pytest.raises(UserError, match="model family 'qwen9_moe' is not implemented; valid: glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe"):
+    with pytest.raises(UserError, match="model family 'qwen9_moe' is not implemented; valid: deepseek_v3, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe"):
         registry.family_of(cfg)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -151,6 +152,16 @@ class HFReader:
         self.converted = {hf_formats.FP8: set(), hf_formats.MXFP4: set()}  # HF names dequantised
         self.handles, self.headers = {}, {}
         self.lock = __import__("threading").Lock()
+
+    def past_layers(self) -> dict[int, int]:
+        """{layer: tensors} of the checkpoint's layers at or past num_hidden_layers, which nothing reads:
+        DeepSeek-V3's and GLM-4.5's multi-token-prediction layers (transformers does not load them either)."""
+        out: dict[int, int] = {}
+        for name in self.files:
+            m = re.match(r"model\.layers\.(\d+)\.", name)
+            if m and int(m.group(1)) >= self.cfg.num_layers:
+                out[int(m.group(1))] = out.get(int(m.group(1)), 0) + 1
+        return out
 
     def _header(self, path: str) -> dict:
         """The safetensors header of `path` (the tensors are then read with plain reads: a memory map

@@ -92,4 +92,5 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, max_memory_gb: fl
     return {"out": given, "step": step, "config": cfg.name, "family": cfg.family, "params_total": counts.param_count(cfg),
             "dtype": dtype, "bytes": nbytes, "seconds": time.perf_counter() - t0, "max_memory_bytes": bound,
             "verified": True, "tokenizer_files": tok_files,
-            "converted": {fmt: len(names) for fmt, names in reader.converted.items()}}  # HF tensors dequantised
+            "converted": {fmt: len(names) for fmt, names in reader.converted.items()},  # HF tensors dequantised
+            "ignored_layers": {str(k): v for k, v in sorted(reader.past_layers().items())}}  # {layer: tensors}

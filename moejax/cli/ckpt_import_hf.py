@@ -34,6 +34,10 @@ def run(args):
     done = [f"{n} {what[fmt]} tensor{'s' * (n != 1)}" for fmt, n in rep["converted"].items() if n]
     if done:
         print(f"dequantised {' and '.join(done)} to {rep['dtype']}, as transformers does")
+    if rep["ignored_layers"]:
+        layers = ", ".join(f"model.layers.{k}" for k in rep["ignored_layers"])
+        print(f"ignored {sum(rep['ignored_layers'].values())} tensors of {layers} (past num_hidden_layers: the "
+              f"multi-token-prediction layer, which transformers does not load either)")
     if args.json:
         print(json.dumps(rep))
 

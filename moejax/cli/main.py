@@ -1,7 +1,7 @@
 """The `moejax` command: one dispatch table of subcommands.
 
     moejax infer | serve | train | eval | plan | plot-train
-    moejax bench model | moe | kernels | train | serve | compare | serve-hf | grouped | checkpoints | xla-flags
+    moejax bench model | moe | kernels | train | serve | compare | serve-hf | grouped | checkpoints | xla-flags | mla
     moejax ckpt import-hf | export-hf | reshard | quantize | make
 
 Each subcommand is a module with `main(argv) -> int`, imported only when it runs (so `moejax --help`
@@ -36,6 +36,7 @@ COMMANDS = {
     "bench grouped": ("moejax.cli.bench.grouped", "the grouped-matmul kernels of the ragged MoE path", False),
     "bench checkpoints": ("moejax.cli.bench.checkpoints", "make, reshard, export and import at real size", False),
     "bench xla-flags": ("moejax.cli.bench.xla_flags", "XLA:CPU's options side by side (bench model per XLA_FLAGS)", False),
+    "bench mla": ("moejax.cli.bench.mla", "latent attention: cache bytes and absorbed against expanded decode", False),
     "ckpt import-hf": ("moejax.cli.ckpt_import_hf", "a Hugging Face checkpoint -> a moejax checkpoint", False),
     "ckpt export-hf": ("moejax.cli.ckpt_export_hf", "a moejax checkpoint -> Hugging Face safetensors", False),
     "ckpt reshard": ("moejax.cli.ckpt_reshard", "re-chunk a checkpoint for another mesh, layout or dtype", False),

@@ -88,6 +88,12 @@ class ModelConfig:
     swiglu_alpha: float = 1.0  # experts' activation: g * sigmoid(alpha g) * (u + swiglu_up_offset), after
     swiglu_limit: float | None = None  # clamping g to <= limit and u to [-limit, limit] (GPT-OSS: 1.702, 7, 1)
     swiglu_up_offset: float = 0.0
+    kv_lora_rank: int = 0  # > 0: multi-head latent attention (DeepSeek-V3): keys and values expand per head from
+    # a cached latent of this many values, plus one RoPE key of qk_rope_head_dim dims shared by the heads
+    q_lora_rank: int = 0  # MLA's low-rank query (q_a -> norm -> q_b) of this rank; 0: one q projection
+    qk_rope_head_dim: int = 0  # MLA: the RoPE dims at the end of each q and k head (head_dim = nope + these)
+    v_head_dim: int = 0  # MLA: each head's value dims
+    rope_interleave: bool = False  # RoPE rotates adjacent pairs (x0, x1), (x2, x3)... (DeepSeek-V3), not halves
     description: str = ""
 
     def __post_init__(self):
@@ -102,7 +108,7 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"config {self.name}: num_heads={self.num_heads} must be a multiple of "
                             f"num_kv_heads={self.num_kv_heads}")
-        if self.head_dim % 2:
+        if self.head_dim % 2 and not self.kv_lora_rank:  # latent attention rotates qk_rope_head_dim only
             raise UserError(f"config {self.name}: head_dim={self.head_dim} must be even (RoPE rotates pairs)")
         if self.param_dtype not in DTYPES:
             raise UserError(f"config {self.name}: param_dtype={self.param_dtype!r}; valid: {', '.join(DTYPES)}")
@@ -120,6 +126,7 @@ class ModelConfig:
             raise UserError(f"config {self.name}: norm_topk_prob={self.norm_topk_prob!r} must be true or false")
         self._validate_families()
         self._validate_attention_and_experts()
+        self._validate_latent_attention()
         for f in ("bos_token_id", "eos_token_id") + (("pad_token_id",) if self.pad_token_id is not None else ()):
             v = getattr(self, f)
             if not (isinstance(v, int) and 0 <= v < self.vocab_size):
@@ -132,7 +139,7 @@ class ModelConfig:
             if not isinstance(getattr(self, f), bool):
                 raise UserError(f"config {self.name}: {f}={getattr(self, f)!r} must be true or false")
         prf = self.partial_rotary_factor
-        if not (isinstance(prf, (int, float)) and 0 < prf <= 1 and int(self.head_dim * prf) % 2 == 0):
+        if not (isinstance(prf, (int, float)) and 0 < prf <= 1 and (int(self.head_dim * prf) % 2 == 0 or self.kv_lora_rank)):
             raise UserError(f"config {self.name}: partial_rotary_factor={prf!r} must be in (0, 1] and give an even "
                             f"number of rotated dims (head_dim={self.head_dim})")
         rope = self.rope
@@ -203,6 +210,39 @@ class ModelConfig:
         if not isinstance(self.swiglu_up_offset, (int, float)):
             raise UserError(f"config {self.name}: swiglu_up_offset={self.swiglu_up_offset!r} must be a number")
 
+    def _validate_latent_attention(self):
+        """Multi-head latent attention's fields (DeepSeek-V3), and what moejax does not combine with it."""
+        for f in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise UserError(f"config {self.name}: {f}={v!r} must be an integer >= 0")
+        if not isinstance(self.rope_interleave, bool):
+            raise UserError(f"config {self.name}: rope_interleave={self.rope_interleave!r} must be true or false")
+        if not self.kv_lora_rank:
+            for f in ("q_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, f):
+                    raise UserError(f"config {self.name}: {f}={getattr(self, f)} needs kv_lora_rank > 0 (latent "
+                                    f"attention)")
+            return
+        r = self.qk_rope_head_dim
+        if not (0 < r < self.head_dim and r % 2 == 0) or self.v_head_dim <= 0:
+            raise UserError(f"config {self.name}: latent attention needs an even qk_rope_head_dim in (0, head_dim="
+                            f"{self.head_dim}) (got {r}) and v_head_dim > 0 (got {self.v_head_dim})")
+        if self.num_kv_heads != self.num_heads:
+            raise UserError(f"config {self.name}: latent attention expands one key and value per query head: "
+                            f"num_kv_heads={self.num_kv_heads} must equal num_heads={self.num_heads}")
+        other = [f for f in ("attention_bias", "attention_out_bias", "attention_sinks") if getattr(self, f)]
+        other += ["qk_norm"] if self.qk_norm != "none" else []
+        other += ["layer_types"] if "sliding_attention" in self.layer_types else []
+        other += ["partial_rotary_factor"] if self.partial_rotary_factor != 1.0 else []
+        if other:
+            raise UserError(f"config {self.name}: {other[0]} is not implemented with latent attention "
+                            f"(kv_lora_rank > 0)")
+
+    @property
+    def latent_attention(self) -> bool:
+        return self.kv_lora_rank > 0
+
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of `layer` (None: it attends to every earlier position)."""
         return self.sliding_window if self.layer_types and self.layer_types[layer] == "sliding_attention" else None
@@ -214,6 +254,8 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
+        if self.latent_attention:
+            return self.qk_rope_head_dim
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property

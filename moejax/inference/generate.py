@@ -11,6 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from moejax.models import cache as kv_cache
 from moejax.models import transformer as model
 from moejax.errors import UserError
 from moejax.inference.sampling import Sampling, sample
@@ -85,7 +86,7 @@ class Generator:
         b = self.batch
         tokens = put(mesh, lay, "tokens", np.zeros((b, prompt_len), np.int32))
         lengths = put(mesh, lay, "lengths", np.ones((b,), np.int32))
-        cache = model.init_cache(rs, mesh, b, max_len)
+        cache = kv_cache.init_cache(rs, mesh, b, max_len)
         t0 = time.perf_counter()
         self.prefill = model.build(rs, mesh, "prefill").lower(params, tokens, lengths, cache).compile()
         one = put(mesh, lay, "tokens", np.zeros((b, 1), np.int32))
@@ -101,7 +102,7 @@ class Generator:
         if (opts, eos_id, max_new) in self._warmed:
             return
         mesh, lay, b, t = self.mesh, self.rs.layout, self.batch, self.prompt_len
-        cache = model.init_cache(self.rs, mesh, b, self.max_len)
+        cache = kv_cache.init_cache(self.rs, mesh, b, self.max_len)
         logits, cache, stats = self.prefill(self.params, put(mesh, lay, "tokens", np.zeros((b, t), np.int32)),
                                             put(mesh, lay, "lengths", np.full((b,), t, np.int32)), cache)
         key, sub = jax.random.split(jax.random.key(0))
@@ -171,7 +172,7 @@ class Generator:
         key = jax.random.key(sampling.seed)
         opts = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         self._warm(opts, eos_id, max_new_tokens)
-        cache = model.init_cache(rs, mesh, self.batch, self.max_len)
+        cache = kv_cache.init_cache(rs, mesh, self.batch, self.max_len)
 
         t0 = time.perf_counter()
         logits, cache, stats = self.prefill(self.params, put(mesh, lay, "tokens", tokens),

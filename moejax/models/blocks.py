@@ -2,7 +2,8 @@
 
 `attention_moe_layer`: pre-norm attention on local heads -> psum_scatter over tp (each tp rank now
 owns N/tp tokens) -> residual -> the pre-norm FFN of this layer -> residual -> all_gather over tp.
-The FFN is the MoE over the expert axes (ops/moe), plus a shared expert on every token where the
+Attention is multi-head latent attention (ops/mla.py) under `kv_lora_rank`, else grouped-query attention
+(ops/attention.py). The FFN is the MoE over the expert axes (ops/moe), plus a shared expert on every token where the
 config has one, or a dense SwiGLU on the layers listed in `dense_layers`; a slot whose stages hold
 different kinds picks by stage index at run time, as does a slot whose stages hold sliding-window and
 full-attention layers. What differs between the families that use it (QK-norm, biases, sinks, sliding
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from moejax.ops import quant as q8
 from moejax.ops.attention import attention_block
 from moejax.ops.layers import F32, rmsnorm
+from moejax.ops.mla import mla_block
 from moejax.ops.moe.dispatch import moe_block, zero_stats
 from moejax.ops.moe.experts import swiglu
 
@@ -75,7 +77,8 @@ def attention_moe_layer(x_BTD, valid_BT, w, side, mode: str, kv, row0, rs: RunSp
     tp = rs.shape.tp
     tp_axis = "tp" if tp > 1 else None
     ffn_axis = tp_axis if rs.layout.mesh_axes("ffn") else None  # a dense FFN's hidden dim over tp
-    attend = functools.partial(attention_block, x_BTD, w, side, mode, kv, row0, rs.cfg, rs.platform, tp_axis,
+    attention = functools.partial(mla_block, absorb=rs.mla_absorb) if rs.cfg.latent_attention else attention_block
+    attend = functools.partial(attention, x_BTD, w, side, mode, kv, row0, rs.cfg, rs.platform, tp_axis,
                                window=slot_window(rs, slot))
     # On CPU a device whose rows are all padding skips its attention (4x2x4x4, 8 prompts on 16 batch
     # shards: prefill 2926 -> 2709 ms, decode step 721 -> 524 ms); on GPU a conditional costs a

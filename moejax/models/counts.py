@@ -30,16 +30,27 @@ def active_matmul_params_per_token(cfg: ModelConfig) -> int:
     return total
 
 
+def attention_flops_per_position(cfg: ModelConfig, decode: bool) -> float:
+    """FLOPs of one query head against one key position: its score and its share of the weighted sum.
+    Latent attention prefills expanded (q.k over head_dim, p.v over v_head_dim) and decodes absorbed
+    (over the latent and the RoPE key, then the latent: ops/mla.py)."""
+    if not cfg.latent_attention:
+        return 4 * cfg.head_dim
+    if decode:
+        return 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + 2 * cfg.kv_lora_rank
+    return 2 * (cfg.head_dim + cfg.v_head_dim)
+
+
 def flops_per_token_prefill(cfg: ModelConfig, prompt_len: int) -> float:
     """Forward FLOPs per prompt token (2 per multiply-add), causal attention averaged over
     positions, full-vocabulary head on every token."""
-    attn = 4 * cfg.num_heads * cfg.head_dim * (prompt_len + 1) / 2  # QK^T and PV
+    attn = cfg.num_heads * attention_flops_per_position(cfg, False) * (prompt_len + 1) / 2
     return 2 * active_matmul_params_per_token(cfg) + cfg.num_layers * attn
 
 
 def flops_per_token_decode(cfg: ModelConfig, context_len: int) -> float:
     """FLOPs of one decode step per sequence attending to `context_len` cached positions."""
-    attn = 4 * cfg.num_heads * cfg.head_dim * context_len
+    attn = cfg.num_heads * attention_flops_per_position(cfg, True) * context_len
     return 2 * active_matmul_params_per_token(cfg) + cfg.num_layers * attn
 
 

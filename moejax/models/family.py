@@ -66,6 +66,7 @@ class Family:
     config_from_hf: Callable[[dict, str], dict]  # config.json (a dict), its path -> ModelConfig fields
     config_to_hf: Callable[[ModelConfig], dict]
     fixed: tuple = ()  # (config field, value) pairs the family's weights imply (its table has q_norm or not)
+    latent_attention: bool = False  # its attention is multi-head latent attention (configs with kv_lora_rank > 0)
 
     def table(self) -> dict:
         return {p.name: p for p in self.params}

@@ -51,7 +51,7 @@ def expert_ids(layout: Layout, mesh: MeshShape, coords: dict, num_experts: int) 
 def placement(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, batch: int, max_len: int,
               quant: str | None = None) -> dict:
     """The placement report; `quant`: int8 matrices and their float32 scales counted as stored."""
-    from moejax.models.transformer import cache_shape  # late: keeps `--plan` light to import
+    from moejax.models.cache import cache_axes, cache_shapes  # late: keeps `--plan` light to import
 
     layout.validate(cfg, mesh)
     nbytes = dtype_bytes(dtype)
@@ -59,7 +59,8 @@ def placement(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, bat
     param_bytes = serving_bytes(cfg, layout, mesh, dtype, quant)
     batch_shards = layout.shards("batch", mesh)
     padded_batch = -(-batch // batch_shards) * batch_shards
-    kv_local = _local_shape(cache_shape(cfg, padded_batch, max_len), ACT_AXES["kv_cache"], layout, mesh)
+    kv_local = [_local_shape(shape, ACT_AXES[cache_axes(cfg)], layout, mesh)
+                for shape in cache_shapes(cfg, padded_batch, max_len)]
     grid = [[expert_ids(layout, mesh, {"dp": 0, "pp": 0, "tp": t, "ep": e}, cfg.num_experts)
              for e in range(mesh.ep)] for t in range(mesh.tp)]
     experts_per_device = cfg.num_experts // layout.shards("experts", mesh)
@@ -90,7 +91,7 @@ def placement(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, bat
             "quant": quant,
             "kv_batch": padded_batch,
             "kv_max_len": max_len,
-            "kv_bytes_per_device": 2 * math.prod(kv_local) * nbytes,
+            "kv_bytes_per_device": sum(math.prod(s) for s in kv_local) * nbytes,
             "rules": {k: list(v) for k, v in layout.rules.items()},
         },
         "plan_checklist": {k: ("pass" if v else "fail") for k, v in checks.items()},

@@ -44,6 +44,8 @@ class RunSpec:
     quant: str | None = None  # "int8": the params hold int8 matrices and their scales (quant.py)
     quant_matmul: str = "auto"  # auto, dequant, dynamic (quant.py)
     platform: str = ""  # "cpu", "gpu", ...: "" reads jax.default_backend() once, here
+    mla_absorb: bool = True  # latent attention reads its cache in the absorbed form (ops/mla.py); False
+    # expands the latent per head (the comparison `moejax bench mla` measures)
 
     def __post_init__(self):
         if not self.platform:

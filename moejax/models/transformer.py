@@ -17,12 +17,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax.config.model import ModelConfig
+from moejax.models.cache import cache_specs
 from moejax.models.params import (base_name, expert_names, init_kind, layer_names, param_axes, param_dtypes, param_shapes,
                                   param_specs, quant_dims, row, scale_name, stacks_every_layer)
 from moejax.models.runspec import RunSpec
 from moejax.ops import layers
 from moejax.ops import quant as q8
-from moejax.ops.attention import cache_dtype
 from moejax.ops.layers import F32, mm
 from moejax.ops.moe.dispatch import STACKED_KERNELS
 from moejax.parallel.mesh import mesh_shape_of
@@ -160,22 +160,6 @@ def serving_specs(rs: RunSpec) -> dict:
     return {name: serving(name, rs.layout.spec(a)) for name, a in axes.items()}
 
 
-def cache_shape(cfg: ModelConfig, batch: int, max_len: int):
-    return (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-
-
-def init_cache(rs: RunSpec, mesh, batch: int, max_len: int):
-    """Preallocated KV cache (k, v), each a tuple over local layers l of [pp, B, S, G, K] buffers
-    (layer s * L/pp + l on stage s) in `cache_dtype`, sharded like attention. One buffer per layer,
-    as for the parameters: updating one layer of a stacked [L, ...] cache copied the whole cache."""
-    lp = rs.cfg.num_layers // rs.shape.pp
-    shape = (rs.shape.pp,) + cache_shape(rs.cfg, batch, max_len)[1:]
-    sharding = NamedSharding(mesh, rs.layout.act_spec("kv_cache"))
-    dtype = cache_dtype(rs.dtype)
-    zeros = jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for _ in range(lp)), out_shardings=(sharding,) * lp)
-    return zeros(), zeros()
-
-
 # ---- per-device code (inside shard_map) ---------------------------------------------------------
 
 def _embed(tokens_BT, embed_VD, vocab_axis):
@@ -265,7 +249,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
                 for name in quant_dims(cfg):
                     if name in w:
                         w[name] = q8.pair(w[name], w.pop(scale_name(name)), form)
-            kv = None if kv_all is None else (_local(kv_all[0][l]), _local(kv_all[1][l]))
+            kv = None if kv_all is None else tuple(_local(c[l]) for c in kv_all)
             x_BTD, kv, st = layer_fn(x_BTD, side["valid"], w, side, mode, kv, row0, rs, l)
             if kv is not None:
                 kv_all = tuple(c[:l] + (n[None],) + c[l + 1:] for c, n in zip(kv_all, kv))
@@ -318,9 +302,8 @@ def build(rs: RunSpec, mesh, mode: str, every_position: bool = False):
     if mesh_shape_of(mesh) != rs.shape:
         raise ValueError(f"mesh {mesh_shape_of(mesh)} does not match the run's {rs.shape}")
     lay = rs.layout
-    lp = rs.cfg.num_layers // rs.shape.pp
     param_specs = serving_specs(rs)
-    cache_spec = (lay.act_spec("kv_cache"),) * lp
+    cache_spec = cache_specs(rs)
     stats_spec = stats_specs(lay)
     logits_spec = lay.act_spec("logits" if mode == "forward" or every_position else "last_logits")
     fn = functools.partial(_device_program, rs=rs, mode=mode, every_position=every_position)
@@ -334,43 +317,19 @@ def build(rs: RunSpec, mesh, mode: str, every_position: bool = False):
             return fn(p, tok, pos, cache, ext=(etok, counts, starts, rows))
         lengths = lay.act_spec("lengths")
         in_specs = (param_specs, lay.act_spec("tokens"), lengths, lay.act_spec("tokens"), lengths, lengths, lengths,
-                    (cache_spec, cache_spec))
-        out_specs = (logits_spec, (cache_spec, cache_spec), stats_spec)
+                    cache_spec)
+        out_specs = (logits_spec, cache_spec, stats_spec)
         donate = (7,)
     elif mode == "extend":
         body = lambda p, tok, counts, starts, rows, cache: fn(p, tok, counts, cache, starts, rows)
         lengths = lay.act_spec("lengths")
-        in_specs = (param_specs, lay.act_spec("tokens"), lengths, lengths, lengths, (cache_spec, cache_spec))
-        out_specs = (logits_spec, (cache_spec, cache_spec), stats_spec)
+        in_specs = (param_specs, lay.act_spec("tokens"), lengths, lengths, lengths, cache_spec)
+        out_specs = (logits_spec, cache_spec, stats_spec)
         donate = (5,)
     else:
         body = fn
-        in_specs = (param_specs, lay.act_spec("tokens"), lay.act_spec("lengths"), (cache_spec, cache_spec))
-        out_specs = (logits_spec, (cache_spec, cache_spec), stats_spec)
+        in_specs = (param_specs, lay.act_spec("tokens"), lay.act_spec("lengths"), cache_spec)
+        out_specs = (logits_spec, cache_spec, stats_spec)
         donate = (3,)
     mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     return jax.jit(mapped, donate_argnums=donate)
-
-
-def copy_prefix(rs: RunSpec, mesh):
-    """A jitted (cache, src_Q, dst_Q, n_Q) -> cache, Q = the batch shards: on each shard q whose
-    dst_Q[q] >= 0, positions [0, n_Q[q]) of its cache row dst_Q[q] become those of its row src_Q[q]
-    (rows indexed within the shard), in every layer; the other shards change nothing. A request that
-    reuses a cached prompt prefix gets its keys and values this way (serving/prefix.py): a copy
-    inside each device, no communication."""
-    lp = rs.cfg.num_layers // rs.shape.pp
-    cache_spec = (rs.layout.act_spec("kv_cache"),) * lp
-    vec = rs.layout.act_spec("lengths")
-
-    def body(cache, src, dst, n):
-        def one(c):  # [1, B_loc, S, G, K]: this stage's layer, this shard's rows
-            d = jnp.where(dst[0] < 0, c.shape[1], dst[0])  # out of range: dropped
-            s = jnp.clip(src[0], 0, c.shape[1] - 1)
-            keep = (jnp.arange(c.shape[2]) < n[0])[:, None, None]
-            row = jnp.where(keep, c[0, s], c[0, jnp.minimum(d, c.shape[1] - 1)])
-            return c.at[0, d].set(row, mode="drop")
-        return jax.tree.map(one, cache)
-
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=((cache_spec, cache_spec), vec, vec, vec),
-                           out_specs=(cache_spec, cache_spec), check_vma=False)
-    return jax.jit(mapped, donate_argnums=(0,))

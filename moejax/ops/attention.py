@@ -84,70 +84,94 @@ def attention_block(x_BTD, w, side, mode: str, kv, row0, cfg: ModelConfig, platf
     inv_freq, factor = layers.rope_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope)
     cos, sin = layers.rope_tables(side["pos"], inv_freq, factor, cdt)
     q_BTHK, k_BTGK = layers.apply_rope(q_BTHK, cos, sin), layers.apply_rope(k_BTGK, cos, sin)
-    how = {"platform": platform, "sinks_H": w["sinks"] if cfg.attention_sinks else None, "window": window}
-    if mode == "decode":
-        out_BTHK, kv = _decode(q_BTHK, k_BTGK, v_BTGK, side["pos"][:, 0], side["valid"][:, 0], kv, row0, how)
-    elif mode == "extend":
-        out_BTHK, kv = _extend(q_BTHK, k_BTGK, v_BTGK, side["row"], side["pos"], side["valid"], kv, how)
-    elif mode == "mixed":  # [1, S + R x L]: S decode rows of one token, then R extend rows of L
-        r, ln = side["ext_pos"].shape
-        s = t - r * ln
-        dec = lambda a: a[:, :s].reshape((s, 1) + a.shape[2:])  # noqa: E731
-        ext = lambda a: a[:, s:].reshape((r, ln) + a.shape[2:])  # noqa: E731
-        valid_S = side["valid"][0, :s]
+    sinks_H = w["sinks"] if cfg.attention_sinks else None
 
-        def decode_rows(kv):
-            return _decode(dec(q_BTHK), dec(k_BTGK), dec(v_BTGK), side["pos"][0, :s], valid_S, kv, 0, how)
-        # a step whose decode rows are all padding (only prompts prefilling) skips their attention
-        out_dec, kv = jax.lax.cond(jnp.any(valid_S), decode_rows,
-                                   lambda kv: (jnp.zeros((s, 1) + q_BTHK.shape[2:], q_BTHK.dtype), kv), kv)
-        out_ext, kv = _extend(ext(q_BTHK), ext(k_BTGK), ext(v_BTGK), side["row"], side["ext_pos"],
-                              ext(side["valid"]), kv, how)
-        out_BTHK = jnp.concatenate([out_dec.reshape((1, s) + out_dec.shape[2:]),
-                                    out_ext.reshape((1, r * ln) + out_ext.shape[2:])], axis=1)
+    def attend(q, cached, mask_BTS):  # the heads' attention over cached keys and values (cache dtype bits)
+        k_BSGK, v_BSGK = (bits(c, cdt) for c in cached)
+        return layers.attention(q, k_BSGK, v_BSGK, mask_BTS=mask_BTS, platform=platform, sinks_H=sinks_H,
+                                window=window)
+    if mode in CACHED_MODES:
+        out_BTHK, kv = cached_attention(mode, q_BTHK, (k_BTGK, v_BTGK), side, kv, row0, attend, window, platform)
     else:
-        out_BTHK = layers.attention(q_BTHK, k_BTGK, v_BTGK, causal=True, **how)
+        out_BTHK = layers.attention(q_BTHK, k_BTGK, v_BTGK, causal=True, platform=platform, sinks_H=sinks_H,
+                                    window=window)
         if mode == "prefill":
-            kv = tuple(jax.lax.dynamic_update_slice(c, bits(n, c.dtype), (row0, 0, 0, 0))
-                       for c, n in zip(kv, (k_BTGK, v_BTGK)))
+            kv = write_prefill(kv, (k_BTGK, v_BTGK), row0)
     o_BTD = q8.matmul("btj,jd->btd", out_BTHK.reshape(b, t, -1), q8.reshape(w["wo"], (-1,), (d,)))
     if cfg.attention_out_bias:  # added once to the sum over the heads' devices
         o_BTD = o_BTD + layers.once_over(head_axis, w["bo"].astype(layers.F32))
     return o_BTD, kv
 
 
-def _decode(q_BTHK, k_BTGK, v_BTGK, pos_B, valid_B, kv, row0, how: dict):
+CACHED_MODES = ("decode", "extend", "mixed")  # the modes that read the cache (models/transformer.py `build`)
+
+
+def write_prefill(kv, new, row0):
+    """Prefill: each cache buffer's rows row0.. from position 0 get the new values (one per buffer)."""
+    return tuple(jax.lax.dynamic_update_slice(c, bits(n, c.dtype), (row0,) + (0,) * (c.ndim - 1))
+                 for c, n in zip(kv, new))
+
+
+def cached_attention(mode: str, q_BTHK, new, side, kv, row0, attend, window, platform: str):
+    """The cache modes of any attention whose cache is a tuple of [B, S, ...] buffers (keys and values;
+    the latent of ops/mla.py): `new` holds each buffer's values of the step's tokens [B, T, ...]; they
+    are written at their positions, then attend(q rows, the buffers' rows over a span, mask [B, T, span])
+    -> [B, T, H, ?] runs on the span of positions the rows reach (`read_span`), masked causally and by
+    `window`. decode: one token per row of cache row row0 + b; extend: side's rows and positions;
+    mixed ([1, S + R x L]): S decode rows of one token, then R extend rows of L."""
+    if mode == "decode":
+        return _decode(q_BTHK, new, side["pos"][:, 0], side["valid"][:, 0], kv, row0, attend, window, platform)
+    if mode == "extend":
+        return _extend(q_BTHK, new, side["row"], side["pos"], side["valid"], kv, attend, window, platform)
+    r, ln = side["ext_pos"].shape
+    s = q_BTHK.shape[1] - r * ln
+    dec = lambda a: a[:, :s].reshape((s, 1) + a.shape[2:])  # noqa: E731
+    ext = lambda a: a[:, s:].reshape((r, ln) + a.shape[2:])  # noqa: E731
+    valid_S = side["valid"][0, :s]
+
+    def decode_rows(kv):
+        return _decode(dec(q_BTHK), tuple(map(dec, new)), side["pos"][0, :s], valid_S, kv, 0, attend, window,
+                       platform)
+    out_shape = jax.eval_shape(decode_rows, kv)[0]
+    # a step whose decode rows are all padding (only prompts prefilling) skips their attention
+    out_dec, kv = jax.lax.cond(jnp.any(valid_S), decode_rows,
+                               lambda kv: (jnp.zeros(out_shape.shape, out_shape.dtype), kv), kv)
+    out_ext, kv = _extend(ext(q_BTHK), tuple(map(ext, new)), side["row"], side["ext_pos"], ext(side["valid"]), kv,
+                          attend, window, platform)
+    out = jnp.concatenate([out_dec.reshape((1, s) + out_dec.shape[2:]),
+                           out_ext.reshape((1, r * ln) + out_ext.shape[2:])], axis=1)
+    return out, kv
+
+
+def _decode(q_BTHK, new, pos_B, valid_B, kv, row0, attend, window, platform):
     """One new token per row b at position pos_B[b] of cache row row0 + b (valid rows only), then
-    attention over that row's positions (the span the rows reach). `how`: layers.attention's platform,
-    sinks and window."""
-    cdt = q_BTHK.dtype
+    attention over that row's positions (the span the rows reach)."""
     mb = q_BTHK.shape[0]
     rows_B = jnp.where(valid_B, row0 + jnp.arange(mb), kv[0].shape[0])  # padding: dropped
-    kv = tuple(c.at[rows_B, pos_B].set(bits(n[:, 0], c.dtype), mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
+    kv = tuple(c.at[rows_B, pos_B].set(bits(n[:, 0], c.dtype), mode="drop") for c, n in zip(kv, new))
 
     def group(lo, n):  # rows lo .. lo + n - 1, reading the span they reach
-        def attend(span):
-            k_BSGK, v_BSGK = (bits(jax.lax.dynamic_slice_in_dim(c[:, :span], row0 + lo, n, axis=0), cdt) for c in kv)
-            mask_BTS = layers.window_mask(pos_B[lo:lo + n, None], jnp.arange(span)[None, :], how["window"])[:, None, :]
-            return layers.attention(q_BTHK[lo:lo + n], k_BSGK, v_BSGK, mask_BTS=mask_BTS, **how)
+        def read(span):
+            cached = tuple(jax.lax.dynamic_slice_in_dim(c[:, :span], row0 + lo, n, axis=0) for c in kv)
+            mask_BTS = layers.window_mask(pos_B[lo:lo + n, None], jnp.arange(span)[None, :], window)[:, None, :]
+            return attend(q_BTHK[lo:lo + n], cached, mask_BTS)
         needed = jnp.max(jnp.where(valid_B[lo:lo + n], pos_B[lo:lo + n] + 1, 1))
-        return read_span(needed, kv[0].shape[1], how["platform"], attend)
+        return read_span(needed, kv[0].shape[1], platform, read)
     # on CPU, groups of DECODE_GROUP rows, each reading its own span: one long sequence no longer makes
     # every row read the whole cache
-    g = DECODE_GROUP if how["platform"] == "cpu" and mb > DECODE_GROUP and mb % DECODE_GROUP == 0 else mb
+    g = DECODE_GROUP if platform == "cpu" and mb > DECODE_GROUP and mb % DECODE_GROUP == 0 else mb
     outs = [group(lo, g) for lo in range(0, mb, g)]
     return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)), kv
 
 
-def _extend(q_BTHK, k_BTGK, v_BTGK, rows_B, pos_BT, valid_BT, kv, how: dict):
+def _extend(q_BTHK, new, rows_B, pos_BT, valid_BT, kv, attend, window, platform):
     """T new tokens of row b at positions pos_BT[b] of cache row rows_B[b] (valid ones only), then
     attention over that row's positions (the span the rows reach)."""
-    cdt = q_BTHK.dtype
     write_BT = jnp.where(valid_BT, rows_B[:, None], kv[0].shape[0])  # padding: dropped
-    kv = tuple(c.at[write_BT, pos_BT].set(bits(n, c.dtype), mode="drop") for c, n in zip(kv, (k_BTGK, v_BTGK)))
+    kv = tuple(c.at[write_BT, pos_BT].set(bits(n, c.dtype), mode="drop") for c, n in zip(kv, new))
 
-    def attend(span):
-        k_BSGK, v_BSGK = (bits(c[rows_B, :span], cdt) for c in kv)
-        mask_BTS = layers.window_mask(pos_BT[:, :, None], jnp.arange(span)[None, None, :], how["window"])
-        return layers.attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS=mask_BTS, **how)
-    return read_span(jnp.max(jnp.where(valid_BT, pos_BT + 1, 1)), kv[0].shape[1], how["platform"], attend), kv
+    def read(span):
+        cached = tuple(c[rows_B, :span] for c in kv)
+        mask_BTS = layers.window_mask(pos_BT[:, :, None], jnp.arange(span)[None, None, :], window)
+        return attend(q_BTHK, cached, mask_BTS)
+    return read_span(jnp.max(jnp.where(valid_BT, pos_BT + 1, 1)), kv[0].shape[1], platform, read), kv

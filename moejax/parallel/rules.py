@@ -39,6 +39,7 @@ ACT_AXES = {
     "logits": ("batch", None, "vocab"),  # logits_BTV
     "last_logits": ("batch", "vocab"),  # logits_BV
     "kv_cache": ("layers", "batch", None, "kv_heads", None),  # cache_LBSGK
+    "latent_cache": ("layers", "batch", None, None, None),  # MLA's latent and RoPE key [L, B, S, 1, C + R]
     "moe_counts": ("layers", None),  # counts_LE, summed over every device holding tokens
 }
 

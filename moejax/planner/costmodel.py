@@ -26,6 +26,8 @@ import dataclasses
 import math
 
 from moejax.config.model import ModelConfig, dtype_bytes
+from moejax.models.cache import cache_values_per_token
+from moejax.models.counts import attention_flops_per_position
 from moejax.models.params import param_dtypes, table
 from moejax.parallel.mesh import MeshShape
 from moejax.parallel.rules import Layout
@@ -66,7 +68,7 @@ def _layer_local(cfg: ModelConfig, layout: Layout, mesh: MeshShape, p) -> int:
 class LayerWeights:
     """One device's elements of one layer, by the part of the program that uses them (from the table)."""
 
-    attention: int  # projections: every row with a heads or kv_heads axis that is a matrix
+    attention: int  # projections: every matrix of every layer outside the FFN (with a heads axis or replicated)
     attention_other: int  # their biases, a norm over the projection (bytes only)
     norms: int  # the layer's other vectors (pre-norms, per-head QK norms)
     router: int  # the router matrix, on the routed tokens
@@ -91,7 +93,7 @@ def layer_weights(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str 
         n *= dtype_bytes(stored[p.name]) if dtype else 1
         if p.per_expert:
             parts["expert"] += n // e_local
-        elif "heads" in p.axes or "kv_heads" in p.axes:
+        elif "heads" in p.axes or "kv_heads" in p.axes or (p.kind == "layer" and matrix):  # (MLA's q_a, kv_a)
             parts["attention" if matrix else "attention_other"] += n
         elif "ffn" in p.axes:
             parts["shared" if p.kind == "moe" else "dense"] += n
@@ -108,12 +110,11 @@ def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Sha
     the analytic top-k work); decode attends to `context` positions (default: the workload's); `mix`:
     the MoE and dense layers of one step (default: the mean over stages, `mean_mix`)."""
     b = dtype_bytes(wl.dtype)
-    D, K, F, E, k, V = (cfg.d_model, cfg.head_dim, cfg.expert_ffn, cfg.num_experts, cfg.experts_per_token,
-                        cfg.vocab_size)
+    D, F, E, k, V = cfg.d_model, cfg.expert_ffn, cfg.num_experts, cfg.experts_per_token, cfg.vocab_size
     mix = mix or mean_mix(cfg, mesh.pp)
     L, tp, Lm, Ld = s.layers_local, mesh.tp, mix.moe, mix.dense
     lw, lb = layer_weights(cfg, layout, mesh), layer_weights(cfg, layout, mesh, wl.dtype)  # elements, bytes
-    heads_local, kv_local = cfg.num_heads // layout.shards("heads", mesh), cfg.num_kv_heads // layout.shards("kv_heads", mesh)
+    heads_local = cfg.num_heads // layout.shards("heads", mesh)
     f_local = F // layout.shards("expert_ffn", mesh)
     e_local = E // layout.shards("experts", mesh)
     act = s.attention_active
@@ -131,7 +132,7 @@ def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Sha
         experts_read = e_local if s.moe.kernel == "batched" else e_local * expert_hit_rate(cfg, layout, mesh, wl, s)
     flops = {
         "attention projections": 2 * s.n * lw.attention * act * L,
-        "attention scores": 4 * s.n * ctx * heads_local * K * act * L,
+        "attention scores": s.n * ctx * heads_local * attention_flops_per_position(cfg, s.phase == "decode") * act * L,
         "router": 2 * valid_tokens * lw.router * Lm,
         "experts": 2 * lw.expert * rows * Lm,
     }
@@ -144,7 +145,7 @@ def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Sha
     emitted = s.b_loc  # last position of each row (prefill) or the new token (decode)
     v_local = V // layout.shards("vocab", mesh)
     flops_program = {"head": 2 * emitted * D * v_local}
-    kv_row = 2 * kv_local * K * b  # keys and values of one position of one layer
+    kv_row = cache_values_per_token(cfg, layout, mesh) * b  # what one position of one layer keeps here
     f_rows = lambda n: n * act_bytes_per_row_f(b)  # noqa: E731  per computed FFN element of n rows
     nbytes = {
         "weights": (L * ((lb.attention + lb.attention_other) * act + lb.norms)

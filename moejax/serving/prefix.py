@@ -9,7 +9,7 @@ rows are handed out least recently used first, so the prefixes used last survive
 A new request reuses the longest run of leading blocks that any row of its batch shard holds (a row
 still serving its own request included: the prompt part of a row never changes while it decodes):
 it takes that row if it is free, else a free row of the same shard receives a copy of those
-positions (one small device program, `models/transformer.copy_prefix`). Either way the request
+positions (one small device program, `models/cache.copy_prefix`). Either way the request
 starts its prefill after the reused tokens, and at least its last prompt token is computed, so its
 first token comes from its own forward. Rows of different batch shards, or of different dp
 replicas (separate engines), never share.

@@ -5,7 +5,9 @@ this object keeps."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import threading
 import time
 
 import jax
@@ -14,25 +16,56 @@ import numpy as np
 
 from moejax.inference.generate import put
 from moejax.inference.sampling import logprobs_at, sample_rows
+from moejax.models import cache as kv_cache
 from moejax.models import transformer as model
 from moejax.serving.batching import ExtendPlan, sampling_rows
 from moejax.serving.request import MAX_LOGPROBS
 
 
 class Programs:
+    """Programs are keyed ("decode",), ("extend", rows, length, every_position), ("mixed", rows, length)
+    (rows per batch shard); each is compiled once, by whichever thread asks first (another thread
+    asking meanwhile waits for it), so `compile_all` may compile on threads while the engine runs."""
+
     def __init__(self, rs: model.RunSpec, mesh, params, slots: int, max_len: int):
         self.rs, self.mesh, self.params, self.slots = rs, mesh, params, slots
         self.shards = rs.layout.shards("batch", rs.shape)
         self.rs_extend = dataclasses.replace(rs, microbatches=1)  # extend and mixed: one microbatch
         self.cache = model.init_cache(rs, mesh, slots, max_len)
-        self._decode = None
-        self._extend: dict[tuple[int, int, bool], object] = {}
-        self._mixed: dict[tuple[int, int], object] = {}
+        # what programs are compiled against: the cache's shapes and shardings, never its buffers (which the
+        # engine's calls donate and replace, maybe while another thread compiles)
+        self._cache_type = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                        self.cache)
+        self._programs: dict[tuple, object] = {}
+        self._pending: dict[tuple, threading.Event] = {}  # keys a thread is compiling now
+        self._lock = threading.Lock()  # guards the two dicts and compile_s
         self._copy = None  # model.copy_prefix, built on first use
         self.compile_s = 0.0
 
     def _put(self, name: str, a: np.ndarray):
         return put(self.mesh, self.rs.layout, name, a)
+
+    def _spec(self, key: tuple):
+        """(fn, inputs, every_position) of `_compile` for a program key."""
+        if key[0] == "decode":
+            return model.build(self.rs, self.mesh, "decode"), [("tokens", (self.slots, 1)), ("lengths", (self.slots,))], False
+        b = key[1] * self.shards
+        if key[0] == "extend":
+            every_position = key[3]
+            fn = model.build(self.rs_extend, self.mesh, "extend", every_position=every_position)
+            return fn, [("tokens", (b, key[2]))] + [("lengths", (b,))] * 3, every_position
+        if key[0] == "mixed":
+            return (model.build(self.rs_extend, self.mesh, "mixed"),
+                    [("tokens", (self.slots, 1)), ("lengths", (self.slots,)), ("tokens", (b, key[2]))]
+                    + [("lengths", (b,))] * 3, False)
+        raise ValueError(key)
+
+    def _padding(self, inputs: list[tuple[str, tuple]], every_position: bool):
+        """Inputs of a call whose every row is padding (-1: writes nothing), and its sampling rows."""
+        args = [put(self.mesh, self.rs.layout, name, np.full(shape, 0 if name == "tokens" else -1, np.int32))
+                for name, shape in inputs]
+        n_out = sum(shape[0] for name, shape in inputs if name == "tokens")  # rows sampled
+        return args, ((args[0],) if every_position else ()) + sampling_rows([None] * n_out)
 
     def _compile(self, fn, inputs: list[tuple[str, tuple]], every_position: bool = False):
         """fn(params, *inputs, cache) followed by per-row sampling, as one executable:
@@ -42,7 +75,7 @@ class Programs:
         a request asked for them. inputs: (activation name, shape) of each input, compiled with
         padding rows that write nothing (-1). every_position: fn's logits are the chunk's every position
         (`build(..., every_position=True)`), read at targets_BT (each position's next prompt token);
-        the sampled token comes from each row's last one."""
+        the sampled token comes from each row's last one. Reads no buffer of the cache (any thread)."""
         n_inputs = len(inputs)
 
         def step(params, *args):
@@ -57,42 +90,79 @@ class Programs:
             tokens = sample_rows(logits, *rest)
             return (tokens, *logprobs_at(logits, tokens, MAX_LOGPROBS), *prompt), cache
 
-        lay = self.rs.layout
-        args = [put(self.mesh, lay, name, np.full(shape, 0 if name == "tokens" else -1, np.int32))
-                for name, shape in inputs]
-        n_out = sum(shape[0] for name, shape in inputs if name == "tokens")  # rows sampled
-        rows = ((args[0],) if every_position else ()) + sampling_rows([None] * n_out)
-        t0 = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(n_inputs + 1,)).lower(self.params, *args, self.cache, *rows).compile()
-        # a first run: XLA:CPU's first call of a program ran ~1.4x slower than later ones
+        args, rows = self._padding(inputs, every_position)
+        return jax.jit(step, donate_argnums=(n_inputs + 1,)).lower(self.params, *args, self._cache_type,
+                                                                   *rows).compile()
+
+    def _first_run(self, key: tuple, compiled):
+        """Run a program once on padding rows. Only from the thread that owns the cache (the engine's, or
+        before it starts), as it donates the cache. Kept from the BPE model (its first call ran ~1.4x
+        slower); on the seed model it takes 0.01-0.25 s and leaves the first real call of each shape
+        0.4-1.5 s slower all the same (docs/SERVING.md, start-up of the seed config)."""
+        _, inputs, every_position = self._spec(key)
+        args, rows = self._padding(inputs, every_position)
         _, self.cache = compiled(self.params, *args, self.cache, *rows)
         jax.block_until_ready(self.cache)
-        self.compile_s += time.perf_counter() - t0
+
+    def program(self, key: tuple, first_run: bool = True, count: bool = True):
+        """The compiled program of `key`, compiled here unless some thread has (or is compiling) it;
+        first_run: run it once after compiling (only from the thread that owns the cache); count: add
+        the seconds to compile_s."""
+        while True:
+            with self._lock:
+                if key in self._programs:
+                    return self._programs[key]
+                event = self._pending.get(key)
+                if event is None:
+                    event = self._pending[key] = threading.Event()
+                    break
+            event.wait()  # another thread compiles it (if that failed, the loop compiles it here)
+        t0 = time.perf_counter()
+        try:
+            compiled = self._compile(*self._spec(key))
+            if first_run:
+                self._first_run(key, compiled)
+            with self._lock:
+                self._programs[key] = compiled
+                if count:
+                    self.compile_s += time.perf_counter() - t0
+        finally:
+            with self._lock:
+                del self._pending[key]
+            event.set()
         return compiled
 
+    def compile_all(self, keys: list[tuple], workers: int, first_run: bool = True) -> float:
+        """Compile `keys` on `workers` threads; returns the wall seconds (added to compile_s). Tracing holds
+        the GIL but XLA's compile (or its load from the persistent cache) does not, so one thread traces
+        while others compile. first_run: this thread runs each once as it is ready (only before the
+        engine thread starts: it owns the cache from then on)."""
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="moejax-compile") as pool:
+            futures = {pool.submit(self.program, key, False, False): key for key in keys}
+            try:
+                for done in concurrent.futures.as_completed(futures):
+                    compiled = done.result()
+                    if first_run:
+                        self._first_run(futures[done], compiled)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.compile_s += dt
+        return dt
+
     def compiled_decode(self):
-        if self._decode is None:
-            self._decode = self._compile(model.build(self.rs, self.mesh, "decode"),
-                                         [("tokens", (self.slots, 1)), ("lengths", (self.slots,))])
-        return self._decode
+        return self.program(("decode",))
 
     def compiled_extend(self, rows: int, length: int, every_position: bool = False):
         """every_position: the variant with prompt logprobs, compiled when a request first asks
         for them (echo with logprobs); warmup compiles the others only."""
-        key = (rows, length, every_position)
-        if key not in self._extend:
-            fn = model.build(self.rs_extend, self.mesh, "extend", every_position=every_position)
-            b = rows * self.shards
-            self._extend[key] = self._compile(fn, [("tokens", (b, length))] + [("lengths", (b,))] * 3, every_position)
-        return self._extend[key]
+        return self.program(("extend", rows, length, every_position))
 
     def compiled_mixed(self, rows: int, length: int):
-        if (rows, length) not in self._mixed:
-            b = rows * self.shards
-            self._mixed[rows, length] = self._compile(
-                model.build(self.rs_extend, self.mesh, "mixed"),
-                [("tokens", (self.slots, 1)), ("lengths", (self.slots,)), ("tokens", (b, length))] + [("lengths", (b,))] * 3)
-        return self._mixed[rows, length]
+        return self.program(("mixed", rows, length))
 
     # ---- runs: host arrays in, the step's device outputs back (the cache stays here) ----------
     def decode(self, tokens: np.ndarray, pos: np.ndarray, rows: tuple):
@@ -126,5 +196,5 @@ class Programs:
         for v, x in zip(vecs, (src, dst, tokens)):
             v[shard] = x
         if self._copy is None:
-            self._copy = model.copy_prefix(self.rs, self.mesh)
+            self._copy = kv_cache.copy_prefix(self.rs, self.mesh)
         self.cache = self._copy(self.cache, *(self._put("lengths", v) for v in vecs))

@@ -84,6 +84,7 @@ def run(args, meshes, shapes) -> dict:
     from jax.sharding import NamedSharding
 
     from moejax.checkpoint import store as checkpoint
+    from moejax.models import cache as kv_cache
     from moejax.models import transformer as model
     from moejax.ops import quant as q8
     from moejax.config.model import load_config
@@ -143,7 +144,7 @@ def run(args, meshes, shapes) -> dict:
                     "prefill_s": [], "decode_s": []}
         params = model.serving_params(stacked, rs, mesh)
         a_tok, a_len = put(mesh, layout, "tokens", tok), put(mesh, layout, "lengths", lengths)
-        cache = model.init_cache(rs, mesh, b_pad, max_len)
+        cache = kv_cache.init_cache(rs, mesh, b_pad, max_len)
         t0 = time.perf_counter()
         prefill = model.build(rs, mesh, "prefill").lower(params, a_tok, a_len, cache).compile()
         one = put(mesh, layout, "tokens", np.zeros((b_pad, 1), np.int32))
@@ -165,7 +166,7 @@ def run(args, meshes, shapes) -> dict:
         print(f"compiled {text}{f' ({quant})' if quant else ''} in {compile_s:.1f} s", file=sys.stderr)
 
     def one_pass(r):
-        cache = model.init_cache(r["rs"], r["mesh"], r["b_pad"], max_len)
+        cache = kv_cache.init_cache(r["rs"], r["mesh"], r["b_pad"], max_len)
         t0 = time.perf_counter()
         logits, cache, stats = r["prefill"](r["params"], r["a_tok"], r["a_len"], cache)
         jax.block_until_ready(logits)

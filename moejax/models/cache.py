@@ -1,0 +1,84 @@
+"""The KV cache of the serving and generation programs: what it holds per token (keys and values per
+kv head, or multi-head latent attention's latent and shared RoPE key), its buffers' shapes and
+shardings, its allocation, and the in-device copy of a cached prompt prefix between rows."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from moejax.config.model import ModelConfig
+from moejax.models.runspec import RunSpec
+from moejax.ops.attention import cache_dtype
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> tuple:
+    """The stacked shape of each cache buffer: keys and values [L, B, S, G, K], or under latent attention
+    one buffer [L, B, S, 1, kv_lora_rank + qk_rope_head_dim] (ops/mla.py: the latent and the shared
+    RoPE key, all a layer keeps per token)."""
+    if cfg.latent_attention:
+        return ((cfg.num_layers, batch, max_len, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim),)
+    return ((cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim),) * 2
+
+
+def cache_axes(cfg: ModelConfig) -> str:
+    """The ACT_AXES entry of the cache buffers: the latent is replicated over the heads' axis (each
+    device's heads read all of it), keys and values split with their heads."""
+    return "latent_cache" if cfg.latent_attention else "kv_cache"
+
+
+def cache_values_per_token(cfg: ModelConfig, layout=None, mesh=None) -> int:
+    """Values the cache keeps per token per layer: all heads', or with a layout and mesh one device's."""
+    from moejax.parallel.rules import ACT_AXES
+
+    axes = ACT_AXES[cache_axes(cfg)][3:]
+    return sum(math.prod(d // (layout.shards(a, mesh) if layout is not None and a else 1) for d, a in zip(s[3:], axes))
+               for s in cache_shapes(cfg, 1, 1))
+
+
+def cache_specs(rs: RunSpec) -> tuple:
+    """PartitionSpecs of the cache pytree: a tuple over buffers of a tuple over local layers."""
+    lp = rs.cfg.num_layers // rs.shape.pp
+    return ((rs.layout.act_spec(cache_axes(rs.cfg)),) * lp,) * len(cache_shapes(rs.cfg, 1, 1))
+
+
+def init_cache(rs: RunSpec, mesh, batch: int, max_len: int):
+    """Preallocated cache: per buffer of `cache_shapes` (k and v, or the latent), a tuple over local
+    layers l of [pp, B, S, ...] buffers (layer s * L/pp + l on stage s) in `cache_dtype`, sharded like
+    attention. One buffer per layer, as for the parameters: updating one layer of a stacked [L, ...]
+    cache copied the whole cache."""
+    lp = rs.cfg.num_layers // rs.shape.pp
+    sharding = NamedSharding(mesh, rs.layout.act_spec(cache_axes(rs.cfg)))
+    dtype = cache_dtype(rs.dtype)
+    out = []
+    for shape in cache_shapes(rs.cfg, batch, max_len):
+        shape = (rs.shape.pp,) + shape[1:]
+        out.append(jax.jit(lambda shape=shape: tuple(jnp.zeros(shape, dtype) for _ in range(lp)),
+                           out_shardings=(sharding,) * lp)())
+    return tuple(out)
+
+
+def copy_prefix(rs: RunSpec, mesh):
+    """A jitted (cache, src_Q, dst_Q, n_Q) -> cache, Q = the batch shards: on each shard q whose
+    dst_Q[q] >= 0, positions [0, n_Q[q]) of its cache row dst_Q[q] become those of its row src_Q[q]
+    (rows indexed within the shard), in every layer; the other shards change nothing. A request that
+    reuses a cached prompt prefix gets its keys and values this way (serving/prefix.py): a copy
+    inside each device, no communication."""
+    cache_spec = cache_specs(rs)
+    vec = rs.layout.act_spec("lengths")
+
+    def body(cache, src, dst, n):
+        def one(c):  # [1, B_loc, S, ...]: this stage's layer, this shard's rows
+            d = jnp.where(dst[0] < 0, c.shape[1], dst[0])  # out of range: dropped
+            s = jnp.clip(src[0], 0, c.shape[1] - 1)
+            keep = (jnp.arange(c.shape[2]) < n[0])[:, None, None]
+            row = jnp.where(keep, c[0, s], c[0, jnp.minimum(d, c.shape[1] - 1)])
+            return c.at[0, d].set(row, mode="drop")
+        return jax.tree.map(one, cache)
+
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(cache_spec, vec, vec, vec),
+                           out_specs=cache_spec, check_vma=False)
+    return jax.jit(mapped, donate_argnums=(0,))
