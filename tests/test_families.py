@@ -107,17 +107,23 @@ def test_family_greedy_tokens_equal_transformers(imported, family):
     assert gen.generate(prompts, 12, Sampling(), eos_id=None)["generated_ids"] == ref["generated_ids"].tolist()
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])  # attention of its own in each serving mode
-def test_family_serving_steps_equal_transformers(imported, family):
-    """The engine's programs (prompt chunks of 16 over a window of 8, a mixed step of one request's decode
-    row and the other's chunk, decode steps) on 1x2x2x2, where one stage's layer slides and the other's
-    attends fully: the same greedy tokens as transformers."""
+@pytest.mark.parametrize("family,mesh,ring", [("gpt_oss", "1x2x2x2", []), ("gpt_oss", "1x1x2x2", [8, 48]),
+                                              ("deepseek_v3", "1x2x2x2", [])])  # attention of their own
+def test_family_serving_steps_equal_transformers(imported, family, mesh, ring):
+    """The engine's programs (prompt chunks of 16, a mixed step of one request's decode row and the
+    other's chunk, decode steps past the window) give transformers' greedy tokens. GPT-OSS on 1x2x2x2:
+    one stage's layer slides (window 8) and the other's attends fully, so their slot keeps whole rows;
+    on 1x1x2x2 the sliding layer keeps a ring of its 8 positions (`ring`: each layer's cache length),
+    which a chunk of 16 overruns, and prefix caching is off."""
     from moejax.serving.engine import Engine
     from moejax.serving.request import Request, SamplingParams
 
     ref = _ref(family)
-    rs, m, params = _restore(imported[family], "1x2x2x2")
+    rs, m, params = _restore(imported[family], mesh)
     eng = Engine(rs, m, params, slots=2, max_len=48, chunk=16, budget=16)
+    assert eng.ring == bool(ring) and eng.prefix.enabled != bool(ring)
+    if ring:
+        assert [buf.shape[2] for buf in eng.programs.cache[0]] == ring == [buf.shape[2] for buf in eng.programs.cache[1]]
     prompts, out, done = ref["input_ids"].tolist(), {}, []
 
     def submit(i):

@@ -54,11 +54,11 @@ def _steps(ckpt, mesh_text: str, absorb: bool, prompt: np.ndarray, new: int, lay
     return np.stack(out), np.concatenate(tokens, axis=1), (rs, m, params)
 
 
-@pytest.mark.parametrize("mesh,layout", [("1x2x2x2", "seed"), ("1x1x2x2", "ep-tp")])
-def test_absorbed_decode_equals_expanded_and_the_forward_at_every_step(ckpt, mesh, layout):
-    """A 6-token prompt and 14 decode steps (past the prompt's length, past yarn's original 16): each
-    step's logits in the absorbed form equal the expanded form's and the no-cache forward's of the
-    sequence so far, within the logits bound; the greedy tokens are the same."""
+def test_absorbed_decode_equals_expanded_and_the_forward_at_every_step(ckpt, mesh="1x2x2x2", layout="seed"):
+    """A 6-token prompt and 14 decode steps (past the prompt's length, past yarn's original 16), on a mesh
+    splitting the heads over tp and the layers over pp: each step's logits in the absorbed form equal the
+    expanded form's and the no-cache forward's of the sequence so far, within the logits bound; the
+    greedy tokens are the same (the ep-tp layout's latent attention: tests/test_families.py's logits)."""
     prompt = np.load(os.path.join(HF, "reference.npz"))["input_ids"][:, :6].astype(np.int32)
     b = len(prompt) * 2  # 4 rows: every batch shard of both meshes holds a row
     prompt = np.concatenate([prompt, prompt[:, ::-1]])[:b]

@@ -232,3 +232,22 @@ def test_plan_and_validation_end_to_end(tmp_path):
                                                           for k in calibrate.METRICS}
     for p in points:
         assert p["error"] == pytest.approx(p["predicted"] / p["measured"] - 1, rel=1e-12)
+
+
+def test_the_planner_counts_the_servers_cache_ring_windows_and_latents():
+    """KV bytes per device as the server keeps them: gpt-oss-120b's 18 sliding layers hold rings of 128
+    positions beside 18 full rows; DeepSeek-V3 keeps 576 latent values per token per layer, replicated over
+    tp; a sliding layer's attention reads at most its window (attended positions)."""
+    from moejax.models import counts
+    from moejax.models.placement import placement
+
+    lay, ctx = load_layout("seed"), 8192
+    oss = load_config("gpt-oss-120b")
+    full = placement(oss, lay, parse_mesh("1x1x1x8"), "bfloat16", 64, ctx)["placement"]["kv_bytes_per_device"]
+    ring = placement(oss, lay, parse_mesh("1x1x1x8"), "bfloat16", 64, ctx, ring=True)["placement"]["kv_bytes_per_device"]
+    per_position = 64 // 8 * 2 * oss.num_kv_heads * oss.head_dim * 2  # rows per device x (k, v) x bfloat16
+    assert full == 36 * ctx * per_position and ring == (18 * 128 + 18 * ctx) * per_position
+    assert counts.attended_positions(oss, ctx, False) == (128 + ctx) / 2
+    ds = load_config("deepseek-v3")
+    got = placement(ds, lay, parse_mesh("1x1x4x16"), "bfloat16", 64, ctx, ring=True)["placement"]["kv_bytes_per_device"]
+    assert got == 61 * (64 // 16) * ctx * 576 * 2  # batch over ep 16, not split over tp 4

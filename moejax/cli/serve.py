@@ -49,6 +49,10 @@ def parse_args(argv):
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                     help="reuse the keys and values of a prompt prefix a cache row already holds (blocks of 16 "
                          "tokens; docs/SERVING.md); --no-enable-prefix-caching computes every prompt")
+    ap.add_argument("--sliding-window-cache", choices=("ring", "full"), default="ring",
+                    help="ring: a sliding-window layer keeps a ring of its window's positions per slot (GPT-OSS: "
+                         "128 of --max-len), which holds no reusable prompt prefix, so prefix caching is off for "
+                         "such models; full: whole rows, and prefix caching")
     ap.add_argument("--mixed-steps", action=argparse.BooleanOptionalAction, default=True,
                     help="run the decode step and the prompt chunks as one forward (--no-mixed-steps: two calls)")
     ap.add_argument("--max-waiting", type=int, default=64, help="requests waiting per replica before 429")
@@ -58,6 +62,10 @@ def parse_args(argv):
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="seconds running requests may take to finish after SIGINT / SIGTERM (a second signal: none)")
     ap.add_argument("--no-warmup", action="store_true", help="compile each prefill shape on first use")
+    ap.add_argument("--background-warmup", action="store_true",
+                    help="compile the decode step, start serving, and compile the prefill shapes on a thread (the "
+                         "seed config: serving after 42 s cold / 26 s cached instead of 220 / 127 s; a request "
+                         "whose shape is not compiled yet waits for it; docs/SERVING.md)")
     ap.add_argument("--seed", type=int, default=0, help="seed for random weights")
     flags.add_dtype(ap)
     flags.add_moe(ap)
@@ -169,11 +177,14 @@ def run(args):
         budget = args.slots // batch_shards * args.prefill_chunk if static else args.prefill_budget
         eng = Engine(rs, mesh, params, slots=args.slots, max_len=max_len, chunk=args.prefill_chunk,
                      budget=budget, index=index, metrics=metrics, static=static, mixed=args.mixed_steps,
-                     prefix_cache=args.enable_prefix_caching)
+                     prefix_cache=args.enable_prefix_caching, ring_cache=args.sliding_window_cache == "ring")
         if not args.no_warmup:
-            eng.warmup()
+            eng.warmup(background=args.background_warmup)
         print(f"replica {index}: {mesh.devices.size} device(s), {args.slots} slots x {max_len} positions, "
               f"compiled in {eng.compile_s:.1f} s ({rs.kernel} MoE kernel, {dtype})", flush=True)
+        if eng.ring and index == 0:
+            print(f"sliding-window layers keep rings of {cfg.sliding_window} positions per slot; prefix caching is "
+                  f"off with them (--sliding-window-cache full keeps whole rows and prefix caching)", flush=True)
         engines.append(eng)
     router = Router(engines, args.max_waiting)
     # what start-up built (weights, programs, tokenizer) lives as long as the server: out of the cyclic

@@ -45,19 +45,32 @@ def cache_specs(rs: RunSpec) -> tuple:
     return ((rs.layout.act_spec(cache_axes(rs.cfg)),) * lp,) * len(cache_shapes(rs.cfg, 1, 1))
 
 
-def init_cache(rs: RunSpec, mesh, batch: int, max_len: int):
+def slot_lengths(cfg: ModelConfig, pp: int, max_len: int, ring: bool) -> list[int]:
+    """Positions each local layer slot's buffers hold: max_len, or under `ring` the sliding window
+    where every stage's layer in that slot slides by the same window (a ring: ops/attention.py)."""
+    lp = cfg.num_layers // pp
+    out = []
+    for slot in range(lp):
+        windows = {cfg.layer_window(s * lp + slot) for s in range(pp)}
+        w = windows.pop() if len(windows) == 1 else None
+        out.append(min(w, max_len) if ring and w is not None else max_len)
+    return out
+
+
+def init_cache(rs: RunSpec, mesh, batch: int, max_len: int, ring: bool = False):
     """Preallocated cache: per buffer of `cache_shapes` (k and v, or the latent), a tuple over local
-    layers l of [pp, B, S, ...] buffers (layer s * L/pp + l on stage s) in `cache_dtype`, sharded like
-    attention. One buffer per layer, as for the parameters: updating one layer of a stacked [L, ...]
-    cache copied the whole cache."""
-    lp = rs.cfg.num_layers // rs.shape.pp
+    layers l of [pp, B, S_l, ...] buffers (layer s * L/pp + l on stage s) in `cache_dtype`, sharded like
+    attention; S_l from `slot_lengths` (`ring`: sliding layers keep a ring of their window, the
+    server's choice; prefill, which writes a prompt from position 0, needs whole rows). One buffer per
+    layer, as for the parameters: updating one layer of a stacked [L, ...] cache copied the whole cache."""
+    lengths = slot_lengths(rs.cfg, rs.shape.pp, max_len, ring)
     sharding = NamedSharding(mesh, rs.layout.act_spec(cache_axes(rs.cfg)))
     dtype = cache_dtype(rs.dtype)
     out = []
     for shape in cache_shapes(rs.cfg, batch, max_len):
-        shape = (rs.shape.pp,) + shape[1:]
-        out.append(jax.jit(lambda shape=shape: tuple(jnp.zeros(shape, dtype) for _ in range(lp)),
-                           out_shardings=(sharding,) * lp)())
+        shapes = [(rs.shape.pp,) + shape[1:2] + (n,) + shape[3:] for n in lengths]
+        out.append(jax.jit(lambda shapes=shapes: tuple(jnp.zeros(s, dtype) for s in shapes),
+                           out_shardings=(sharding,) * len(shapes))())
     return tuple(out)
 
 

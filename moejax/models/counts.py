@@ -41,16 +41,28 @@ def attention_flops_per_position(cfg: ModelConfig, decode: bool) -> float:
     return 2 * (cfg.head_dim + cfg.v_head_dim)
 
 
+def attended_positions(cfg: ModelConfig, length: float, prefill: bool) -> float:
+    """Key positions a query attends to, averaged over the layers: `length` cached positions at decode,
+    or over a prompt of `length` (position i sees i + 1); a sliding layer sees at most its window."""
+    def one(window):
+        w = window or length
+        if not prefill:
+            return min(length, w)
+        n = int(length)  # sum over i < n of min(i + 1, w), per query
+        return (min(n, w) * (min(n, w) + 1) / 2 + max(n - w, 0) * w) / max(n, 1)
+    return sum(one(cfg.layer_window(i)) for i in range(cfg.num_layers)) / cfg.num_layers
+
+
 def flops_per_token_prefill(cfg: ModelConfig, prompt_len: int) -> float:
     """Forward FLOPs per prompt token (2 per multiply-add), causal attention averaged over
     positions, full-vocabulary head on every token."""
-    attn = cfg.num_heads * attention_flops_per_position(cfg, False) * (prompt_len + 1) / 2
+    attn = cfg.num_heads * attention_flops_per_position(cfg, False) * attended_positions(cfg, prompt_len, True)
     return 2 * active_matmul_params_per_token(cfg) + cfg.num_layers * attn
 
 
 def flops_per_token_decode(cfg: ModelConfig, context_len: int) -> float:
     """FLOPs of one decode step per sequence attending to `context_len` cached positions."""
-    attn = cfg.num_heads * attention_flops_per_position(cfg, True) * context_len
+    attn = cfg.num_heads * attention_flops_per_position(cfg, True) * attended_positions(cfg, context_len, False)
     return 2 * active_matmul_params_per_token(cfg) + cfg.num_layers * attn
 
 

@@ -49,9 +49,10 @@ def expert_ids(layout: Layout, mesh: MeshShape, coords: dict, num_experts: int) 
 
 
 def placement(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, batch: int, max_len: int,
-              quant: str | None = None) -> dict:
-    """The placement report; `quant`: int8 matrices and their float32 scales counted as stored."""
-    from moejax.models.cache import cache_axes, cache_shapes  # late: keeps `--plan` light to import
+              quant: str | None = None, ring: bool = False) -> dict:
+    """The placement report; `quant`: int8 matrices and their float32 scales counted as stored; `ring`:
+    the server's cache, whose sliding-window layers keep rings of their window (models/cache.py)."""
+    from moejax.models.cache import cache_axes, cache_shapes, slot_lengths  # late: keeps `--plan` light to import
 
     layout.validate(cfg, mesh)
     nbytes = dtype_bytes(dtype)
@@ -59,8 +60,9 @@ def placement(cfg: ModelConfig, layout: Layout, mesh: MeshShape, dtype: str, bat
     param_bytes = serving_bytes(cfg, layout, mesh, dtype, quant)
     batch_shards = layout.shards("batch", mesh)
     padded_batch = -(-batch // batch_shards) * batch_shards
-    kv_local = [_local_shape(shape, ACT_AXES[cache_axes(cfg)], layout, mesh)
-                for shape in cache_shapes(cfg, padded_batch, max_len)]
+    lengths = slot_lengths(cfg, mesh.pp, max_len, ring)  # positions each local layer slot keeps
+    kv_local = [_local_shape((mesh.pp, padded_batch, n) + shape[3:], ACT_AXES[cache_axes(cfg)], layout, mesh)
+                for shape in cache_shapes(cfg, padded_batch, max_len) for n in lengths]  # one layer each
     grid = [[expert_ids(layout, mesh, {"dp": 0, "pp": 0, "tp": t, "ep": e}, cfg.num_experts)
              for e in range(mesh.ep)] for t in range(mesh.tp)]
     experts_per_device = cfg.num_experts // layout.shards("experts", mesh)

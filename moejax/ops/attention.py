@@ -118,11 +118,16 @@ def cached_attention(mode: str, q_BTHK, new, side, kv, row0, attend, window, pla
     are written at their positions, then attend(q rows, the buffers' rows over a span, mask [B, T, span])
     -> [B, T, H, ?] runs on the span of positions the rows reach (`read_span`), masked causally and by
     `window`. decode: one token per row of cache row row0 + b; extend: side's rows and positions;
-    mixed ([1, S + R x L]): S decode rows of one token, then R extend rows of L."""
+    mixed ([1, S + R x L]): S decode rows of one token, then R extend rows of L. Buffers no longer than
+    an int `window` are rings (`models/cache.py` `init_cache(ring=True)`): position p at p % length."""
+    if isinstance(window, int) and kv[0].shape[1] <= window:  # a ring of the window's positions (or fewer)
+        decode, extend = _decode_ring, _extend_ring
+    else:
+        decode, extend = _decode, _extend
     if mode == "decode":
-        return _decode(q_BTHK, new, side["pos"][:, 0], side["valid"][:, 0], kv, row0, attend, window, platform)
+        return decode(q_BTHK, new, side["pos"][:, 0], side["valid"][:, 0], kv, row0, attend, window, platform)
     if mode == "extend":
-        return _extend(q_BTHK, new, side["row"], side["pos"], side["valid"], kv, attend, window, platform)
+        return extend(q_BTHK, new, side["row"], side["pos"], side["valid"], kv, attend, window, platform)
     r, ln = side["ext_pos"].shape
     s = q_BTHK.shape[1] - r * ln
     dec = lambda a: a[:, :s].reshape((s, 1) + a.shape[2:])  # noqa: E731
@@ -130,13 +135,13 @@ def cached_attention(mode: str, q_BTHK, new, side, kv, row0, attend, window, pla
     valid_S = side["valid"][0, :s]
 
     def decode_rows(kv):
-        return _decode(dec(q_BTHK), tuple(map(dec, new)), side["pos"][0, :s], valid_S, kv, 0, attend, window,
+        return decode(dec(q_BTHK), tuple(map(dec, new)), side["pos"][0, :s], valid_S, kv, 0, attend, window,
                        platform)
     out_shape = jax.eval_shape(decode_rows, kv)[0]
     # a step whose decode rows are all padding (only prompts prefilling) skips their attention
     out_dec, kv = jax.lax.cond(jnp.any(valid_S), decode_rows,
                                lambda kv: (jnp.zeros(out_shape.shape, out_shape.dtype), kv), kv)
-    out_ext, kv = _extend(ext(q_BTHK), tuple(map(ext, new)), side["row"], side["ext_pos"], ext(side["valid"]), kv,
+    out_ext, kv = extend(ext(q_BTHK), tuple(map(ext, new)), side["row"], side["ext_pos"], ext(side["valid"]), kv,
                           attend, window, platform)
     out = jnp.concatenate([out_dec.reshape((1, s) + out_dec.shape[2:]),
                            out_ext.reshape((1, r * ln) + out_ext.shape[2:])], axis=1)
@@ -175,3 +180,41 @@ def _extend(q_BTHK, new, rows_B, pos_BT, valid_BT, kv, attend, window, platform)
         mask_BTS = layers.window_mask(pos_BT[:, :, None], jnp.arange(span)[None, None, :], window)
         return attend(q_BTHK, cached, mask_BTS)
     return read_span(jnp.max(jnp.where(valid_BT, pos_BT + 1, 1)), kv[0].shape[1], platform, read), kv
+
+
+def _ring_positions(last_B, length: int):
+    """[B, length]: the position ring entry k holds after positions up to last_B[b] were written (the
+    latest p <= last with p % length == k); negative: never written."""
+    return last_B[:, None] - (last_B[:, None] - jnp.arange(length)[None, :]) % length
+
+
+def _decode_ring(q_BTHK, new, pos_B, valid_B, kv, row0, attend, window, platform):
+    """`_decode` on rings of the window's positions: the new token overwrites the one `length` before
+    it (outside its window), then the query reads the whole ring."""
+    del window, platform
+    mb, length = q_BTHK.shape[0], kv[0].shape[1]
+    rows_B = jnp.where(valid_B, row0 + jnp.arange(mb), kv[0].shape[0])  # padding: dropped
+    kv = tuple(c.at[rows_B, pos_B % length].set(bits(n[:, 0], c.dtype), mode="drop") for c, n in zip(kv, new))
+    cached = tuple(jax.lax.dynamic_slice_in_dim(c, row0, mb, axis=0) for c in kv)
+    return attend(q_BTHK, cached, (_ring_positions(pos_B, length) >= 0)[:, None, :]), kv
+
+
+def _extend_ring(q_BTHK, new, rows_B, pos_BT, valid_BT, kv, attend, window, platform):
+    """`_extend` on rings: a chunk longer than the ring would overwrite keys its own earlier queries
+    need, so the queries read the ring as it was (the positions before the chunk) and the chunk's own
+    keys, then the chunk's last `length` positions are written."""
+    del platform
+    b, t = pos_BT.shape
+    length = kv[0].shape[1]
+    old_BS = _ring_positions(pos_BT[:, 0] - 1, length)
+    key_pos = jnp.concatenate([old_BS, pos_BT], axis=1)
+    key_ok = jnp.concatenate([old_BS >= 0, valid_BT], axis=1)
+    cached = tuple(jnp.concatenate([c[rows_B], bits(n, c.dtype)], axis=1) for c, n in zip(kv, new))
+    mask_BTS = layers.window_mask(pos_BT[:, :, None], key_pos[:, None, :], window) & key_ok[:, None, :]
+    own = jnp.arange(length + t)[None, :] == length + jnp.arange(t)[:, None]  # a padding query sees itself
+    out = attend(q_BTHK, cached, mask_BTS | own[None])  # (no row of -inf only: no NaN)
+    end_B = pos_BT[:, 0] + jnp.sum(valid_BT, axis=1)
+    keep_BT = valid_BT & (pos_BT >= end_B[:, None] - length)  # one write per ring entry
+    write_BT = jnp.where(keep_BT, rows_B[:, None], kv[0].shape[0])  # others: dropped
+    kv = tuple(c.at[write_BT, pos_BT % length].set(bits(n, c.dtype), mode="drop") for c, n in zip(kv, new))
+    return out, kv

@@ -27,7 +27,7 @@ import math
 
 from moejax.config.model import ModelConfig, dtype_bytes
 from moejax.models.cache import cache_values_per_token
-from moejax.models.counts import attention_flops_per_position
+from moejax.models.counts import attended_positions, attention_flops_per_position
 from moejax.models.params import param_dtypes, table
 from moejax.parallel.mesh import MeshShape
 from moejax.parallel.rules import Layout
@@ -118,7 +118,9 @@ def work(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, s: Sha
     f_local = F // layout.shards("expert_ffn", mesh)
     e_local = E // layout.shards("experts", mesh)
     act = s.attention_active
-    ctx = (s.t + 1) / 2 if s.phase == "prefill" else (context if context is not None else wl.context)
+    # positions a query attends to (sliding layers: at most their window, the server's ring)
+    ctx = attended_positions(cfg, s.t if s.phase == "prefill" else (context if context is not None else wl.context),
+                             s.phase == "prefill")
     # tokens a device routes, less the padding (neither padded rows nor the rows that pad N to tp are routed)
     valid_tokens = (s.n if s.moe_tokens == s.n_pad else s.n / tp) * s.valid_frac
     own_tokens = s.n_pad // tp  # a device's share after the attention's psum_scatter

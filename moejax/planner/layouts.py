@@ -76,7 +76,7 @@ def evaluate(cfg: ModelConfig, layout: Layout, mesh: MeshShape, wl: Workload, sp
         layout.validate(cfg, mesh)
     except UserError as e:
         return Row(mesh, layout.name, feasible=False, reason=str(e))
-    pl = placement(cfg, layout, mesh, wl.dtype, wl.batch, wl.context)["placement"]
+    pl = placement(cfg, layout, mesh, wl.dtype, wl.batch, wl.context, ring=True)["placement"]  # the server's cache
     pre = phase_cost(cfg, layout, mesh, wl, spec, fr, "prefill")
     dec = phase_cost(cfg, layout, mesh, wl, spec, fr, "decode")
     act = activation_bytes(cfg, layout, mesh, wl, not spec.shared_host, pre)

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 import traceback
 
 import numpy as np
 
+from moejax.models import cache as kv_cache
 from moejax.models import transformer as model
 from moejax.inference.generate import fetch
 from moejax.serving.batching import MIN_CHUNK, ExtendPlan, buckets, plan_extend, pow2_at_least, sampling_rows
@@ -48,7 +50,7 @@ log = logging.getLogger("moejax.serving")
 class Engine:
     def __init__(self, rs: model.RunSpec, mesh, params, *, slots: int, max_len: int, chunk: int = 256,
                  budget: int = 1024, index: int = 0, metrics=None, static: bool = False, mixed: bool = True,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, ring_cache: bool = True):
         self.rs = rs
         self.index, self.metrics, self.static = index, metrics, static
         self.shards = rs.layout.shards("batch", rs.shape)
@@ -58,9 +60,13 @@ class Engine:
         self.chunk = max(MIN_CHUNK, pow2_at_least(min(chunk, max_len)))
         self.per_shard = slots // self.shards
         self.budget = max(budget, self.chunk)
-        self.programs = Programs(rs, mesh, params, slots, max_len)
+        # sliding-window layers keep a ring of their window (ops/attention.py); a ring holds the last
+        # window of whatever its row held last, not a reusable prompt prefix: no prefix caching with it
+        self.ring = ring_cache and kv_cache.slot_lengths(rs.cfg, rs.shape.pp, max_len, True) != \
+            kv_cache.slot_lengths(rs.cfg, rs.shape.pp, max_len, False)
+        self.programs = Programs(rs, mesh, params, slots, max_len, self.ring)
         self.eos_id = rs.cfg.eos_token_id
-        self.prefix = PrefixCache(slots, self.shards, enabled=prefix_cache and not static)
+        self.prefix = PrefixCache(slots, self.shards, enabled=prefix_cache and not static and not self.ring)
         self.mixed = mixed and not static
         self.slot_req: list[Request | None] = [None] * slots
         self.waiting: collections.deque[Request] = collections.deque()
@@ -88,11 +94,40 @@ class Engine:
     def _max_rows(self, length: int) -> int:
         return max(1, min(self.per_shard, self.budget // length))
 
-    def warmup(self) -> float:
-        """Compile every program the loop can call; returns the seconds spent compiling."""
-        self.programs.compiled_decode()
-        for r, t in self.extend_shapes():  # mixed: an extend without decode rows is a mixed call too
-            (self.programs.compiled_mixed if self.mixed else self.programs.compiled_extend)(r, t)
+    def program_keys(self) -> list[tuple]:
+        """The programs warmup compiles (Programs' keys): decode, then a mixed (or extend) program per
+        extend shape, smallest rows first (the shapes the first requests are likeliest to take)."""
+        shapes = sorted(self.extend_shapes())
+        # mixed: an extend without decode rows is a mixed call too
+        return [("decode",)] + [("mixed", r, t) if self.mixed else ("extend", r, t, False) for r, t in shapes]
+
+    def warmup(self, background: bool = False, workers: int | None = None) -> float:
+        """Compile every program the loop can call (Programs.compile_all: lowered one after another on this
+        thread, compiled on `workers` threads, default one per CPU core, at most 4), each then run once;
+        returns the seconds spent compiling. Before the engine thread starts.
+        background: compile the decode step now and the rest one at a time on a thread while the engine
+        serves, without their first run (the engine thread owns the cache); a call whose program is not
+        ready compiles it itself, or waits for the thread that is compiling it (docs/SERVING.md)."""
+        keys = self.program_keys()
+        if workers is None:
+            workers = min(4, os.cpu_count() or 1)
+        if not background:
+            self.programs.compile_all(keys, min(workers, len(keys)))
+            return self.compile_s
+        self.programs.program(keys[0])
+
+        def rest():  # one program at a time: the engine keeps the other core
+            t0 = time.perf_counter()
+            try:
+                for key in keys[1:]:
+                    self.programs.program(key, first_run=False)
+                log.info("engine %d: %d programs compiled in the background in %.1f s", self.index, len(keys) - 1,
+                         time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 (the engine compiles what it needs on first use)
+                log.error("engine %d: background compile failed: %s", self.index, traceback.format_exc())
+
+        self.warming = threading.Thread(target=rest, name=f"moejax-warmup-{self.index}", daemon=True)
+        self.warming.start()
         return self.compile_s
 
     # ---- the API side (any thread) --------------------------------------------------------------

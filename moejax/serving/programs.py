@@ -27,11 +27,11 @@ class Programs:
     (rows per batch shard); each is compiled once, by whichever thread asks first (another thread
     asking meanwhile waits for it), so `compile_all` may compile on threads while the engine runs."""
 
-    def __init__(self, rs: model.RunSpec, mesh, params, slots: int, max_len: int):
+    def __init__(self, rs: model.RunSpec, mesh, params, slots: int, max_len: int, ring: bool = False):
         self.rs, self.mesh, self.params, self.slots = rs, mesh, params, slots
         self.shards = rs.layout.shards("batch", rs.shape)
         self.rs_extend = dataclasses.replace(rs, microbatches=1)  # extend and mixed: one microbatch
-        self.cache = model.init_cache(rs, mesh, slots, max_len)
+        self.cache = kv_cache.init_cache(rs, mesh, slots, max_len, ring)  # ring: sliding layers keep their window
         # what programs are compiled against: the cache's shapes and shardings, never its buffers (which the
         # engine's calls donate and replace, maybe while another thread compiles)
         self._cache_type = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
@@ -46,9 +46,10 @@ class Programs:
         return put(self.mesh, self.rs.layout, name, a)
 
     def _spec(self, key: tuple):
-        """(fn, inputs, every_position) of `_compile` for a program key."""
+        """(fn, inputs, every_position) of `_lower` for a program key."""
         if key[0] == "decode":
-            return model.build(self.rs, self.mesh, "decode"), [("tokens", (self.slots, 1)), ("lengths", (self.slots,))], False
+            fn = model.build(self.rs, self.mesh, "decode")
+            return fn, [("tokens", (self.slots, 1)), ("lengths", (self.slots,))], False
         b = key[1] * self.shards
         if key[0] == "extend":
             every_position = key[3]
@@ -67,11 +68,11 @@ class Programs:
         n_out = sum(shape[0] for name, shape in inputs if name == "tokens")  # rows sampled
         return args, ((args[0],) if every_position else ()) + sampling_rows([None] * n_out)
 
-    def _compile(self, fn, inputs: list[tuple[str, tuple]], every_position: bool = False):
-        """fn(params, *inputs, cache) followed by per-row sampling, as one executable:
-        (params, *inputs, cache, [targets_BT,] *sampling rows) -> ((tokens [b], their logprobs [b],
-        top-K logprobs [b, K], their ids [b, K][, prompt logprobs of targets_BT [b, T], top-K
-        [b, T, K], ids [b, T, K]]), cache). K = MAX_LOGPROBS; the logprobs stay on the device unless
+    def _lower(self, fn, inputs: list[tuple[str, tuple]], every_position: bool = False):
+        """fn(params, *inputs, cache) followed by per-row sampling, lowered as one program (`.compile()`
+        makes the executable): (params, *inputs, cache, [targets_BT,] *sampling rows) -> ((tokens [b],
+        their logprobs [b], top-K logprobs [b, K], their ids [b, K][, prompt logprobs of targets_BT [b, T],
+        top-K [b, T, K], ids [b, T, K]]), cache). K = MAX_LOGPROBS; the logprobs stay on the device unless
         a request asked for them. inputs: (activation name, shape) of each input, compiled with
         padding rows that write nothing (-1). every_position: fn's logits are the chunk's every position
         (`build(..., every_position=True)`), read at targets_BT (each position's next prompt token);
@@ -91,8 +92,7 @@ class Programs:
             return (tokens, *logprobs_at(logits, tokens, MAX_LOGPROBS), *prompt), cache
 
         args, rows = self._padding(inputs, every_position)
-        return jax.jit(step, donate_argnums=(n_inputs + 1,)).lower(self.params, *args, self._cache_type,
-                                                                   *rows).compile()
+        return jax.jit(step, donate_argnums=(n_inputs + 1,)).lower(self.params, *args, self._cache_type, *rows)
 
     def _first_run(self, key: tuple, compiled):
         """Run a program once on padding rows. Only from the thread that owns the cache (the engine's, or
@@ -104,50 +104,91 @@ class Programs:
         _, self.cache = compiled(self.params, *args, self.cache, *rows)
         jax.block_until_ready(self.cache)
 
-    def program(self, key: tuple, first_run: bool = True, count: bool = True):
-        """The compiled program of `key`, compiled here unless some thread has (or is compiling) it;
-        first_run: run it once after compiling (only from the thread that owns the cache); count: add
-        the seconds to compile_s."""
+    def _claim(self, key: tuple, wait: bool) -> threading.Event | None:
+        """A new event when this thread is to compile `key` (it then calls `_done`); None when `key` is
+        compiled, or (wait=False) another thread is compiling it. wait=True waits for that thread (and
+        claims the key if its compile failed)."""
         while True:
             with self._lock:
                 if key in self._programs:
-                    return self._programs[key]
+                    return None
                 event = self._pending.get(key)
                 if event is None:
                     event = self._pending[key] = threading.Event()
-                    break
-            event.wait()  # another thread compiles it (if that failed, the loop compiles it here)
-        t0 = time.perf_counter()
+                    return event
+            if not wait:
+                return None
+            event.wait()
+
+    def _done(self, key: tuple, event: threading.Event, compiled=None):
+        """Publish `key`'s program (None: its compile failed) and wake the threads waiting for it."""
+        with self._lock:
+            if compiled is not None:
+                self._programs[key] = compiled
+            del self._pending[key]
+        event.set()
+
+    def program(self, key: tuple, first_run: bool = True):
+        """The compiled program of `key`, compiled here unless some thread has it (or is compiling it: then
+        this waits); first_run: run it once after compiling (only from the thread that owns the cache)."""
+        event = self._claim(key, wait=True)
+        if event is None:
+            return self._programs[key]
+        t0, ready = time.perf_counter(), None
         try:
-            compiled = self._compile(*self._spec(key))
+            compiled = self._lower(*self._spec(key)).compile()
             if first_run:
                 self._first_run(key, compiled)
+            ready = compiled
             with self._lock:
-                self._programs[key] = compiled
-                if count:
-                    self.compile_s += time.perf_counter() - t0
+                self.compile_s += time.perf_counter() - t0
         finally:
-            with self._lock:
-                del self._pending[key]
-            event.set()
-        return compiled
+            self._done(key, event, ready)
+        return ready
 
     def compile_all(self, keys: list[tuple], workers: int, first_run: bool = True) -> float:
-        """Compile `keys` on `workers` threads; returns the wall seconds (added to compile_s). Tracing holds
-        the GIL but XLA's compile (or its load from the persistent cache) does not, so one thread traces
-        while others compile. first_run: this thread runs each once as it is ready (only before the
-        engine thread starts: it owns the cache from then on)."""
+        """Compile `keys` (those no other thread has or is compiling): this thread lowers them one after
+        another (tracing holds the GIL) while `workers` threads compile them (XLA's compile, or its load
+        from the persistent cache, does not hold it); first_run: this thread runs each once when it is
+        ready (only before the engine thread starts: it owns the cache from then on). Returns the wall
+        seconds (added to compile_s)."""
         t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="moejax-compile") as pool:
-            futures = {pool.submit(self.program, key, False, False): key for key in keys}
+        futures: dict[concurrent.futures.Future, tuple] = {}
+
+        def compile_one(key, event, lowered):
+            compiled = None
             try:
-                for done in concurrent.futures.as_completed(futures):
-                    compiled = done.result()
-                    if first_run:
-                        self._first_run(futures[done], compiled)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+                compiled = lowered.compile()
+            finally:
+                self._done(key, event, compiled)
+            return compiled
+
+        def run_ready(wait: bool):
+            for f in concurrent.futures.as_completed(list(futures)) if wait else [f for f in futures if f.done()]:
+                key, _ = futures.pop(f)
+                compiled = f.result()  # a failed compile raises here
+                if first_run:
+                    self._first_run(key, compiled)
+
+        pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="moejax-compile")
+        try:
+            for key in keys:
+                event = self._claim(key, wait=False)
+                if event is None:
+                    continue
+                try:
+                    lowered = self._lower(*self._spec(key))
+                except BaseException:
+                    self._done(key, event)
+                    raise
+                futures[pool.submit(compile_one, key, event, lowered)] = (key, event)
+                run_ready(wait=False)
+            run_ready(wait=True)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for f, (key, event) in futures.items():
+                if f.cancelled():  # never ran: its key is still claimed
+                    self._done(key, event)
         dt = time.perf_counter() - t0
         with self._lock:
             self.compile_s += dt
