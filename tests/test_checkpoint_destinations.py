@@ -109,7 +109,7 @@ def _drop(field):
     (lambda c: {**c, "max_position_embeddings": "long"}, "max_position_embeddings='long' must be an integer"),
     (lambda c: {**c, "num_hidden_layers": 2.5}, "num_hidden_layers=2.5 must be an integer"),
     (lambda c: {**c, "rope_parameters": [1]}, "rope_parameters must be a JSON object"),
-    (lambda c: {**c, "model_type": "qwen9_moe"}, "model family 'qwen9_moe' is not implemented; valid: glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe"),
+    (lambda c: {**c, "model_type": "qwen9_moe"}, "model family 'qwen9_moe' is not implemented; valid: deepseek_v3, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe"),
     (lambda c: {**c, "rms_norm_eps": 10 ** 400}, "rms_norm_eps="),
 ])
 def test_a_malformed_config_json_is_one_line_and_exit_code_2(tmp_path, change, needle):
