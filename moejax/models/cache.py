@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding
 from moejax.config.model import ModelConfig
 from moejax.models.runspec import RunSpec
 from moejax.ops.attention import cache_dtype
+from moejax.parallel.rules import ACT_AXES
 
 
 def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> tuple:
@@ -32,8 +33,6 @@ def cache_axes(cfg: ModelConfig) -> str:
 
 def cache_values_per_token(cfg: ModelConfig, layout=None, mesh=None) -> int:
     """Values the cache keeps per token per layer: all heads', or with a layout and mesh one device's."""
-    from moejax.parallel.rules import ACT_AXES
-
     axes = ACT_AXES[cache_axes(cfg)][3:]
     return sum(math.prod(d // (layout.shards(a, mesh) if layout is not None and a else 1) for d, a in zip(s[3:], axes))
                for s in cache_shapes(cfg, 1, 1))
