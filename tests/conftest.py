@@ -27,9 +27,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """The Hugging Face fixture imported as a moejax checkpoint (once per test module)."""
-    from helpers import FIXTURE, run_script
+    from helpers import FIXTURE, import_fixture
 
-    out = str(tmp_path_factory.mktemp("ck") / "hf")
-    r = run_script("import_hf.py", FIXTURE, out)
-    assert r.returncode == 0, r.stderr
-    return out
+    return import_fixture(tmp_path_factory, FIXTURE)

@@ -117,3 +117,11 @@ def run_script(script: str, *args, env=None, timeout=600):
     e = command_env(env)
     return subprocess.run([sys.executable, os.path.join(REPO, "scripts", script), *map(str, args)],
                           capture_output=True, text=True, cwd=REPO, env=e, timeout=timeout)
+
+
+def import_fixture(tmp_path_factory, hf_dir, name: str = "hf") -> str:
+    """A Hugging Face fixture directory imported as a moejax checkpoint under a new temporary directory."""
+    out = str(tmp_path_factory.mktemp("ck") / name)
+    r = run_script("import_hf.py", hf_dir, out)
+    assert r.returncode == 0, r.stderr
+    return out

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import REPO, RTOL, rel_err, run_script
+from helpers import REPO, RTOL, import_fixture, rel_err, run_script
 from moejax.checkpoint import store as checkpoint
 from moejax.inference.generate import Generator, put, round_up
 from moejax.inference.sampling import Sampling
@@ -36,12 +36,7 @@ FAMILIES = sorted(FIXTURES)
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """Each family's fixture imported as a moejax checkpoint (once per module)."""
-    out = {}
-    for family, hf in FIXTURES.items():
-        out[family] = str(tmp_path_factory.mktemp("ck") / family)
-        r = run_script("import_hf.py", hf, out[family])
-        assert r.returncode == 0, r.stderr
-    return out
+    return {family: import_fixture(tmp_path_factory, hf, family) for family, hf in FIXTURES.items()}
 
 
 @pytest.fixture(scope="module")

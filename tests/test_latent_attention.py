@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import REPO, RTOL, rel_err, run_script
+from helpers import REPO, RTOL, import_fixture, rel_err, run_script
 from moejax.checkpoint import store as checkpoint
 from moejax.inference.generate import put
 from moejax.models import cache as kv_cache
@@ -25,10 +25,7 @@ HF = os.path.join(REPO, "tests", "data", "hf-deepseek-v3-tiny")
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ds") / "ckpt")
-    r = run_script("import_hf.py", HF, out)
-    assert r.returncode == 0, r.stderr
-    return out
+    return import_fixture(tmp_path_factory, HF, "ds")
 
 
 def _steps(ckpt, mesh_text: str, absorb: bool, prompt: np.ndarray, new: int, layout: str = "seed"):

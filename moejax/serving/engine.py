@@ -62,8 +62,7 @@ class Engine:
         self.budget = max(budget, self.chunk)
         # sliding-window layers keep a ring of their window (ops/attention.py); a ring holds the last
         # window of whatever its row held last, not a reusable prompt prefix: no prefix caching with it
-        self.ring = ring_cache and kv_cache.slot_lengths(rs.cfg, rs.shape.pp, max_len, True) != \
-            kv_cache.slot_lengths(rs.cfg, rs.shape.pp, max_len, False)
+        self.ring = ring_cache and min(kv_cache.slot_lengths(rs.cfg, rs.shape.pp, max_len, True)) < max_len
         self.programs = Programs(rs, mesh, params, slots, max_len, self.ring)
         self.eos_id = rs.cfg.eos_token_id
         self.prefix = PrefixCache(slots, self.shards, enabled=prefix_cache and not static and not self.ring)
