@@ -154,9 +154,9 @@ def _save_safetensors(path, tensors: dict, metadata: dict) -> None:
             f.write(np.ascontiguousarray(tensors[k]).tobytes())
 
 
-def _rewrite(tmp_path, name, tensors, quantization_config):
+def _rewrite(tmp_path, name, tensors, quantization_config, fixture=FIXTURE):
     out = tmp_path / name
-    shutil.copytree(FIXTURE, out)
+    shutil.copytree(fixture, out)
     cfg = json.load(open(out / "config.json"))
     json.dump({**cfg, "quantization_config": quantization_config}, open(out / "config.json", "w"))
     _save_safetensors(out / "model.safetensors", tensors, {"format": "pt"})
@@ -282,6 +282,43 @@ def test_one_expert_of_an_mxfp4_tensor_is_read_alone(tmp_path, monkeypatch):
             assert sum(read) == (blocks.nbytes + scales.nbytes) // 4  # one of the 4 experts
             hf_name = f"model.layers.1.block_sparse_moe.experts.{e}.{name}.weight"
             assert np.array_equal(got, reader.units[(name, (1, e))][1](want[hf_name]))
+    finally:
+        reader.close()
+
+
+def test_gpt_oss_mxfp4_experts_import_one_expert_at_a_time(tmp_path, monkeypatch):
+    """gpt-oss's hub form: every expert of a layer in one MXFP4 tensor (gate_up_proj_blocks [E, 2F, D/32,
+    16] for [E, D, 2F], gate and up interleaved). The import holds the dequantised values through the
+    family's map, and each expert's matrix reads that expert's blocks and scales alone (1/E of them), so
+    neither a read nor a written block is ever a layer's whole tensor (gpt-oss-120b's: 8.5 GB float32)."""
+    from safetensors.numpy import load_file
+
+    from moejax.checkpoint.hf_import import import_hf
+
+    fixture = os.path.join(REPO, "tests", "data", "hf-gpt-oss-tiny")
+    t = load_file(os.path.join(fixture, "model.safetensors"))
+    stored, want, packed = dict(t), dict(t), {}
+    for k in [k for k in t if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = _mxfp4_quantise(t[k])
+        del stored[k]
+        stored[k + "_blocks"], stored[k + "_scales"] = packed[k] = blocks, scales
+        want[k] = hf_formats.dequantize_mxfp4(blocks, scales)
+        assert want[k].shape == t[k].shape and not np.array_equal(want[k], t[k])
+    src = _rewrite(tmp_path, "gpt-oss-mxfp4", stored, {"quant_method": "mxfp4"}, fixture)
+    rep = import_hf(str(src), str(tmp_path / "ck"))
+    assert rep["converted"] == {"fp8_e4m3_block": 0, "mxfp4": 4}  # 2 layers x gate_up, down
+    _assert_imported(tmp_path / "ck", src, want)
+
+    reader = hf.HFReader(str(src), hf.config_from_hf(str(src)))
+    read, pread = [], os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: read.append(sum(len(b) for b in bufs)) or
+                        pread(fd, bufs, off))
+    try:
+        for name, which in [("w1", "gate_up_proj"), ("w3", "gate_up_proj"), ("w2", "down_proj")]:
+            read.clear()
+            reader.unit(name, (1, 5))
+            blocks, scales = packed[f"model.layers.1.mlp.experts.{which}"]
+            assert sum(read) == (blocks.nbytes + scales.nbytes) // 8  # one of the 8 experts
     finally:
         reader.close()
 

@@ -13,7 +13,7 @@ from moejax.checkpoint import hf_formats
 from moejax.config.model import ModelConfig, config_from_dict
 from moejax.errors import UserError
 from moejax.models import registry
-from moejax.models.hf_map import config_to_hf, fused_units, hf_tensors, hf_writes, join, to_hf
+from moejax.models.hf_map import config_to_hf, expert_reads, fused_units, hf_tensors, hf_writes, join, to_hf
 from moejax.models.params import param_dtypes, param_shapes
 
 __all__ = ["config_from_hf", "config_to_hf", "hf_tensors", "to_hf", "read_hf", "write_hf", "write_hf_streaming",
@@ -147,6 +147,10 @@ class HFReader:
         self.files = _weight_files(hf_dir)
         self.units = units(cfg)
         self.fused = fused_units(cfg)
+        self.parts = {}  # {(name, (layer, expert)): (expert, 0, 1)} of the tensors of every expert, read by expert
+        for (name, idx), (hf_name, e, fn) in expert_reads(cfg).items():
+            self.units.pop((name, idx[:1]), None)
+            self.units[(name, idx)], self.parts[(name, idx)] = (hf_name, fn), (e, 0, 1)
         self.shapes = param_shapes(cfg)
         self.fp8_block = hf_formats.fp8_block(*_config_json(hf_dir))
         self.converted = {hf_formats.FP8: set(), hf_formats.MXFP4: set()}  # HF names dequantised
@@ -191,7 +195,7 @@ class HFReader:
 
     def unit(self, name: str, idx: tuple) -> np.ndarray:
         hf_name, fn = self.units[(name, idx)]
-        part = None  # (expert, chunk, chunks) of a fused 3-D tensor
+        part = self.parts.get((name, idx))  # (expert, chunk, chunks) of a tensor of every expert
         if not self._stored(hf_name) and (name, idx) in self.fused:
             fused, *part = self.fused[(name, idx)]
             if self._stored(fused):
@@ -240,13 +244,15 @@ class HFReader:
                 self.converted[hf_formats.FP8].add(hf_name)
             elif part is None:
                 return self._read(hf_name), path
+            elif chunks == 1:  # one expert of [E, ...]
+                return self._read(hf_name, e), path
             else:  # one expert's chunk of [E, R, ...]: a contiguous run of its bytes
                 if len(shape) != 3 or shape[0] != E or shape[1] % chunks:
                     raise UserError(f"{path}: fused expert tensor {hf_name!r} has shape {shape}; expected "
                                     f"[{E}, {chunks} x rows, cols]")
                 rows = shape[1] // chunks
                 return self._read(hf_name, e, (chunk * rows, (chunk + 1) * rows)), path
-        if part is not None:
+        if part is not None and chunks > 1:
             if t.ndim != 2 or t.shape[0] % chunks:
                 raise UserError(f"{path}: fused expert tensor {hf_name!r} has expert shape {list(t.shape)}; "
                                 f"expected [{chunks} x rows, cols]")

@@ -52,6 +52,20 @@ def fused_units(cfg: ModelConfig) -> dict:
     return out
 
 
+def expert_reads(cfg: ModelConfig) -> dict:
+    """The HF tensors that hold every expert of a layer ([E, ...], GPT-OSS), read one expert at a time
+    (a hub MXFP4 tensor of gpt-oss-120b's is 8.5 GB dequantised whole): {(moejax name, (layer slot,
+    expert)): (HF name, expert, HF -> moejax transform of that expert's [...])}."""
+    out = {}
+    for p in table(cfg):
+        if p.per_expert and not p.hf_per_expert:
+            fn = _from_hf(p, p.shape(cfg)[2:])
+            for j, layer in enumerate(cfg.kind_layers(p.kind)):
+                for e in range(cfg.num_experts):
+                    out[(p.name, (j, e))] = (p.hf.format(l=layer), e, fn)
+    return out
+
+
 def _from_hf(p: Param, slice_shape: tuple):
     which, n = p.hf_interleave
     cols = (lambda t: t) if n == 1 else (lambda t: t[..., which::n])  # noqa: E731

@@ -9,7 +9,7 @@ alike) and down_proj_bias [E, D] (b2). The norms stay float32 whatever the model
 in float32 (ops/layers.py rmsnorm), as transformers computes them (it stores them float32 under
 float16, _keep_in_fp32_modules; the hub's bfloat16 values are exact in float32).
 The hub's MXFP4 form of the expert tensors (gate_up_proj_blocks / _scales) is dequantised by the
-reader (checkpoint/hf_formats.py), a whole layer's tensor at a time: these rows are not per expert.
+reader (checkpoint/hf_formats.py) one expert at a time (models/hf_map.py expert_reads).
 """
 
 from __future__ import annotations
