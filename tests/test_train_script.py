@@ -158,3 +158,20 @@ def test_bad_input_is_one_line_and_exit_code_2(request, tmp_path, args, message)
     assert "Traceback" not in r.stderr
     if "--lr" in args:  # the diverged run saved nothing and wrote no model
         assert not os.path.exists(tmp_path / "out" / "model")
+
+
+def test_init_ckpt_without_config_trains_the_checkpoints_model(imported, tmp_path):
+    """--init-ckpt alone takes the checkpoint's config (an imported family's, not the demo's): at
+    a learning rate of 1e-30 (updates below float32 rounding) the model written after two steps is the
+    checkpoint, tensor for tensor."""
+    out = str(tmp_path / "out")
+    r = run_script("train.py", "--init-ckpt", imported, "--data", DATA, "--batch", "2", "--seq-len", "16",
+                   "--steps", "2", "--lr", "1e-30", "--warmup", "0", "--dtype", "float32", "--eval-windows", "2",
+                   "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mesh, lay = make_mesh(parse_mesh("1x1x1x1")), load_layout("seed")
+    cfg_a, a, _ = checkpoint.restore(imported, mesh, lay)
+    cfg_b, b, _ = checkpoint.restore(os.path.join(out, "model"), mesh, lay)
+    assert cfg_b == cfg_a
+    for name in a:
+        assert np.array_equal(np.asarray(a[name]), np.asarray(b[name])), name

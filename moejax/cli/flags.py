@@ -16,12 +16,13 @@ DEFAULT_LAYOUT = "seed"
 
 
 def add_model(ap: argparse.ArgumentParser, *, config_default: str | None = None, ckpt: bool = True,
-              ckpt_required: bool = False) -> None:
+              ckpt_required: bool = False, default_help: str | None = None) -> None:
     """Where the weights come from: --config (random weights) and/or --ckpt."""
     g = ap.add_argument_group("model")
     g.add_argument("--config", default=config_default,
-                   help=f"model config (file or name in configs/; default {config_default or DEFAULT_CONFIG}"
-                        + (", or the checkpoint's with --ckpt)" if ckpt else ")"))
+                   help=f"model config (file or name in configs/; default "
+                        + (default_help or f"{config_default or DEFAULT_CONFIG}"
+                           + (", or the checkpoint's with --ckpt" if ckpt else "")) + ")")
     if ckpt:
         g.add_argument("--ckpt", required=ckpt_required, help="moejax checkpoint directory (its latest complete step)")
 

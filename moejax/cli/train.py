@@ -24,11 +24,12 @@ import sys
 
 from moejax.cli.common import ArgumentParser, use_compile_cache, guarded, peak_rss_bytes
 from moejax.cli import flags
-from moejax.config.model import load_config, load_train_defaults
+from moejax.config.model import load_train_defaults
 from moejax.errors import UserError
 from moejax.parallel.mesh import parse_mesh, provision_host_devices
 from moejax.models import counts
 
+DEMO_CONFIG = "configs/shakespeare.yaml"  # the config without --config or --init-ckpt
 DEFAULTS = {  # used where neither a flag nor the config's train: section sets a value
     "mesh": "1x1x1x1", "layout": "meshes/seed.yaml", "data": None, "steps": 1000, "batch": 16, "seq_len": 128,
     "lr": 1e-3, "out": None, "save_every": 0, "eval_every": 0, "eval_windows": 64, "warmup": 100,
@@ -40,11 +41,12 @@ DEFAULTS = {  # used where neither a flag nor the config's train: section sets a
 
 def parse_args(argv):
     ap = ArgumentParser(__doc__)
-    flags.add_model(ap, config_default="configs/shakespeare.yaml", ckpt=False)
+    flags.add_model(ap, ckpt=False, default_help=f"{DEMO_CONFIG}, or the checkpoint's with --init-ckpt")
     flags.add_mesh(ap, default=None, layout_default=None)
     ap.add_argument("--data", help="text file: first 90%% of its tokens train, the last 10%% validate")
     flags.add_tokenizer(ap)
-    ap.add_argument("--init-ckpt", help="start from this moejax checkpoint's parameters (same config)")
+    ap.add_argument("--init-ckpt", help="start from this moejax checkpoint's parameters and config (a --config "
+                                        "given beside it must match it)")
     ap.add_argument("--steps", type=int, help="total optimizer steps (a resumed run continues up to this)")
     ap.add_argument("--batch", type=int, help="sequences per step (a multiple of batch shards x microbatches)")
     ap.add_argument("--seq-len", type=int, help="tokens per training window")
@@ -78,8 +80,11 @@ def parse_args(argv):
 
 
 def fill_defaults(args):
-    """Flags left out take the config's train: values, then DEFAULTS."""
-    given = load_train_defaults(args.config)
+    """Flags left out take the config file's train: values, then DEFAULTS. A checkpoint's config
+    (--init-ckpt without --config) has no train: section."""
+    if args.config is None and args.init_ckpt is None:
+        args.config = DEMO_CONFIG
+    given = load_train_defaults(args.config) if args.config else {}
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise UserError(f"config {args.config}: train: unknown key {unknown[0]!r}; valid: {', '.join(DEFAULTS)}")
@@ -107,7 +112,7 @@ def run(args) -> dict:
 
     use_compile_cache()
 
-    cfg = load_config(args.config)
+    cfg = checkpoint.serving_config(args.init_ckpt, args.config)
     train.check_bias_rate(cfg, args.bias_update_rate)
     layout = load_layout(args.layout)
     if not 2 <= args.seq_len <= cfg.max_seq_len:
