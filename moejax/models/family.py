@@ -62,7 +62,9 @@ class Family:
     model_type: str  # Hugging Face `model_type`, the registry key and `ModelConfig.family`
     hf_architecture: str  # `architectures[0]` of an exported config.json
     params: tuple  # of Param, in checkpoint order
-    layer: Callable  # (x_BTD, valid_BT, w, side, mode, kv, row0, rs, slot) -> (x_BTD, kv, moe stats)
+    # (x_BTD, valid_BT, w, side, mode, kv, row0, rs, slot) -> (x_BTD, kv, moe stats); it may read its local
+    # layer slot only for what `transformer.slot_kinds` keys (the stages' windows and MoE-or-dense there)
+    layer: Callable
     config_from_hf: Callable[[dict, str], dict]  # config.json (a dict), its path -> ModelConfig fields
     config_to_hf: Callable[[ModelConfig], dict]
     fixed: tuple = ()  # (config field, value) pairs the family's weights imply (its table has q_norm or not)

@@ -181,6 +181,30 @@ def _local(a, expert: bool = False):
     return a.reshape(a.shape[1:])
 
 
+def traced_layer(rs: RunSpec):
+    """The family's layer as a jitted function of (x, valid, w, side, mode, kv, row0, rs, slot), mode and
+    slot static (rs is the one given here): a stage's layers of one kind (`slot_kinds`) are traced and
+    lowered once and called per layer instead of traced once per layer (the seed's 16 layers); XLA
+    inlines the calls, so the compiled program is the unrolled one. One per program trace."""
+    layer_fn = rs.family.layer
+    if rs.remat:  # keep only each layer's input for the backward pass; recompute the rest
+        layer_fn = jax.checkpoint(layer_fn, static_argnums=(4, 7, 8))
+    jitted = jax.jit(lambda x, valid, w, side, mode, kv, row0, slot: layer_fn(x, valid, w, side, mode, kv, row0, rs,
+                                                                              slot), static_argnums=(4, 7))
+    return lambda x, valid, w, side, mode, kv, row0, rs_, slot: jitted(x, valid, w, side, mode, kv, row0, slot)
+
+
+def slot_kinds(rs: RunSpec) -> list[int]:
+    """For each local layer slot, the first slot whose layers are of the same kind on every stage
+    (sliding window, MoE or dense: all a layer may read from its slot index, Family.layer)."""
+    cfg, pp = rs.cfg, rs.shape.pp
+    lp = cfg.num_layers // pp
+    moe = cfg.slot_rows("moe", pp)
+    first: dict[tuple, int] = {}
+    return [first.setdefault(tuple((cfg.layer_window(s * lp + l), moe[l][s] >= 0) for s in range(pp)), l)
+            for l in range(lp)]
+
+
 def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=None, *, rs: RunSpec, mode: str,
                     every_position: bool = False, ext=None):
     """What one device runs. tokens_BT: [B/batch_shards, T]; lengths_B: prompt lengths (prefill,
@@ -232,9 +256,8 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
               "served_load": jnp.zeros((layers_loc, cfg.num_experts), jnp.int32),
               **{k: jnp.zeros((layers_loc,), jnp.int32) for k in MOE_COUNTERS},
               "prob_sum": jnp.zeros((layers_loc, cfg.num_experts), F32), "z_sum": jnp.zeros((layers_loc,), F32)}
-    layer_fn = rs.family.layer
-    if rs.remat:  # keep only each layer's input for the backward pass; recompute the rest
-        layer_fn = jax.checkpoint(layer_fn, static_argnums=(4, 7, 8))
+    layer_fn = traced_layer(rs)
+    kind_slot = slot_kinds(rs)
     names = [n for n in params if is_layer_param(cfg, n)]
     experts = {n for n in names if is_expert_param(cfg, n)}
     form = rs.quant_form
@@ -250,7 +273,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
                     if name in w:
                         w[name] = q8.pair(w[name], w.pop(scale_name(name)), form)
             kv = None if kv_all is None else tuple(_local(c[l]) for c in kv_all)
-            x_BTD, kv, st = layer_fn(x_BTD, side["valid"], w, side, mode, kv, row0, rs, l)
+            x_BTD, kv, st = layer_fn(x_BTD, side["valid"], w, side, mode, kv, row0, rs, kind_slot[l])
             if kv is not None:
                 kv_all = tuple(c[:l] + (n[None],) + c[l + 1:] for c, n in zip(kv_all, kv))
             stats = {k: stats[k].at[l].add(st[k]) for k in stats}
