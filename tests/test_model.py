@@ -58,3 +58,37 @@ def test_bfloat16_run_stays_within_bfloat16_rounding_of_the_reference(mesh, toke
     want = reference.forward(rounded, cfg, tokens)
     got, _ = forward("tiny", mesh, tokens, dtype="bfloat16")
     assert rel_err_per_row(got, want) <= (np.sqrt(2 * cfg.num_layers) + 1) * 2.0 ** -8
+
+
+@pytest.mark.parametrize("config,mesh,layer_types,want", [
+    ("tiny", "1x1x1x1", None, [0, 0, 0, 0]),  # one kind: traced once, called 4 times
+    ("tiny", "1x1x1x1", ["sliding_attention", "full_attention"] * 2, [0, 1, 0, 1]),
+    ("tiny-glm", "1x2x1x1", None, [0, 1]),  # layer 0 dense: slot 0 dense on stage 0, MoE on stage 1
+])
+def test_layers_of_one_kind_are_traced_once_per_program(config, mesh, layer_types, want):
+    """slot_kinds: the first slot of each kind (windows and MoE-or-dense on every stage); the lowered
+    decode program defines one `decoder_layer` per kind and calls it once per local layer."""
+    import dataclasses
+    import re
+
+    from moejax.inference.generate import put
+    from moejax.models import cache as kv_cache
+    from moejax.models.runspec import RunSpec
+    from moejax.parallel.mesh import make_mesh, parse_mesh, provision_host_devices
+    from moejax.parallel.rules import load_layout
+
+    cfg = load_config(config)
+    if layer_types:
+        cfg = dataclasses.replace(cfg, layer_types=tuple(layer_types), sliding_window=4)
+    shape = parse_mesh(mesh)
+    provision_host_devices(shape.size)
+    m, lay = make_mesh(shape), load_layout("seed")
+    rs = RunSpec(cfg, lay, shape, "float32")
+    assert model.slot_kinds(rs) == want
+    params = model.serving_params(model.init_params(cfg, 0, "float32", m, lay), rs, m)
+    cache = kv_cache.init_cache(rs, m, 2, 16)
+    text = model.build(rs, m, "decode").lower(params, put(m, lay, "tokens", np.zeros((2, 1), np.int32)),
+                                               put(m, lay, "lengths", np.zeros(2, np.int32)), cache).as_text()
+    defined = re.findall(r"func\.func private @(decoder_layer\w*)", text)
+    assert len(defined) == len(set(want))
+    assert sum(len(re.findall(rf"call @{name}\(", text)) for name in defined) == len(want)
