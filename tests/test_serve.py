@@ -230,6 +230,28 @@ def test_queue_full_is_429_and_disconnect_frees_slot(server):
     assert len(greedy(server, [1, 2], 2)) == 2
 
 
+def test_background_warmup_serves_at_once_and_says_when_every_program_is_ready(reference):
+    """--background-warmup: serving after the decode program; a prompt whose shape is still compiling
+    waits for it and gets the tokens of the generation loop; a line on stdout says when the other
+    programs are all compiled."""
+    s = Server("1x1x1x1", "--slots", "2", "--background-warmup")
+    try:
+        assert greedy(s, PROMPTS[2], 6) == reference(PROMPTS[2], 6)
+        ready = threading.Event()
+
+        def read():
+            for line in s.proc.stdout:
+                s.lines.append(line)
+                if "programs compiled in the background in" in line:
+                    ready.set()
+                    return
+        threading.Thread(target=read, daemon=True).start()
+        assert ready.wait(240), "".join(s.lines)[-2000:]
+    finally:
+        s.stop()
+    assert any(line.startswith("replica 0: the other ") for line in s.lines)
+
+
 def test_dp_replicas_serve_and_sigterm_drains(reference):
     s = Server("2x1x2x2", "--slots", "4")
     try:

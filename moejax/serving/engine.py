@@ -120,7 +120,7 @@ class Engine:
             try:
                 for key in keys[1:]:
                     self.programs.program(key, first_run=False)
-                log.info("engine %d: %d programs compiled in the background in %.1f s", self.index, len(keys) - 1,
+                log.info("replica %d: the other %d programs compiled in the background in %.1f s", self.index, len(keys) - 1,
                          time.perf_counter() - t0)
             except Exception:  # noqa: BLE001 (the engine compiles what it needs on first use)
                 log.error("engine %d: background compile failed: %s", self.index, traceback.format_exc())
