@@ -182,18 +182,18 @@ def _local(a, expert: bool = False):
 
 
 def traced_layer(rs: RunSpec):
-    """The family's layer as a jitted function of (x, valid, w, side, mode, kv, row0, rs, slot), mode and
-    slot static (rs is the one given here): a stage's layers of one kind (`slot_kinds`) are traced and
-    lowered once and called per layer instead of traced once per layer (the seed's 16 layers); XLA
-    inlines the calls, so the compiled program is the unrolled one. One per program trace."""
+    """The family's layer with `rs` as a jitted function of (x, valid, w, side, mode, kv, row0, slot),
+    mode and slot static: a stage's layers of one kind (`slot_kinds`) are traced and lowered once and
+    called per layer instead of traced once per layer (the seed's 16 layers); XLA inlines the calls,
+    so the compiled program is the unrolled one. One per program trace."""
     layer_fn = rs.family.layer
     if rs.remat:  # keep only each layer's input for the backward pass; recompute the rest
         layer_fn = jax.checkpoint(layer_fn, static_argnums=(4, 7, 8))
+
     @functools.partial(jax.jit, static_argnums=(4, 7))
     def decoder_layer(x, valid, w, side, mode, kv, row0, slot):  # the name the lowered program calls
         return layer_fn(x, valid, w, side, mode, kv, row0, rs, slot)
-
-    return lambda x, valid, w, side, mode, kv, row0, rs_, slot: decoder_layer(x, valid, w, side, mode, kv, row0, slot)
+    return decoder_layer
 
 
 def slot_kinds(rs: RunSpec) -> list[int]:
@@ -275,7 +275,7 @@ def _device_program(params, tokens_BT, lengths_B, cache, starts_B=None, rows_B=N
                     if name in w:
                         w[name] = q8.pair(w[name], w.pop(scale_name(name)), form)
             kv = None if kv_all is None else tuple(_local(c[l]) for c in kv_all)
-            x_BTD, kv, st = layer_fn(x_BTD, side["valid"], w, side, mode, kv, row0, rs, kind_slot[l])
+            x_BTD, kv, st = layer_fn(x_BTD, side["valid"], w, side, mode, kv, row0, kind_slot[l])
             if kv is not None:
                 kv_all = tuple(c[:l] + (n[None],) + c[l + 1:] for c, n in zip(kv_all, kv))
             stats = {k: stats[k].at[l].add(st[k]) for k in stats}
