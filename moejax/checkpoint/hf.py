@@ -147,9 +147,9 @@ class HFReader:
         self.files = _weight_files(hf_dir)
         self.units = units(cfg)
         self.fused = fused_units(cfg)
-        self.parts = {}  # {(name, (layer, expert)): (expert, 0, 1)} of the tensors of every expert, read by expert
+        self.parts = {}  # {(name, (layer, expert)): (expert, chunk 0, of 1)}: a tensor of every expert, read by expert
         for (name, idx), (hf_name, e, fn) in expert_reads(cfg).items():
-            self.units.pop((name, idx[:1]), None)
+            self.units.pop((name, idx[:1]), None)  # the layer's unit becomes its experts' units
             self.units[(name, idx)], self.parts[(name, idx)] = (hf_name, fn), (e, 0, 1)
         self.shapes = param_shapes(cfg)
         self.fp8_block = hf_formats.fp8_block(*_config_json(hf_dir))

@@ -64,7 +64,7 @@ def parse_args(argv):
     ap.add_argument("--no-warmup", action="store_true", help="compile each prefill shape on first use")
     ap.add_argument("--background-warmup", action="store_true",
                     help="compile the decode step, start serving, and compile the prefill shapes on a thread (the "
-                         "seed config: serving after ~28 s instead of 188 s cold / 63-74 s cached; a request "
+                         "seed config: serving after 27 s cold / 16 s cached instead of 188 / 63-74 s; a request "
                          "whose shape is not compiled yet waits for it; a line says when all are; docs/SERVING.md)")
     ap.add_argument("--seed", type=int, default=0, help="seed for random weights")
     flags.add_dtype(ap)
