@@ -54,14 +54,12 @@ def _infer_4x2x4x4(command: list, *flags) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,command", [
-    ("default", [sys.executable, os.path.join(REPO, "scripts", "infer.py")]),
-    ("float32", [sys.executable, "-m", "moejax", "infer"])])
-def test_infer_on_the_deployment_mesh_prints_what_it_printed_before(dtype, command):
+def test_infer_on_the_deployment_mesh_prints_what_it_printed_before():
     """The README's first command, from another working directory: same tokens, same expert loads
-    in every layer (the script form in the default dtype, the `moejax` form in float32)."""
-    want = EXPECTED["infer_4x2x4x4"][dtype]
-    got = _infer_4x2x4x4(command, *([] if dtype == "default" else ["--dtype", "float32"]))
+    in every layer. (Its float32 twin, `moejax infer --dtype float32` on 4x2x4x4, was dropped for the
+    suite's time, 66-83 s: float32 sharded runs are compared with the reference on smaller meshes.)"""
+    want = EXPECTED["infer_4x2x4x4"]["default"]
+    got = _infer_4x2x4x4([sys.executable, os.path.join(REPO, "scripts", "infer.py")])
     assert got["dtype"] == want["dtype"]
     assert got["generated_ids"] == want["generated_ids"]
     assert got["moe"]["requested_tokens_per_expert"] == want["requested_tokens_per_expert"]

@@ -22,10 +22,8 @@ def unpipelined():
 
 
 @pytest.mark.parametrize("mesh, micro", [
-    ("1x2x2x2", 1), ("1x2x2x2", 2), ("1x2x2x2", 4),
-    ("2x2x1x2", 1), ("2x2x1x2", 2), ("2x2x1x2", 4),
-    ("1x4x1x2", 1), ("1x4x1x2", 4), ("1x4x1x2", 8),
-    ("4x2x4x4", 1), ("4x2x4x4", 2), ("4x2x4x4", 4),
+    ("1x2x2x2", 1), ("1x2x2x2", 4), ("2x2x1x2", 1), ("2x2x1x2", 4),
+    ("1x4x1x2", 1), ("1x4x1x2", 8), ("4x2x4x4", 1), ("4x2x4x4", 4),
 ])
 def test_pipelined_forward_equals_one_stage(mesh, micro, unpipelined):
     tokens, want = unpipelined

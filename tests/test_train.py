@@ -74,7 +74,7 @@ def test_loss_and_gradients_equal_transformers(hf_reference, case, mesh, micro):
         assert _rel(g, ref[f"{case}_grad/{name}"]) <= GRAD_RTOL, name
 
 
-MESHES = [("1x2x2x2", 2), ("2x2x1x2", 2), ("1x1x2x4", 2), ("1x2x1x2", 2)]
+MESHES = [("1x2x2x2", 2), ("2x2x1x2", 2), ("1x1x2x4", 2)]
 
 
 @pytest.fixture(scope="module")
