@@ -12,13 +12,11 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from helpers import CACHE_MAX_BYTES, xla_cache_dir  # noqa: E402
+from helpers import xla_cache_dir  # noqa: E402
 
-# The same persistent XLA cache as the commands tests start (helpers.command_env), shared by xdist's
-# workers: tests compile the same programs again and again (a config's parameter draw, an engine's
-# shapes), each in seconds.
+# The same persistent XLA cache as the commands tests start (helpers.command_env): tests compile the
+# same programs again and again (a config's parameter draw, an engine's shapes), each in seconds.
 jax.config.update("jax_compilation_cache_dir", xla_cache_dir())
-jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

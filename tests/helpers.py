@@ -70,22 +70,11 @@ def forward(config: str, mesh: str, tokens, layout: str = "seed", lengths=None, 
 _XLA_CACHE: list[str] = []
 
 
-CACHE_MAX_BYTES = 16 << 30  # a size bound turns on JAX's file lock around each cache read and write
-
-
 def xla_cache_dir() -> str:
-    """The test session's persistent XLA compilation cache: a new directory that pytest-xdist's
-    workers share with each other (a program one worker compiled, the other loads), removed when the
-    session's first process (the controller, or the only one) exits."""
+    """This test process's persistent XLA compilation cache: a new directory, removed at exit."""
     if not _XLA_CACHE:
-        worker = "PYTEST_XDIST_WORKER" in os.environ
-        session = os.getppid() if worker else os.getpid()  # xdist's workers are the controller's children
-        path = os.path.join(tempfile.gettempdir(), f"moejax-tests-xla-{session}")
-        if not worker:  # a directory left by an earlier process of the same pid: nothing is reused
-            shutil.rmtree(path, True)
-            atexit.register(shutil.rmtree, path, True)
-        os.makedirs(path, exist_ok=True)
-        _XLA_CACHE.append(path)
+        _XLA_CACHE.append(tempfile.mkdtemp(prefix="moejax-tests-xla-"))
+        atexit.register(shutil.rmtree, _XLA_CACHE[0], True)
     return _XLA_CACHE[0]
 
 
@@ -98,8 +87,7 @@ def command_env(env=None) -> dict:
     ~/.cache, and a cached executable is the one the same program compiled to. `env` overrides."""
     e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     e.update({"JAX_COMPILATION_CACHE_DIR": xla_cache_dir(), "MOEJAX_CACHE_DIR": xla_cache_dir(),
-              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-              "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES)})
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
     e.update(env or {})
     return e
 
