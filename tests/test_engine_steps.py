@@ -50,11 +50,11 @@ def reference():
     return [gen.generate([p], n, Sampling(), None)["generated_ids"][0] for p, n in zip(PROMPTS, NEW)]
 
 
-@pytest.mark.parametrize("mesh", ["1x1x1x1", "1x2x2x2"])
+@pytest.mark.parametrize("mesh", ["1x2x2x2"])  # one mesh only, for the suite's time
 def test_mixed_steps_equal_separate_calls_and_infer(mesh, reference):
     rs, m, params = setup(CONFIG, mesh)
     got, calls = {}, None
-    for mixed in (False, True) if mesh != "1x1x1x1" else (True,):  # (the suite's time: one mesh compares both)
+    for mixed in (False, True):
         eng = Engine(rs, m, params, slots=4, max_len=128, chunk=32, budget=64, mixed=mixed)
         got[mixed] = run(eng, in_flight=3)
         assert eng.steps["mixed" if mixed else "extend"] > 0 and eng.steps["extend" if mixed else "mixed"] == 0
@@ -64,7 +64,7 @@ def test_mixed_steps_equal_separate_calls_and_infer(mesh, reference):
             assert eng.steps["mixed"] + eng.steps["decode"] < calls
         calls = sum(eng.steps.values())
     assert [got[True][i] for i in range(len(PROMPTS))] == reference
-    assert got.get(False, got[True]) == got[True]
+    assert got[False] == got[True]
 
 
 def test_token_accounting_is_exact():

@@ -137,7 +137,7 @@ def check_top(top: dict, want_lp: np.ndarray, chosen: int, k: int) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["1x1x1x1", "1x2x2x2"])
+@pytest.mark.parametrize("mesh", ["1x2x2x2"])  # one mesh only, for the suite's time
 def test_echo_logprobs_equal_the_reference(apps, mesh):
     app, k = apps(mesh), 5
     r = app.post({"prompt": PROMPTS, "max_tokens": 1, "temperature": 0, "logprobs": k, "echo": True, "seed": 1234,

@@ -83,7 +83,7 @@ def _serve(eng: Engine, prompts, new: int):
     return [out[i] for i in range(2 * n)], [lps[i] for i in range(2 * n)]
 
 
-@pytest.mark.parametrize("mesh", ["1x1x1x1", "1x2x2x2"])
+@pytest.mark.parametrize("mesh", ["1x2x2x2"])  # one mesh only, for the suite's time
 def test_cached_prefixes_give_the_same_tokens_and_logprobs(mesh):
     rs, m, params = setup("configs/tiny.yaml", mesh)
     rng = np.random.default_rng(3)
