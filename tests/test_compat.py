@@ -46,8 +46,8 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # commands provision their own devices
 
 
-def _infer_4x2x4x4(command: list, *flags) -> dict:
-    r = subprocess.run(command + ["--mesh", "4x2x4x4", *flags, "--json"], capture_output=True, text=True,
+def _infer_4x2x4x4(command: list) -> dict:
+    r = subprocess.run(command + ["--mesh", "4x2x4x4", "--json"], capture_output=True, text=True,
                        cwd="/", env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -50,9 +50,8 @@ def reference():
     return [gen.generate([p], n, Sampling(), None)["generated_ids"][0] for p, n in zip(PROMPTS, NEW)]
 
 
-@pytest.mark.parametrize("mesh", ["1x2x2x2"])  # one mesh only, for the suite's time
-def test_mixed_steps_equal_separate_calls_and_infer(mesh, reference):
-    rs, m, params = setup(CONFIG, mesh)
+def test_mixed_steps_equal_separate_calls_and_infer(reference):
+    rs, m, params = setup(CONFIG, "1x2x2x2")  # one mesh, for the suite's time
     got, calls = {}, None
     for mixed in (False, True):
         eng = Engine(rs, m, params, slots=4, max_len=128, chunk=32, budget=64, mixed=mixed)

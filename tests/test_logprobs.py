@@ -137,8 +137,8 @@ def check_top(top: dict, want_lp: np.ndarray, chosen: int, k: int) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["1x2x2x2"])  # one mesh only, for the suite's time
-def test_echo_logprobs_equal_the_reference(apps, mesh):
+def test_echo_logprobs_equal_the_reference(apps):
+    mesh = "1x2x2x2"  # one mesh, for the suite's time
     app, k = apps(mesh), 5
     r = app.post({"prompt": PROMPTS, "max_tokens": 1, "temperature": 0, "logprobs": k, "echo": True, "seed": 1234,
                   "return_token_ids": True})

@@ -3,7 +3,6 @@ other batch shards never shared; and in the engine, requests reusing a cached pr
 tokens and logprobs as the same requests with caching off."""
 
 import numpy as np
-import pytest
 
 from helpers import setup
 from moejax.serving.engine import Engine
@@ -83,9 +82,8 @@ def _serve(eng: Engine, prompts, new: int):
     return [out[i] for i in range(2 * n)], [lps[i] for i in range(2 * n)]
 
 
-@pytest.mark.parametrize("mesh", ["1x2x2x2"])  # one mesh only, for the suite's time
-def test_cached_prefixes_give_the_same_tokens_and_logprobs(mesh):
-    rs, m, params = setup("configs/tiny.yaml", mesh)
+def test_cached_prefixes_give_the_same_tokens_and_logprobs():
+    rs, m, params = setup("configs/tiny.yaml", "1x2x2x2")  # one mesh, for the suite's time
     rng = np.random.default_rng(3)
     prompts = [SYSTEM + [int(t) for t in rng.integers(3, 256, size=n)] for n in (4, 30, 1, 17, 9, 60)]
     prompts.append(list(prompts[1]))  # the same prompt twice

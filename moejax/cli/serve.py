@@ -102,10 +102,11 @@ def limits_and_options(args):
 def show_engine_progress() -> None:
     """The engines' progress lines (logging INFO of moejax.serving: the background warmup's end) on
     stdout beside the command's own, their warnings and errors on stderr; once each (not also through
-    a root handler that a library may have installed)."""
+    a root handler that a library may have installed, nor twice when `run` is called again)."""
     import logging
 
     log = logging.getLogger("moejax.serving")
+    log.handlers = []
     for stream, keep in ((sys.stdout, lambda r: r.levelno < logging.WARNING),
                          (sys.stderr, lambda r: r.levelno >= logging.WARNING)):
         h = logging.StreamHandler(stream)

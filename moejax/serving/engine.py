@@ -123,7 +123,7 @@ class Engine:
                 log.info("replica %d: the other %d programs compiled in the background in %.1f s", self.index, len(keys) - 1,
                          time.perf_counter() - t0)
             except Exception:  # noqa: BLE001 (the engine compiles what it needs on first use)
-                log.error("engine %d: background compile failed: %s", self.index, traceback.format_exc())
+                log.error("replica %d: background compile failed: %s", self.index, traceback.format_exc())
 
         self.warming = threading.Thread(target=rest, name=f"moejax-warmup-{self.index}", daemon=True)
         self.warming.start()
