@@ -38,6 +38,13 @@ def test_workload_is_deterministic_and_within_its_ranges():
     # a shared prefix: every prompt starts with the same N tokens, then the same own tokens as without it
     shared = make_workload(200, (3, 9), (2, 5), seed=1, shared_prefix=20)
     assert len({tuple(p[:20]) for p, _ in shared}) == 1 and [(p[20:], m) for p, m in shared] == a
+    # K prefixes: each prompt starts with one of K, the first of them the single prefix's
+    several = make_workload(200, (3, 9), (2, 5), seed=1, shared_prefix=20, prefixes=5)
+    heads = [tuple(p[:20]) for p, _ in several]
+    assert len(set(heads)) == 5 and tuple(shared[0][0][:20]) in heads
+    assert [(p[20:], m) for p, m in several] == a
+    with pytest.raises(UserError, match="number of prefixes 0"):
+        make_workload(4, (3, 9), (1, 1), shared_prefix=20, prefixes=0)
 
 
 def test_poisson_arrivals_start_at_zero_with_mean_gap_one_over_rate():

@@ -1,12 +1,13 @@
 """Prefix caching (serving/prefix.py): the row tables, hits and misses, the LRU under pressure, rows of
-other batch shards never shared; and in the engine, requests reusing a cached prefix give the same
-tokens and logprobs as the same requests with caching off."""
+other batch shards never shared, the block pool (saves, loads, its LRU dropping chains from their end);
+and in the engine, requests reusing a cached prefix, from a row or from the pool, give the same tokens
+and logprobs as the same requests with caching off."""
 
 import numpy as np
 
 from helpers import setup
 from moejax.serving.engine import Engine
-from moejax.serving.prefix import BLOCK, PrefixCache, block_names
+from moejax.serving.prefix import BLOCK, PrefixCache, block_names, matched_in
 from moejax.serving.request import Request, SamplingParams
 
 SYSTEM = [int(t) for t in np.random.default_rng(7).integers(3, 256, size=3 * BLOCK + 5)]  # 3 full blocks + 5
@@ -24,20 +25,20 @@ def test_hit_miss_copy_and_lru():
     p = SYSTEM + [1, 2, 3]
     names = block_names(p)
     # a miss: the least recently used row of the preferred (least busy) rows
-    assert pc.place(names, len(p), free=[0, 1, 2, 3], preferred=[2, 3]) == (2, None, 0)
+    assert pc.place(names, len(p), free=[0, 1, 2, 3], preferred=[2, 3]) == (2, None, 0, (), ())
     pc.prefilled(2, names, len(p))
     assert pc.tables[2] == names
     pc.released(2, now=1.0)
     # the same prefix again: the free row that holds it, no copy; the prompt's last token is computed
-    assert pc.place(names, len(p), free=[0, 1, 2, 3], preferred=[0, 1]) == (2, None, 3 * BLOCK)
+    assert pc.place(names, len(p), free=[0, 1, 2, 3], preferred=[0, 1])[:3] == (2, None, 3 * BLOCK)
     # row 2 busy: a free row of its shard receives a copy
     q = SYSTEM + [4]
-    assert pc.place(block_names(q), len(q), free=[0, 1, 3], preferred=[0, 1]) == (3, 2, 3 * BLOCK)
+    assert pc.place(block_names(q), len(q), free=[0, 1, 3], preferred=[0, 1])[:3] == (3, 2, 3 * BLOCK)
     # both rows of shard 1 busy: the prefix there is not shared with shard 0
-    assert pc.place(block_names(q), len(q), free=[0, 1], preferred=[0, 1])[1:] == (None, 0)
+    assert pc.place(block_names(q), len(q), free=[0, 1], preferred=[0, 1])[1:3] == (None, 0)
     # a prompt of exactly 3 blocks reuses 2: its last token must be computed
     exact = SYSTEM[:3 * BLOCK]
-    assert pc.place(block_names(exact), len(exact), free=[3], preferred=[3]) == (3, None, 2 * BLOCK)
+    assert pc.place(block_names(exact), len(exact), free=[3], preferred=[3])[:3] == (3, None, 2 * BLOCK)
     assert pc.queried == 2 * len(p) + 2 * len(q) + len(exact)
     assert pc.hit == 3 * BLOCK + 3 * BLOCK + 2 * BLOCK
 
@@ -50,11 +51,53 @@ def test_lru_gives_the_row_used_longest_ago_and_counts_evictions():
         pc.prefilled(row, block_names(p), len(p))
         pc.released(row, now=t)
     new = [9] * 40
-    row, donor, n = pc.place(block_names(new), len(new), free=[0, 1, 2], preferred=[0, 1, 2])
+    row, donor, n = pc.place(block_names(new), len(new), free=[0, 1, 2], preferred=[0, 1, 2])[:3]
     assert (row, donor, n) == (1, None, 0) and pc.evicted == 2  # row 1 finished first: its 2 blocks go
-    assert pc.place(block_names(prompts[2]), len(prompts[2]), [0, 2], [0, 2]) == (2, None, 2 * BLOCK)
+    assert pc.place(block_names(prompts[2]), len(prompts[2]), [0, 2], [0, 2])[:3] == (2, None, 2 * BLOCK)
     off = PrefixCache(slots=2, shards=1, enabled=False)
-    assert off.place(block_names(prompts[0]), len(prompts[0]), [0, 1], [0, 1])[1:] == (None, 0)
+    assert off.place(block_names(prompts[0]), len(prompts[0]), [0, 1], [0, 1])[1:] == (None, 0, (), ())
+
+
+def _use(pc: PrefixCache, prompt: list[int], free: list[int], preferred: list[int], now: float):
+    """Place a prompt, prefill it whole, release its row: the placement."""
+    p = pc.place(block_names(prompt), len(prompt), free, preferred)
+    pc.prefilled(p.row, block_names(prompt), len(prompt))
+    pc.released(p.row, now)
+    return p
+
+
+def test_the_pool_keeps_an_evicted_rows_blocks_and_drops_chains_from_their_end():
+    pc = PrefixCache(slots=2, shards=2, pool_blocks=10)  # one row per shard; 5 pool blocks per shard
+    a, b, c = [5] * (3 * BLOCK + 1), [6] * (2 * BLOCK + 1), [7] * (4 * BLOCK + 1)
+    assert _use(pc, a, [0, 1], [0], 1.0) == (0, None, 0, (), ())
+    # b takes row 0: first a's 3 blocks go to shard 0's pool
+    p = _use(pc, b, [0, 1], [0], 2.0)
+    assert p[:3] == (0, None, 0) and [i for i, _ in p.save] == [0, 1, 2] and p.load == ()
+    # a again, preferring shard 1: shard 0's pool holds its 3 blocks, more than any row: b's 2 blocks
+    # are saved, then a's loaded into row 0, in order
+    p = _use(pc, a, [0, 1], [1], 3.0)
+    assert p[:3] == (0, None, 3 * BLOCK) and [i for i, _ in p.save] == [0, 1]
+    assert [r for _, r in p.load] == [0, 1, 2] and len({b for b, _ in p.load + p.save}) == 5
+    assert pc.saved == 5 and pc.loaded == 3 and not pc.pool_free[0]
+    # shard 1's pool is its own: a there finds nothing
+    assert pc.place(block_names(a), len(a), [1], [1])[1:3] == (None, 0)
+    # c evicts a (already pooled: nothing to save), then d evicts c: c's 4 blocks need room in a full
+    # pool of 5: the least recently used chain, b's, goes from its end, then a's from its end
+    assert _use(pc, c, [0], [0], 4.0).save == ()
+    p = _use(pc, [8] * 20, [0], [0], 5.0)
+    assert [i for i, _ in p.save] == [0, 1, 2, 3] and pc.dropped == 4
+    assert matched_in(pc.pool[0], block_names(b)) == 0
+    assert matched_in(pc.pool[0], block_names(a)) == 1  # a's first block is left
+    assert matched_in(pc.pool[0], block_names(c)) == 4 and pc.hit == 3 * BLOCK
+
+
+def test_a_full_pool_never_drops_the_blocks_it_is_loading():
+    pc = PrefixCache(slots=1, shards=1, pool_blocks=3)
+    a, b = [5] * (3 * BLOCK + 1), [6] * (2 * BLOCK + 1)
+    _use(pc, a, [0], [0], 1.0)
+    _use(pc, b, [0], [0], 2.0)  # a's 3 blocks fill the pool
+    p = pc.place(block_names(a), len(a), [0], [0])  # b's 2 blocks find no room: not saved
+    assert p.reused == 3 * BLOCK and len(p.load) == 3 and p.save == () and pc.dropped == 0
 
 
 def _serve(eng: Engine, prompts, new: int):
@@ -87,6 +130,10 @@ def test_cached_prefixes_give_the_same_tokens_and_logprobs():
     rng = np.random.default_rng(3)
     prompts = [SYSTEM + [int(t) for t in rng.integers(3, 256, size=n)] for n in (4, 30, 1, 17, 9, 60)]
     prompts.append(list(prompts[1]))  # the same prompt twice
+    # then five other system prompts, more than the 4 rows hold: the second time round, the rows gave
+    # some of them to other prompts and the block pool serves them
+    systems = [[int(t) for t in rng.integers(3, 256, size=2 * BLOCK + 3)] for _ in range(5)]
+    others = [s + [int(t) for t in rng.integers(3, 256, size=5)] for s in systems]
     results = {}
     for cache in (False, True):
         eng = Engine(rs, m, params, slots=4, max_len=128, chunk=32, budget=64, prefix_cache=cache)
@@ -98,6 +145,14 @@ def test_cached_prefixes_give_the_same_tokens_and_logprobs():
             assert eng.tokens["prefill"] == 2 * sum(map(len, prompts)) - eng.prefix.hit
         else:
             assert eng.prefix.hit == 0 and eng.tokens["prefill"] == 2 * sum(map(len, prompts))
-    (t0, l0), (t1, l1) = results[False], results[True]
-    assert t1 == t0
-    np.testing.assert_allclose(np.array(l1), np.array(l0), rtol=0, atol=1e-5)
+        hit, loaded = eng.prefix.hit, eng.prefix.loaded
+        results[cache, "pool"] = _serve(eng, others, 4)
+        if cache:  # the second round (all at once) finds some of them in the pool, those whose shard
+            # has a free row
+            assert eng.pool_blocks == 4 * 128 // BLOCK and eng.prefix.saved > 0
+            assert eng.prefix.loaded - loaded >= 2 and eng.prefix.hit - hit >= (eng.prefix.loaded - loaded) * BLOCK
+        assert eng.tokens["prefill"] == 2 * sum(map(len, prompts + others)) - eng.prefix.hit
+    for key in ((), ("pool",)):
+        (t0, l0), (t1, l1) = results[(False, *key) if key else False], results[(True, *key) if key else True]
+        assert t1 == t0
+        np.testing.assert_allclose(np.array(l1), np.array(l0), rtol=0, atol=1e-5)

@@ -268,6 +268,20 @@ def test_dp_replicas_serve_and_sigterm_drains(reference):
         assert got == [reference(p, 10) for p in PROMPTS]
         for e in ("0", "1"):
             assert s.total("moejax:generation_tokens_total", engine=e) > 0, e
+        # prefix caching stays within a replica: a 41-token prompt (2 blocks) streams on replica 0 (the
+        # idle tie goes to the lowest index); sent again meanwhile it goes to replica 1, which holds none
+        # of its blocks; once both are done, a third goes to replica 0 and reuses them
+        hits = {e: s.total("moejax:prefix_cache_hits_total", engine=e) for e in ("0", "1")}
+        p = [int(t) for t in np.random.default_rng(9).integers(3, 256, size=41)]
+        long = threading.Thread(target=greedy, args=(s, p, 80, True))
+        long.start()
+        while s.total("moejax:num_requests_running", engine="0") < 1:
+            time.sleep(0.02)
+        assert greedy(s, p, 2) == reference(p, 2)
+        long.join()
+        assert greedy(s, p, 2) == reference(p, 2)
+        assert s.total("moejax:prefix_cache_hits_total", engine="1") == hits["1"]
+        assert s.total("moejax:prefix_cache_hits_total", engine="0") == hits["0"] + 32
         # SIGTERM while a request streams: it completes, then the server exits cleanly
         body = {"model": "tiny", "prompt": [7] * 10, "max_tokens": 80, "ignore_eos": True, "stream": True,
                 "return_token_ids": True}
@@ -295,6 +309,7 @@ def test_bad_flags_exit_2():
     for flags, needle in ((["--slots", "3", "--mesh", "1x1x1x2"], "--slots 3"),
                           (["--port", str(port), "--config", CONFIG], f"cannot listen on 127.0.0.1:{port}"),
                           (["--prefill-chunk", "20"], "--prefill-chunk 20"),
+                          (["--prefix-pool", "-1"], "--prefix-pool -1"),
                           (["--max-len", "4096", "--config", CONFIG], "--max-len 4096")):
         r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "serve.py"), *flags], capture_output=True,
                            text=True, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, timeout=120)

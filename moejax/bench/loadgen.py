@@ -64,10 +64,12 @@ def parse_range(flag: str, text: str) -> tuple[int, int]:
 
 
 def make_workload(num_requests: int, input_len: tuple[int, int] = (16, 512), output_len: tuple[int, int] = (8, 128),
-                  vocab_size: int = 256, seed: int = 0, shared_prefix: int = 0) -> list[tuple[list[int], int]]:
+                  vocab_size: int = 256, seed: int = 0, shared_prefix: int = 0, prefixes: int = 1
+                  ) -> list[tuple[list[int], int]]:
     """`num_requests` (prompt token ids, max_tokens) pairs; both lengths uniform over their inclusive
     ranges; with `shared_prefix` N every prompt starts with the same N tokens (a system prompt),
-    followed by its own input_len tokens. Ids are printable ASCII (32..126) when vocab_size >= 256, so that the prompts are also
+    followed by its own input_len tokens; with `prefixes` K > 1, with one of K such prefixes, drawn
+    uniformly per request (K system prompts, or K users' chat histories). Ids are printable ASCII (32..126) when vocab_size >= 256, so that the prompts are also
     valid text for a byte-level tokenizer, else 3..vocab_size-1 (above the usual special tokens).
     The same seed gives the same workload."""
     if num_requests < 1:
@@ -76,15 +78,18 @@ def make_workload(num_requests: int, input_len: tuple[int, int] = (16, 512), out
     out_lo, out_hi = _check_range("output length", output_len)
     if shared_prefix < 0:
         raise UserError(f"shared prefix {shared_prefix} must be >= 0 tokens")
+    if prefixes < 1:
+        raise UserError(f"number of prefixes {prefixes} must be >= 1")
     if vocab_size < 4:
         raise UserError(f"vocabulary size {vocab_size} must be >= 4")
     id_lo, id_hi = (32, 126) if vocab_size >= 256 else (3, vocab_size - 1)
     rng = np.random.default_rng(seed)
     prompt_lens = rng.integers(in_lo, in_hi + 1, size=num_requests)
     max_tokens = rng.integers(out_lo, out_hi + 1, size=num_requests)
-    shared = np.random.default_rng([seed, 1]).integers(id_lo, id_hi + 1, size=shared_prefix).tolist()
-    return [(shared + rng.integers(id_lo, id_hi + 1, size=int(n)).tolist(), int(m))
-            for n, m in zip(prompt_lens, max_tokens)]
+    shared = np.random.default_rng([seed, 1]).integers(id_lo, id_hi + 1, size=(prefixes, shared_prefix)).tolist()
+    which = np.random.default_rng([seed, 2]).integers(0, prefixes, size=num_requests)
+    return [(shared[k] + rng.integers(id_lo, id_hi + 1, size=int(n)).tolist(), int(m))
+            for k, n, m in zip(which, prompt_lens, max_tokens)]
 
 
 def arrival_times(num_requests: int, request_rate: float, seed: int = 0) -> np.ndarray:

@@ -49,6 +49,10 @@ def parse_args(argv):
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                     help="reuse the keys and values of a prompt prefix a cache row already holds (blocks of 16 "
                          "tokens; docs/SERVING.md); --no-enable-prefix-caching computes every prompt")
+    ap.add_argument("--prefix-pool", type=int, default=None, metavar="TOKENS",
+                    help="positions per replica of the prefix cache's block pool, which keeps the prompt blocks "
+                         "of rows given to other requests (default: as many as the slots' rows hold, slots x "
+                         "--max-len, which doubles the KV cache's memory; 0: only prefixes still in a row)")
     ap.add_argument("--sliding-window-cache", choices=("ring", "full"), default="ring",
                     help="ring: a sliding-window layer keeps a ring of its window's positions per slot (GPT-OSS: "
                          "128 of --max-len), which holds no reusable prompt prefix, so prefix caching is off for "
@@ -128,6 +132,8 @@ def run(args):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} {v} must be >= 1")
+    if args.prefix_pool is not None and args.prefix_pool < 0:
+        raise UserError(f"--prefix-pool {args.prefix_pool} must be >= 0 positions")
     if args.prefill_chunk < 16 or args.prefill_chunk & (args.prefill_chunk - 1):
         raise UserError(f"--prefill-chunk {args.prefill_chunk} must be a power of two >= 16")
     if not 0 <= args.port < 65536:
@@ -173,6 +179,7 @@ def run(args):
     from moejax.serving.api import create_app
     from moejax.serving.protocol import ServedModel
     from moejax.serving.engine import Engine
+    from moejax.serving.prefix import BLOCK
     from moejax.serving.metrics import Metrics
     from moejax.serving.replicas import Router, check_slots, replica_meshes
 
@@ -196,11 +203,16 @@ def run(args):
         budget = args.slots // batch_shards * args.prefill_chunk if static else args.prefill_budget
         eng = Engine(rs, mesh, params, slots=args.slots, max_len=max_len, chunk=args.prefill_chunk,
                      budget=budget, index=index, metrics=metrics, static=static, mixed=args.mixed_steps,
-                     prefix_cache=args.enable_prefix_caching, ring_cache=args.sliding_window_cache == "ring")
+                     prefix_cache=args.enable_prefix_caching, ring_cache=args.sliding_window_cache == "ring",
+                     prefix_pool=args.prefix_pool)
         if not args.no_warmup:
             eng.warmup(background=args.background_warmup)
         print(f"replica {index}: {mesh.devices.size} device(s), {args.slots} slots x {max_len} positions, "
               f"compiled in {eng.compile_s:.1f} s ({rs.kernel} MoE kernel, {dtype})", flush=True)
+        if eng.pool_blocks and index == 0:
+            size = sum(a.nbytes for a in jax.tree.leaves(eng.programs.pool)) / 2**20
+            print(f"prefix cache: a pool of {eng.pool_blocks} blocks of {BLOCK} positions per replica "
+                  f"({size:.1f} MiB; --prefix-pool)", flush=True)
         if eng.ring and index == 0:
             print(f"sliding-window layers keep rings of {cfg.sliding_window} positions per slot; prefix caching is "
                   f"off with them (--sliding-window-cache full keeps whole rows and prefix caching)", flush=True)

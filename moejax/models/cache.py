@@ -1,6 +1,7 @@
 """The KV cache of the serving and generation programs: what it holds per token (keys and values per
 kv head, or multi-head latent attention's latent and shared RoPE key), its buffers' shapes and
-shardings, its allocation, and the in-device copy of a cached prompt prefix between rows."""
+shardings, its allocation, and the in-device copies of a cached prompt prefix (between rows, and
+between rows and the prefix cache's block pool)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,33 @@ def copy_prefix(rs: RunSpec, mesh):
     mapped = jax.shard_map(body, mesh=mesh, in_specs=(cache_spec, vec, vec, vec),
                            out_specs=cache_spec, check_vma=False)
     return jax.jit(mapped, donate_argnums=(0,))
+
+
+def move_blocks(rs: RunSpec, mesh, block: int):
+    """A jitted (cache, pool, row_Q, save_QM, to_QM, load_QM, at_QM) -> (cache, pool), Q = the batch
+    shards, M = blocks per row: the prefix cache's pool copies (serving/prefix.py). `pool` is a cache of
+    rows of `block` positions (`init_cache(rs, mesh, blocks, block)`), each row one pool block. On each
+    shard q whose row_Q[q] >= 0 (rows and blocks indexed within the shard), in every layer: first the
+    row's block save[q, i] goes to pool block to[q, i], then pool block load[q, i] to the row's block
+    at[q, i], for every i whose entry is >= 0; a copy inside each device, no communication."""
+    cache_spec = cache_specs(rs)
+    vec, mat = rs.layout.act_spec("lengths"), rs.layout.act_spec("tokens")
+
+    def one(c, p, row, save, to, load, at):  # c [1, B_loc, S, ...], p [1, P_loc, block, ...]
+        nb, n_pool = c.shape[2] // block, p.shape[1]
+        r = jnp.clip(row, 0, c.shape[1] - 1)
+        blocks = c[0, r, :nb * block].reshape((nb, block) + c.shape[3:])
+        to = jnp.where((row >= 0) & (save >= 0), to, n_pool)  # out of range: dropped
+        p = p.at[0, to].set(blocks[jnp.clip(save, 0, nb - 1)], mode="drop")
+        at = jnp.where((row >= 0) & (load >= 0), at, nb)
+        blocks = blocks.at[at].set(p[0, jnp.clip(load, 0, n_pool - 1)], mode="drop")
+        return c.at[0, r, :nb * block].set(blocks.reshape((nb * block,) + c.shape[3:])), p
+
+    def body(cache, pool, row, save, to, load, at):
+        leaves, tree = jax.tree.flatten(cache)
+        out = [one(c, p, row[0], save[0], to[0], load[0], at[0]) for c, p in zip(leaves, jax.tree.leaves(pool))]
+        return tree.unflatten([o[0] for o in out]), tree.unflatten([o[1] for o in out])
+
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(cache_spec, cache_spec, vec, mat, mat, mat, mat),
+                           out_specs=(cache_spec, cache_spec), check_vma=False)
+    return jax.jit(mapped, donate_argnums=(0, 1))

@@ -4,9 +4,9 @@ The engine owns S decode slots, each a row of a preallocated KV cache of `max_le
 (rows split over the replica's batch shards like any batch). Its thread loops:
   1. take new requests and aborts from its inbox; a waiting request gets a free slot, FIFO: a row
      that holds its prompt's leading blocks (prefix caching, serving/prefix.py: reused in place, or
-     copied into a free row of the same batch shard), else the least recently used free row of the
-     batch shard with the fewest busy slots (`static`: only when every slot is free, the fixed
-     batches of infer.py, kept for comparison);
+     copied into a free row of the same batch shard, or from the shard's block pool), else the
+     least recently used free row of the batch shard with the fewest busy slots (`static`: only
+     when every slot is free, the fixed batches of infer.py, kept for comparison);
   2. one forward (`mixed`): the decode step of every decoding slot and the next chunk (at most
      `chunk` tokens) of prefilling prompts, oldest first, as many per batch shard as fit `budget`
      tokens (rows x padded length), written into their slots' cache rows; a prompt whose last chunk
@@ -41,7 +41,7 @@ from moejax.models import transformer as model
 from moejax.inference.generate import fetch
 from moejax.serving.batching import MIN_CHUNK, ExtendPlan, buckets, plan_extend, pow2_at_least, sampling_rows
 from moejax.serving.programs import Programs
-from moejax.serving.prefix import PrefixCache, block_names
+from moejax.serving.prefix import BLOCK, PrefixCache, block_names
 from moejax.serving.request import Event, Request
 
 log = logging.getLogger("moejax.serving")
@@ -50,7 +50,7 @@ log = logging.getLogger("moejax.serving")
 class Engine:
     def __init__(self, rs: model.RunSpec, mesh, params, *, slots: int, max_len: int, chunk: int = 256,
                  budget: int = 1024, index: int = 0, metrics=None, static: bool = False, mixed: bool = True,
-                 prefix_cache: bool = True, ring_cache: bool = True):
+                 prefix_cache: bool = True, ring_cache: bool = True, prefix_pool: int | None = None):
         self.rs = rs
         self.index, self.metrics, self.static = index, metrics, static
         self.shards = rs.layout.shards("batch", rs.shape)
@@ -63,9 +63,14 @@ class Engine:
         # sliding-window layers keep a ring of their window (ops/attention.py); a ring holds the last
         # window of whatever its row held last, not a reusable prompt prefix: no prefix caching with it
         self.ring = ring_cache and min(kv_cache.slot_lengths(rs.cfg, rs.shape.pp, max_len, True)) < max_len
-        self.programs = Programs(rs, mesh, params, slots, max_len, self.ring)
+        caching = prefix_cache and not static and not self.ring
+        # the prefix cache's block pool: `prefix_pool` positions (None: as many as the rows hold), in
+        # blocks, an equal number per batch shard
+        pool = (slots * max_len if prefix_pool is None else prefix_pool) if caching else 0
+        self.pool_blocks = pool // BLOCK // self.shards * self.shards
+        self.programs = Programs(rs, mesh, params, slots, max_len, self.ring, self.pool_blocks, BLOCK)
         self.eos_id = rs.cfg.eos_token_id
-        self.prefix = PrefixCache(slots, self.shards, enabled=prefix_cache and not static and not self.ring)
+        self.prefix = PrefixCache(slots, self.shards, enabled=caching, pool_blocks=self.pool_blocks)
         self.mixed = mixed and not static
         self.slot_req: list[Request | None] = [None] * slots
         self.waiting: collections.deque[Request] = collections.deque()
@@ -232,9 +237,11 @@ class Engine:
             req.blocks = block_names(req.prompt) if self.prefix.enabled and req.params.prompt_logprobs is None else []
             free = [i for i, r in enumerate(self.slot_req) if r is None]
             # a row reusing the longest cached prefix, else the least busy shard's least recently used row
-            slot, donor, reused = self.prefix.place(req.blocks, len(req.prompt), free,
-                                                    [i for i in free if i // self.per_shard == shard])
+            slot, donor, reused, save, load = self.prefix.place(req.blocks, len(req.prompt), free,
+                                                                [i for i in free if i // self.per_shard == shard])
             self.waiting.popleft()
+            if save or load:  # the row's old blocks into the pool, then the reused ones from it
+                self.programs.move_blocks(slot // self.per_shard, slot % self.per_shard, save, load)
             if donor is not None:
                 self.programs.copy_prefix(donor // self.per_shard, donor % self.per_shard, slot % self.per_shard,
                                           reused)

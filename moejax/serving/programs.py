@@ -27,7 +27,8 @@ class Programs:
     (rows per batch shard); each is compiled once, by whichever thread asks first (another thread
     asking meanwhile waits for it), so `compile_all` may compile on threads while the engine runs."""
 
-    def __init__(self, rs: model.RunSpec, mesh, params, slots: int, max_len: int, ring: bool = False):
+    def __init__(self, rs: model.RunSpec, mesh, params, slots: int, max_len: int, ring: bool = False,
+                 pool_blocks: int = 0, block: int = 16):
         self.rs, self.mesh, self.params, self.slots = rs, mesh, params, slots
         self.shards = rs.layout.shards("batch", rs.shape)
         self.rs_extend = dataclasses.replace(rs, microbatches=1)  # extend and mixed: one microbatch
@@ -40,6 +41,10 @@ class Programs:
         self._pending: dict[tuple, threading.Event] = {}  # keys a thread is compiling now
         self._lock = threading.Lock()  # guards the two dicts and compile_s
         self._copy = None  # model.copy_prefix, built on first use
+        # the prefix cache's block pool (serving/prefix.py): pool_blocks rows of `block` positions
+        self.block, self.blocks_per_row = block, max_len // block
+        self.pool = kv_cache.init_cache(rs, mesh, pool_blocks, block) if pool_blocks else None
+        self._move = None  # model.move_blocks, built on first use
         self.compile_s = 0.0
 
     def _put(self, name: str, a: np.ndarray):
@@ -239,3 +244,17 @@ class Programs:
         if self._copy is None:
             self._copy = kv_cache.copy_prefix(self.rs, self.mesh)
         self.cache = self._copy(self.cache, *(self._put("lengths", v) for v in vecs))
+
+    def move_blocks(self, shard: int, row: int, save: tuple, load: tuple):
+        """On batch shard `shard`, its row `row`'s blocks go to the pool ((row block, pool block) pairs
+        of `save`), then pool blocks into the row ((pool block, row block) pairs of `load`)."""
+        row_q = np.full(self.shards, -1, np.int32)
+        row_q[shard] = row
+        mats = [np.full((self.shards, self.blocks_per_row), -1, np.int32) for _ in range(4)]
+        for pairs, (a, b) in ((save, mats[:2]), (load, mats[2:])):
+            for i, (x, y) in enumerate(pairs):
+                a[shard, i], b[shard, i] = x, y
+        if self._move is None:
+            self._move = kv_cache.move_blocks(self.rs, self.mesh, self.block)
+        self.cache, self.pool = self._move(self.cache, self.pool, self._put("lengths", row_q),
+                                           *(self._put("tokens", m) for m in mats))

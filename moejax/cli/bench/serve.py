@@ -35,6 +35,8 @@ def parse_args(argv):
     ap.add_argument("--output-len", default="8,128", help="max_tokens LO,HI (inclusive)")
     ap.add_argument("--shared-prefix", type=int, default=0,
                     help="every prompt starts with the same N tokens, then its own --input-len tokens")
+    ap.add_argument("--prefixes", type=int, default=1,
+                    help="with --shared-prefix: K different prefixes, one drawn per request (K system prompts)")
     ap.add_argument("--vocab-size", type=int, default=256,
                     help="prompt ids below this (>= 256: printable ASCII 32..126)")
     ap.add_argument("--seed", type=int, default=0, help="seed for the workload and the arrival times")
@@ -92,7 +94,8 @@ def run(args) -> dict:
         raise UserError(f"--input-len {input_len[1]} + --output-len {output_len[1]} tokens exceed the model's "
                         f"max_model_len {max_len}")
 
-    workload = make_workload(args.num_requests, input_len, output_len, args.vocab_size, args.seed, args.shared_prefix)
+    workload = make_workload(args.num_requests, input_len, output_len, args.vocab_size, args.seed, args.shared_prefix,
+                             args.prefixes)
     if args.half_peak:
         return half_peak(args, url, model, workload)
     from tqdm import tqdm
