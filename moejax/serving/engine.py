@@ -115,6 +115,10 @@ class Engine:
         keys = self.program_keys()
         if workers is None:
             workers = min(4, os.cpu_count() or 1)
+        if self.prefix.enabled:
+            t0 = time.perf_counter()
+            self.programs.warm_copies()
+            self.programs.compile_s += time.perf_counter() - t0
         if not background:
             self.programs.compile_all(keys, min(workers, len(keys)))
             return self.compile_s

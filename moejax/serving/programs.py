@@ -245,6 +245,14 @@ class Programs:
             self._copy = kv_cache.copy_prefix(self.rs, self.mesh)
         self.cache = self._copy(self.cache, *(self._put("lengths", v) for v in vecs))
 
+    def warm_copies(self):
+        """Compile and run the prefix copies (both no-ops here: every shard's row is -1), so that the first
+        request reusing a prefix does not wait for their compile. From the thread that owns the cache."""
+        self.copy_prefix(0, -1, -1, 0)
+        if self.pool is not None:
+            self.move_blocks(0, -1, (), ())
+        jax.block_until_ready(self.cache)
+
     def move_blocks(self, shard: int, row: int, save: tuple, load: tuple):
         """On batch shard `shard`, its row `row`'s blocks go to the pool ((row block, pool block) pairs
         of `save`), then pool blocks into the row ((pool block, row block) pairs of `load`)."""
