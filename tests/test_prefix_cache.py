@@ -137,7 +137,7 @@ def test_cached_prefixes_give_the_same_tokens_and_logprobs():
     results = {}
     for cache in (False, True):
         eng = Engine(rs, m, params, slots=4, max_len=128, chunk=32, budget=64, prefix_cache=cache)
-        results[cache] = _serve(eng, prompts, 6)
+        results["rows", cache] = _serve(eng, prompts, 6)
         if cache:  # one by one: every prompt after the first reuses the system prompt; all at once too,
             # but a batch shard's first two rows (admitted together) find no holder on their own shard
             misses = 1 + 2 * (eng.shards - 1)
@@ -146,13 +146,13 @@ def test_cached_prefixes_give_the_same_tokens_and_logprobs():
         else:
             assert eng.prefix.hit == 0 and eng.tokens["prefill"] == 2 * sum(map(len, prompts))
         hit, loaded = eng.prefix.hit, eng.prefix.loaded
-        results[cache, "pool"] = _serve(eng, others, 4)
+        results["pool", cache] = _serve(eng, others, 4)
         if cache:  # the second round (all at once) finds some of them in the pool, those whose shard
             # has a free row
             assert eng.pool_blocks == 4 * 128 // BLOCK and eng.prefix.saved > 0
             assert eng.prefix.loaded - loaded >= 2 and eng.prefix.hit - hit >= (eng.prefix.loaded - loaded) * BLOCK
         assert eng.tokens["prefill"] == 2 * sum(map(len, prompts + others)) - eng.prefix.hit
-    for key in ((), ("pool",)):
-        (t0, l0), (t1, l1) = results[(False, *key) if key else False], results[(True, *key) if key else True]
+    for part in ("rows", "pool"):
+        (t0, l0), (t1, l1) = results[part, False], results[part, True]
         assert t1 == t0
         np.testing.assert_allclose(np.array(l1), np.array(l0), rtol=0, atol=1e-5)
