@@ -3,9 +3,13 @@ other batch shards never shared, the block pool (saves, loads, its LRU dropping 
 and in the engine, requests reusing a cached prefix, from a row or from the pool, give the same tokens
 and logprobs as the same requests with caching off."""
 
+import jax
 import numpy as np
+import pytest
 
 from helpers import setup
+from moejax.inference.generate import put
+from moejax.models.cache import init_cache, move_blocks
 from moejax.serving.engine import Engine
 from moejax.serving.prefix import BLOCK, PrefixCache, block_names, matched_in
 from moejax.serving.request import Request, SamplingParams
@@ -98,6 +102,35 @@ def test_a_full_pool_never_drops_the_blocks_it_is_loading():
     _use(pc, b, [0], [0], 2.0)  # a's 3 blocks fill the pool
     p = pc.place(block_names(a), len(a), [0], [0])  # b's 2 blocks find no room: not saved
     assert p.reused == 3 * BLOCK and len(p.load) == 3 and p.save == () and pc.dropped == 0
+
+
+@pytest.mark.parametrize("config", ["configs/tiny.yaml", "configs/deepseek-v3-tiny.yaml"])  # keys and
+# values over tp; multi-head latent attention's one latent buffer, replicated over tp
+def test_move_blocks_copies_exactly_the_named_blocks_on_each_shard(config):
+    rs, m, _ = setup(config, "1x2x2x2")  # 2 batch shards, 2 stages, heads over tp
+    q, rows, nb = 2, 2, 4  # shards, rows per shard, blocks per row
+    cache, pool = init_cache(rs, m, q * rows, nb * BLOCK), init_cache(rs, m, q * 3, BLOCK)  # 3 pool blocks a shard
+    rng = np.random.default_rng(0)
+    fill = lambda tree: jax.tree.map(lambda a: jax.device_put(  # noqa: E731
+        rng.standard_normal(a.shape).astype(a.dtype), a.sharding), tree)
+    cache, pool = fill(cache), fill(pool)
+    c0, p0 = jax.tree.map(np.asarray, (cache, pool))
+    # shard 1, its row 1: blocks 2 and 0 to pool blocks 0 and 2, then pool block 1 to its block 3 and
+    # pool block 2 (just written: row block 0) to its block 1; shard 0 does nothing
+    args = [np.full(q, -1, np.int32)] + [np.full((q, nb), -1, np.int32) for _ in range(4)]
+    args[0][1] = 1
+    for a, v in zip(args[1:], ([2, 0], [0, 2], [1, 2], [3, 1])):
+        a[1, :2] = v
+    cache, pool = move_blocks(rs, m, BLOCK)(cache, pool, put(m, rs.layout, "lengths", args[0]),
+                                            *(put(m, rs.layout, "tokens", a) for a in args[1:]))
+    for c, p, c1, p1 in zip(jax.tree.leaves(c0), jax.tree.leaves(p0), *(jax.tree.leaves(jax.tree.map(np.asarray, t))
+                                                                         for t in (cache, pool))):
+        blk = lambda a, row, b: a[:, row, b * BLOCK:(b + 1) * BLOCK]  # noqa: E731  [pp, BLOCK, ...]
+        want_p, want_c = p.copy(), c.copy()
+        want_p[:, 3 + 0], want_p[:, 3 + 2] = blk(c, 3, 2), blk(c, 3, 0)  # shard 1's pool blocks are 3..5
+        want_c[:, 3, 3 * BLOCK:4 * BLOCK], want_c[:, 3, BLOCK:2 * BLOCK] = p[:, 3 + 1], blk(c, 3, 0)
+        np.testing.assert_array_equal(p1, want_p)
+        np.testing.assert_array_equal(c1, want_c)
 
 
 def _serve(eng: Engine, prompts, new: int):
