@@ -11,6 +11,7 @@ from helpers import setup
 from moejax.inference.generate import put
 from moejax.models.cache import init_cache, move_blocks
 from moejax.serving.engine import Engine
+from moejax.serving.metrics import Metrics
 from moejax.serving.prefix import BLOCK, PrefixCache, block_names, matched_in
 from moejax.serving.request import Request, SamplingParams
 
@@ -169,7 +170,8 @@ def test_cached_prefixes_give_the_same_tokens_and_logprobs():
     others = [s + [int(t) for t in rng.integers(3, 256, size=5)] for s in systems]
     results = {}
     for cache in (False, True):
-        eng = Engine(rs, m, params, slots=4, max_len=128, chunk=32, budget=64, prefix_cache=cache)
+        metrics = Metrics("tiny", 1, 4)
+        eng = Engine(rs, m, params, slots=4, max_len=128, chunk=32, budget=64, prefix_cache=cache, metrics=metrics)
         results["rows", cache] = _serve(eng, prompts, 6)
         if cache:  # one by one: every prompt after the first reuses the system prompt; all at once too,
             # but a batch shard's first two rows (admitted together) find no holder on their own shard
@@ -184,6 +186,12 @@ def test_cached_prefixes_give_the_same_tokens_and_logprobs():
             # has a free row
             assert eng.pool_blocks == 4 * 128 // BLOCK and eng.prefix.saved > 0
             assert eng.prefix.loaded - loaded >= 2 and eng.prefix.hit - hit >= (eng.prefix.loaded - loaded) * BLOCK
+            text = metrics.render().decode()  # /metrics counts what the cache did
+            for name, n in (("hits", eng.prefix.hit), ("queries", eng.prefix.queried)):
+                assert f'moejax:prefix_cache_{name}_total{{engine="0",model_name="tiny"}} {n}.0' in text
+            for event in ("saved", "loaded", "dropped"):
+                n = getattr(eng.prefix, event)
+                assert f'moejax:prefix_cache_pool_blocks_total{{engine="0",event="{event}",model_name="tiny"}} {n}.0' in text
         assert eng.tokens["prefill"] == 2 * sum(map(len, prompts + others)) - eng.prefix.hit
     for part in ("rows", "pool"):
         (t0, l0), (t1, l1) = results[part, False], results[part, True]

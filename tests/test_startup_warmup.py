@@ -20,7 +20,8 @@ NEW = [6, 4, 8, 5]
 
 def engine(**kw) -> Engine:
     rs, m, params = setup(CONFIG, "1x1x1x1")
-    return Engine(rs, m, params, slots=4, max_len=128, chunk=32, budget=64, **kw)
+    # chunks of 16 in rows of 1 or 4: 3 programs (decode, two mixed), compiled four ways below
+    return Engine(rs, m, params, slots=4, max_len=128, chunk=16, budget=64, **kw)
 
 
 def serve(eng: Engine) -> list[list[int]]:

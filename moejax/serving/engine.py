@@ -241,6 +241,7 @@ class Engine:
             req.blocks = block_names(req.prompt) if self.prefix.enabled and req.params.prompt_logprobs is None else []
             free = [i for i, r in enumerate(self.slot_req) if r is None]
             # a row reusing the longest cached prefix, else the least busy shard's least recently used row
+            dropped = self.prefix.dropped
             slot, donor, reused, save, load = self.prefix.place(req.blocks, len(req.prompt), free,
                                                                 [i for i in free if i // self.per_shard == shard])
             self.waiting.popleft()
@@ -252,7 +253,8 @@ class Engine:
             req.slot, req.scheduled, req.prefilled = slot, time.perf_counter(), reused
             self.slot_req[slot] = req
             if self.metrics and self.prefix.enabled:
-                self.metrics.prefix(self.index, len(req.prompt), reused)
+                self.metrics.prefix(self.index, len(req.prompt), reused, len(save), len(load),
+                                    self.prefix.dropped - dropped)
             if self.metrics:
                 self.metrics.queued(self.index, req.scheduled - req.arrival)
 

@@ -46,6 +46,9 @@ class Metrics:
                                       labels, registry=r)
         self.prefix_hits = Counter("moejax:prefix_cache_hits", "Prompt tokens whose keys and values came from the "
                                    "prefix cache (not computed)", labels, registry=r)
+        self.prefix_pool = Counter("moejax:prefix_cache_pool_blocks", "Blocks of the prefix cache's pool saved "
+                                   "(from a row given to another request), loaded (into a row) or dropped (least "
+                                   "recently used, for room)", labels + ("event",), registry=r)
         for e in range(engines):
             self._at(self.slots_total, e).set(slots)
             self.engine_state(e, 0, 0, 0.0)
@@ -72,9 +75,12 @@ class Metrics:
         for k, n in (("prefill", prefill), ("decode", decode), ("padding", computed - prefill - decode)):
             self._at(self.step_tokens, engine, kind=k).inc(n)
 
-    def prefix(self, engine: int, queried: int, hit: int):
+    def prefix(self, engine: int, queried: int, hit: int, saved: int = 0, loaded: int = 0, dropped: int = 0):
+        """A request placed: its prompt tokens looked up, those reused, and the pool's block events."""
         self._at(self.prefix_queries, engine).inc(queried)
         self._at(self.prefix_hits, engine).inc(hit)
+        for event, n in (("saved", saved), ("loaded", loaded), ("dropped", dropped)):
+            self._at(self.prefix_pool, engine, event=event).inc(n)
 
     def queued(self, engine: int, seconds: float):
         self._at(self.queue, engine).observe(seconds)
