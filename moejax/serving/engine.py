@@ -68,7 +68,7 @@ class Engine:
         # blocks, an equal number per batch shard
         pool = (slots * max_len if prefix_pool is None else prefix_pool) if caching else 0
         self.pool_blocks = pool // BLOCK // self.shards * self.shards
-        self.programs = Programs(rs, mesh, params, slots, max_len, self.ring, self.pool_blocks, BLOCK)
+        self.programs = Programs(rs, mesh, params, slots, max_len, self.ring, self.pool_blocks)
         self.eos_id = rs.cfg.eos_token_id
         self.prefix = PrefixCache(slots, self.shards, enabled=caching, pool_blocks=self.pool_blocks)
         self.mixed = mixed and not static
@@ -116,9 +116,7 @@ class Engine:
         if workers is None:
             workers = min(4, os.cpu_count() or 1)
         if self.prefix.enabled:
-            t0 = time.perf_counter()
             self.programs.warm_copies()
-            self.programs.compile_s += time.perf_counter() - t0
         if not background:
             self.programs.compile_all(keys, min(workers, len(keys)))
             return self.compile_s

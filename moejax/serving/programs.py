@@ -19,6 +19,7 @@ from moejax.inference.sampling import logprobs_at, sample_rows
 from moejax.models import cache as kv_cache
 from moejax.models import transformer as model
 from moejax.serving.batching import ExtendPlan, sampling_rows
+from moejax.serving.prefix import BLOCK
 from moejax.serving.request import MAX_LOGPROBS
 
 
@@ -28,7 +29,7 @@ class Programs:
     asking meanwhile waits for it), so `compile_all` may compile on threads while the engine runs."""
 
     def __init__(self, rs: model.RunSpec, mesh, params, slots: int, max_len: int, ring: bool = False,
-                 pool_blocks: int = 0, block: int = 16):
+                 pool_blocks: int = 0):
         self.rs, self.mesh, self.params, self.slots = rs, mesh, params, slots
         self.shards = rs.layout.shards("batch", rs.shape)
         self.rs_extend = dataclasses.replace(rs, microbatches=1)  # extend and mixed: one microbatch
@@ -40,11 +41,11 @@ class Programs:
         self._programs: dict[tuple, object] = {}
         self._pending: dict[tuple, threading.Event] = {}  # keys a thread is compiling now
         self._lock = threading.Lock()  # guards the two dicts and compile_s
-        self._copy = None  # model.copy_prefix, built on first use
-        # the prefix cache's block pool (serving/prefix.py): pool_blocks rows of `block` positions
-        self.block, self.blocks_per_row = block, max_len // block
-        self.pool = kv_cache.init_cache(rs, mesh, pool_blocks, block) if pool_blocks else None
-        self._move = None  # model.move_blocks, built on first use
+        self._copy = None  # cache.copy_prefix, built on first use
+        # the prefix cache's block pool (serving/prefix.py): pool_blocks rows of BLOCK positions
+        self.blocks_per_row = max_len // BLOCK
+        self.pool = kv_cache.init_cache(rs, mesh, pool_blocks, BLOCK) if pool_blocks else None
+        self._move = None  # cache.move_blocks, built on first use
         self.compile_s = 0.0
 
     def _put(self, name: str, a: np.ndarray):
@@ -248,10 +249,13 @@ class Programs:
     def warm_copies(self):
         """Compile and run the prefix copies (both no-ops here: every shard's row is -1), so that the first
         request reusing a prefix does not wait for their compile. From the thread that owns the cache."""
+        t0 = time.perf_counter()
         self.copy_prefix(0, -1, -1, 0)
         if self.pool is not None:
             self.move_blocks(0, -1, (), ())
         jax.block_until_ready(self.cache)
+        with self._lock:
+            self.compile_s += time.perf_counter() - t0
 
     def move_blocks(self, shard: int, row: int, save: tuple, load: tuple):
         """On batch shard `shard`, its row `row`'s blocks go to the pool ((row block, pool block) pairs
@@ -263,6 +267,6 @@ class Programs:
             for i, (x, y) in enumerate(pairs):
                 a[shard, i], b[shard, i] = x, y
         if self._move is None:
-            self._move = kv_cache.move_blocks(self.rs, self.mesh, self.block)
+            self._move = kv_cache.move_blocks(self.rs, self.mesh, BLOCK)
         self.cache, self.pool = self._move(self.cache, self.pool, self._put("lengths", row_q),
                                            *(self._put("tokens", m) for m in mats))
