@@ -275,7 +275,9 @@ def test_dp_replicas_serve_and_sigterm_drains(reference):
         p = [int(t) for t in np.random.default_rng(9).integers(3, 256, size=41)]
         long = threading.Thread(target=greedy, args=(s, p, 80, True))
         long.start()
+        deadline = time.time() + 60
         while s.total("moejax:num_requests_running", engine="0") < 1:
+            assert time.time() < deadline, "the long request never ran on replica 0"
             time.sleep(0.02)
         assert greedy(s, p, 2) == reference(p, 2)
         long.join()

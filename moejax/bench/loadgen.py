@@ -69,8 +69,9 @@ def make_workload(num_requests: int, input_len: tuple[int, int] = (16, 512), out
     """`num_requests` (prompt token ids, max_tokens) pairs; both lengths uniform over their inclusive
     ranges; with `shared_prefix` N every prompt starts with the same N tokens (a system prompt),
     followed by its own input_len tokens; with `prefixes` K > 1, with one of K such prefixes, drawn
-    uniformly per request (K system prompts, or K users' chat histories). Ids are printable ASCII (32..126) when vocab_size >= 256, so that the prompts are also
-    valid text for a byte-level tokenizer, else 3..vocab_size-1 (above the usual special tokens).
+    uniformly per request (K system prompts, or K users' chat histories). Ids are printable ASCII
+    (32..126) when vocab_size >= 256, so that the prompts are also valid text for a byte-level
+    tokenizer, else 3..vocab_size-1 (above the usual special tokens).
     The same seed gives the same workload."""
     if num_requests < 1:
         raise UserError(f"number of requests {num_requests} must be >= 1")

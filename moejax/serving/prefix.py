@@ -85,10 +85,9 @@ class PrefixCache:
         self.enabled = enabled
         self.tables: list[list[int]] = [[] for _ in range(slots)]
         self.last_used = [0.0] * slots  # when each row's request finished (0: never used)
-        self.pool_per_shard = pool_blocks // shards if enabled else 0
         # per shard: block name -> pool block, least recently used first; the unused blocks
         self.pool = [collections.OrderedDict() for _ in range(shards)]
-        self.pool_free = [list(range(self.pool_per_shard)) for _ in range(shards)]
+        self.pool_free = [list(range(pool_blocks // shards)) for _ in range(shards)]
         self.queried = self.hit = self.evicted = 0
         self.saved = self.loaded = self.dropped = 0
 
